@@ -1,0 +1,39 @@
+# dynoswap: every target installs what it needs into .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: install demo test test-fast bench lint experiment clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/dynoswap convert resnet50 --input-size 224 224 -o out/resnet50-dynopool --force
+	$(VENV)/bin/dynoswap inspect out/resnet50-dynopool
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+bench: install
+	$(PY) -m bench
+
+lint: install
+	$(VENV)/bin/ruff check dynoswap tests bench
+	$(VENV)/bin/ruff format --check dynoswap tests bench
+
+experiment: install
+	$(PY) -m dynoswap.experiment --out docs/experiment
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .ruff_cache

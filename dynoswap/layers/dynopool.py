@@ -1,0 +1,162 @@
+"""DynOPool2d: a resizing layer with learnable scale factors (paper section 4.1)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .resample import pool_queries
+from .sizing import output_size, straight_through_size
+
+AGGREGATES = ("max", "mean")
+
+
+def _pair_of_scales(init_scale: float | Sequence[float]) -> tuple[float, float]:
+    if isinstance(init_scale, (int, float)):
+        pair = (float(init_scale), float(init_scale))
+    else:
+        values = tuple(float(v) for v in init_scale)
+        if len(values) != 2:
+            raise ValueError(f"init_scale must be a number or an (r_h, r_w) pair, got {init_scale!r}")
+        pair = (values[0], values[1])
+    for r in pair:
+        if not math.isfinite(r) or r <= 0:
+            raise ValueError(f"scale factors must be finite and > 0, got {pair}")
+    return pair
+
+
+def query_positions(n_in: int, n_out: torch.Tensor) -> torch.Tensor:
+    """Pixel coordinates of the two query points per output cell along one axis (eq. 2).
+
+    Cell ``k`` of ``n_out`` has centre ``p_k = -1 + (2k+1)/n_out`` in normalised
+    coordinates and query points ``p_k +- 1/(2 n_out)``; in pixels
+    (``align_corners=False``) that is ``n_in (4k + 2 -+ 1) / (4 n_out) - 1/2``.
+
+    Args:
+        n_in: Input length of the axis.
+        n_out: Straight-through output length (integer value, continuous gradient).
+
+    Returns:
+        Tensor of shape (2 * n_out,), ordered cell by cell.
+    """
+    count = int(n_out.detach())
+    odd = torch.arange(1, 4 * count, 2, dtype=n_out.dtype, device=n_out.device)  # 4k+1, 4k+3
+    return (n_in * odd) / (4 * n_out) - 0.5
+
+
+class DynOPool2d(nn.Module):
+    """Dynamically optimised pooling: resize by learnable factors (r_h, r_w).
+
+    The output has ``round(max(n / alpha, 1.5))`` cells per axis. Each cell holds
+    four query points, bilinearly interpolated from the input, aggregated by max
+    (or mean). The learnable ``alpha = (1/r_h, 1/r_w)`` (eq. 6) receives gradient
+    through the query positions and, in a cost loss, through the straight-through
+    output size (eq. 3-4).
+
+    Several layers can share one ``alpha`` (``tie_to``): they then always produce
+    the same resolution from the same input resolution. Only the leader owns the
+    parameter, so optimisers and ``state_dict`` see it once.
+
+    Args:
+        init_scale: Initial scale factor, a number or an ``(r_h, r_w)`` pair; 0.5
+            halves each axis, values above 1 upsample.
+        aggregate: ``"max"`` (the paper's choice) or ``"mean"``.
+    """
+
+    def __init__(self, init_scale: float | Sequence[float] = 0.5, aggregate: str = "max") -> None:
+        super().__init__()
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+        r_h, r_w = _pair_of_scales(init_scale)
+        self.aggregate = aggregate
+        self.alpha = nn.Parameter(torch.tensor([1.0 / r_h, 1.0 / r_w]))
+        self.last_in_size: tuple[int, int] | None = None
+        self.last_out_size: tuple[int, int] | None = None
+        self.last_size_st: torch.Tensor | None = None
+
+    # -- tying --------------------------------------------------------------
+    def __getattr__(self, name: str):  # noqa: D105 - delegate alpha of a tied follower
+        if name == "alpha":
+            owner = self.__dict__.get("_alpha_owner")
+            if owner is not None:
+                return owner.alpha
+        return super().__getattr__(name)
+
+    @property
+    def leader(self) -> DynOPool2d:
+        """The layer that owns this layer's ``alpha`` (itself when untied)."""
+        return self.__dict__.get("_alpha_owner") or self
+
+    def tie_to(self, other: DynOPool2d) -> None:
+        """Share ``other``'s alpha from now on; this layer's own alpha is dropped."""
+        leader = other.leader
+        if leader is self:
+            return
+        if "alpha" in self._parameters:
+            del self._parameters["alpha"]
+        object.__setattr__(self, "_alpha_owner", leader)
+
+    # -- scales -------------------------------------------------------------
+    @property
+    def scale(self) -> tuple[float, float]:
+        """Current scale factors (r_h, r_w) = 1 / alpha."""
+        a_h, a_w = self.alpha.detach().tolist()
+        return 1.0 / a_h, 1.0 / a_w
+
+    @torch.no_grad()
+    def set_scale(self, scale: float | Sequence[float]) -> None:
+        """Set (r_h, r_w); tied layers follow since they share alpha."""
+        r_h, r_w = _pair_of_scales(scale)
+        self.alpha.copy_(torch.tensor([1.0 / r_h, 1.0 / r_w], dtype=self.alpha.dtype))
+
+    def output_size(self, in_size: tuple[int, int]) -> tuple[int, int]:
+        """Integer output size for an integer input size, at the current alpha."""
+        return output_size(in_size, self.alpha)
+
+    def size_st(self, in_size: torch.Tensor | Sequence[float]) -> torch.Tensor:
+        """Straight-through output size (h, w): integer values, gradient to alpha (and ``in_size``)."""
+        alpha = self.alpha
+        if not isinstance(in_size, torch.Tensor):
+            in_size = torch.tensor(in_size, dtype=alpha.dtype, device=alpha.device)
+        return straight_through_size(in_size, alpha)
+
+    # -- forward ------------------------------------------------------------
+    def forward(self, x: torch.Tensor, in_size_st: torch.Tensor | None = None) -> torch.Tensor:
+        """Resize ``x``.
+
+        Args:
+            x: Input of shape (N, C, H, W).
+            in_size_st: Optional straight-through input size (h, w) from an
+                upstream layer, so the recorded ``last_size_st`` chains gradients
+                across layers. Its value must equal ``x``'s spatial size.
+
+        Returns:
+            Tensor of shape (N, C, H_out, W_out).
+        """
+        if x.dim() != 4:
+            raise ValueError(f"DynOPool2d expects a 4D (N, C, H, W) input, got shape {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        alpha = self.alpha
+        if not torch.isfinite(alpha).all() or (alpha <= 0).any():
+            raise ValueError(f"DynOPool2d alpha must be finite and > 0, got {alpha.detach().tolist()}")
+        pos_dtype = torch.promote_types(alpha.dtype, torch.float32)
+        if in_size_st is None:
+            in_size_st = torch.tensor((h, w), dtype=pos_dtype, device=alpha.device)
+        size = straight_through_size(in_size_st.to(pos_dtype), alpha.to(pos_dtype))
+        pos_h = query_positions(h, size[0]).to(x.device)
+        pos_w = query_positions(w, size[1]).to(x.device)
+        out = pool_queries(x, pos_h, pos_w, self.aggregate)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            out = out.contiguous(memory_format=torch.channels_last)
+        self.last_in_size = (h, w)
+        self.last_out_size = tuple(out.shape[-2:])  # type: ignore[assignment]
+        self.last_size_st = size
+        return out
+
+    def extra_repr(self) -> str:
+        r_h, r_w = self.scale
+        tied = "" if self.leader is self else ", tied"
+        return f"scale=({r_h:.4g}, {r_w:.4g}), aggregate={self.aggregate!r}{tied}"

@@ -1,0 +1,40 @@
+"""The paper's output-size rule (eq. 1, 3, 4 and the size bound of section 5.1).
+
+Every place that needs a DynOPool output size (the layer, the cost model, the
+CLI) goes through these two functions, so integer sizes never disagree.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Lower bound on the continuous size: ``round(max(n, 1.5))`` is never below 2.
+MIN_SIZE = 1.5
+
+
+def straight_through_size(n_in: torch.Tensor | float, alpha: torch.Tensor) -> torch.Tensor:
+    """Output size whose value is an integer and whose gradient is continuous.
+
+    Forward: ``round(max(n_in / alpha, 1.5))`` (round half up). Backward: the
+    derivative of ``max(n_in / alpha, 1.5)`` (straight-through, eq. 3-4). Below
+    the bound the clamp stops the gradient, so a collapsed axis does not keep
+    shrinking.
+
+    Args:
+        n_in: Input size, a number or a (possibly straight-through) tensor.
+        alpha: Inverse scale ``1 / r`` (eq. 6), same shape as the result.
+
+    Returns:
+        Tensor of sizes with integer values.
+    """
+    cont = torch.clamp_min(n_in / alpha, MIN_SIZE)
+    return cont + (torch.floor(cont + 0.5) - cont).detach()
+
+
+def output_size(n_in: tuple[int, int], alpha: torch.Tensor) -> tuple[int, int]:
+    """Integer output size (h, w) for an integer input size, as the forward pass uses it."""
+    with torch.no_grad():
+        n = torch.tensor(n_in, dtype=alpha.dtype, device=alpha.device)
+        size = straight_through_size(n, alpha.detach())
+    h, w = (int(v) for v in size.tolist())
+    return h, w
