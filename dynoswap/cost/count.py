@@ -1,0 +1,165 @@
+"""count_gmacs: fvcore's multiply-add count, DynOPool2d included, per layer."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..layers import DynOPool2d
+from .handles import HANDLES, opaque_dynopools
+
+#: Key of ``by_layer`` for MACs outside any leaf module (functional ops of a traced model).
+FUNCTIONAL = "<functional>"
+
+
+@dataclass
+class GmacsCount:
+    """A model's cost at one input size, as fvcore counts it (one multiply-add = one MAC).
+
+    Attributes:
+        total: GMACs of one forward pass of the whole batch.
+        by_layer: GMACs per leaf module name (only layers that cost something);
+            MACs of functional ops outside any leaf module are under ``"<functional>"``.
+        by_operator: GMACs per fvcore operator name.
+        dynopool: GMACs of all DynOPool2d layers together.
+        input_size: The (H, W) counted at.
+        batch: The batch size counted at.
+    """
+
+    total: float
+    by_layer: dict[str, float] = field(default_factory=dict)
+    by_operator: dict[str, float] = field(default_factory=dict)
+    dynopool: float = 0.0
+    input_size: tuple[int, int] = (0, 0)
+    batch: int = 1
+
+    @property
+    def dynopool_share(self) -> float:
+        """DynOPools' fraction of the total (supplement Table 3 reports it in percent)."""
+        return self.dynopool / self.total if self.total else 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-able summary."""
+        return {
+            "gmacs": self.total,
+            "dynopool_gmacs": self.dynopool,
+            "dynopool_share": self.dynopool_share,
+            "input_size": list(self.input_size),
+            "batch": self.batch,
+            "by_layer": dict(self.by_layer),
+        }
+
+
+def _pair(input_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(input_size, int):
+        input_size = (input_size, input_size)
+    size = tuple(int(v) for v in input_size)
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"input_size must be a positive int or an (H, W) pair, got {input_size!r}")
+    return size  # type: ignore[return-value]
+
+
+def infer_in_chans(model: nn.Module, default: int = 3) -> int:
+    """Input channels: those of the first module that declares ``in_channels`` (a conv)."""
+    for m in model.modules():
+        chans = getattr(m, "in_channels", None)
+        if isinstance(chans, int):
+            return chans
+    return default
+
+
+def example_input(
+    model: nn.Module, input_size: tuple[int, int], batch: int = 1, in_chans: int | None = None
+) -> torch.Tensor:
+    """Make a random (batch, C, H, W) input on the model's device and dtype."""
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    chans = in_chans if in_chans is not None else infer_in_chans(model)
+    return torch.randn(batch, chans, *input_size, device=device, dtype=dtype)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every module in eval mode; restore each module's own flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    # fvcore's jit trace warns about every python int it sees (DynOPool sizes) and
+    # logs skipped ops; neither says anything about the count.
+    logger = logging.getLogger("fvcore")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def count_gmacs(
+    model: nn.Module,
+    input_size: int | Sequence[int] = (224, 224),
+    batch: int = 1,
+    in_chans: int | None = None,
+) -> GmacsCount:
+    """Count a model's GMACs with fvcore, DynOPool2d included.
+
+    The model runs once in eval mode (each module's mode is restored afterwards)
+    under ``torch.no_grad``. DynOPool2d layers count ``MACS_PER_OUTPUT`` per output
+    element (see :mod:`dynoswap.cost.handles`); ops fvcore has no handle for
+    (activations, additions, max pooling) count 0, silently.
+
+    Args:
+        model: Any module taking one (N, C, H, W) tensor, converted or not.
+        input_size: (H, W) of the input, or one int for a square input.
+        batch: Batch size of the counted forward pass.
+        in_chans: Input channels; default: those of the first conv.
+
+    Returns:
+        The :class:`GmacsCount`.
+    """
+    from fvcore.nn import FlopCountAnalysis
+
+    size = _pair(input_size)
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    x = example_input(model, size, batch, in_chans)
+    with eval_mode(model), opaque_dynopools(model), torch.no_grad(), _quiet():
+        analysis = FlopCountAnalysis(model, x)
+        analysis.set_op_handle(**HANDLES)
+        analysis.unsupported_ops_warnings(False)
+        analysis.uncalled_modules_warnings(False)
+        analysis.tracer_warnings("none")
+        total = analysis.total()
+        per_module = analysis.by_module()
+        per_op = analysis.by_operator()
+    leaves = {name: m for name, m in model.named_modules() if next(m.children(), None) is None}
+    by_layer = {name: per_module[name] / 1e9 for name in leaves if per_module.get(name, 0)}
+    rest = total - sum(per_module.get(name, 0) for name in leaves)
+    if rest:
+        by_layer[FUNCTIONAL] = rest / 1e9
+    dynopool = sum(per_module.get(name, 0) for name, m in leaves.items() if isinstance(m, DynOPool2d))
+    return GmacsCount(
+        total=total / 1e9,
+        by_layer=by_layer,
+        by_operator={k: v / 1e9 for k, v in per_op.items()},
+        dynopool=dynopool / 1e9,
+        input_size=size,
+        batch=batch,
+    )

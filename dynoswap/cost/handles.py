@@ -1,0 +1,88 @@
+"""fvcore op handles: DynOPool2d's own count.
+
+fvcore counts by tracing with ``torch.jit`` and ignores the ops a DynOPool is
+made of (index_select, lerp, max), so a DynOPool would silently cost 0. While
+counting, each DynOPool2d runs as one opaque autograd Function, ``DynOPoolOp``,
+which the trace records as ``prim::PythonOp.DynOPoolOp``; its handle counts
+:data:`MACS_PER_OUTPUT` multiply-adds per output element.
+
+The count per output element: 4 query points per cell (eq. 2), each a bilinear
+interpolation of 4 neighbours, i.e. 4 multiply-adds, so 16. This is fvcore's
+own convention for ``aten::grid_sampler`` (4 per sampled point); the max over
+the four queries is comparisons, not MACs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..layers import DynOPool2d
+
+#: Multiply-adds per DynOPool output element: 4 query points x 4 bilinear weights.
+MACS_PER_OUTPUT = 16
+
+#: The name fvcore gives the traced op (``prim::PythonOp.<Function class name>``).
+DYNOPOOL_OP = "prim::PythonOp.DynOPoolOp"
+
+_RUNNING: list[Callable[[torch.Tensor], torch.Tensor]] = []
+
+
+class DynOPoolOp(torch.autograd.Function):
+    """A DynOPool2d forward seen by the jit tracer as a single op (counting only, no backward)."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]  # noqa: D102
+        # The inner ops must not enter the trace: they would be counted (or
+        # reference values the PythonOp cannot see).
+        state = torch._C._get_tracing_state()
+        torch._C._set_tracing_state(None)
+        try:
+            with torch.no_grad():
+                return _RUNNING[-1](x)
+        finally:
+            torch._C._set_tracing_state(state)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]  # noqa: D102
+        raise RuntimeError("DynOPoolOp exists for counting only; it has no backward")
+
+
+def dynopool_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
+    """Count for fvcore: ``MACS_PER_OUTPUT`` per element of the output."""
+    shape = outputs[0].type().sizes()
+    return MACS_PER_OUTPUT * int(torch.tensor(shape).prod().item())
+
+
+#: Handles added to fvcore's defaults while counting.
+HANDLES: dict[str, Callable[[list[Any], list[Any]], int]] = {DYNOPOOL_OP: dynopool_flop_jit}
+
+
+def _opaque_forward(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def run(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args or kwargs:  # a straight-through size argument changes nothing in the count
+            return forward(x, *args, **kwargs)
+        _RUNNING.append(forward)
+        try:
+            return DynOPoolOp.apply(x)
+        finally:
+            _RUNNING.pop()
+
+    return run
+
+
+@contextlib.contextmanager
+def opaque_dynopools(model: nn.Module) -> Iterator[None]:
+    """Within the block, every DynOPool2d of ``model`` runs as one ``DynOPoolOp``."""
+    patched = [m for m in model.modules() if isinstance(m, DynOPool2d)]
+    for m in patched:
+        m.forward = _opaque_forward(m.forward)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
