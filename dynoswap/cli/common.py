@@ -1,0 +1,281 @@
+"""Shared CLI pieces: error handling (one-line errors, exit codes, --debug), consoles, option parsers.
+
+Heavy libraries (torch, torchvision, timm) are imported inside functions so that
+``dynoswap --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+import typer
+from rich.console import Console
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..io.checkpoint import KeyMismatch
+    from ..models import ModelSource
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class CliError(Exception):
+    """An error to report as one line, with an exit code (1: failure, 2: bad usage)."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class UsageError(CliError):
+    """Bad command-line usage (exit code 2)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, EXIT_USAGE)
+
+
+# -- consoles -----------------------------------------------------------------
+def out_console() -> Console:
+    """Console on stdout; made per call so test runners that swap sys.stdout are honoured."""
+    return Console(file=sys.stdout, highlight=False, soft_wrap=False)
+
+
+def err_console() -> Console:
+    """Console on stderr, for human text next to machine-readable stdout."""
+    return Console(file=sys.stderr, highlight=False, soft_wrap=False)
+
+
+def print_json(data: dict[str, Any]) -> None:
+    """Write exactly one JSON object to stdout."""
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+# -- errors -------------------------------------------------------------------
+def _mismatch_details(exc: BaseException, console: Console) -> None:
+    from .render import mismatch_table
+
+    console.print(mismatch_table(exc.mismatch))  # type: ignore[attr-defined]
+
+
+def _details_registry() -> dict[type, Callable[[BaseException, Console], None]]:
+    from ..io.checkpoint import KeyMismatchError
+
+    return {KeyMismatchError: _mismatch_details}
+
+
+# Exit codes of exception types that carry no ``exit_code`` attribute.
+EXIT_CODES: dict[type, int] = {FileNotFoundError: EXIT_USAGE, IsADirectoryError: EXIT_USAGE}
+
+
+def exit_code_of(exc: BaseException) -> int:
+    """Exit code for an exception: its ``exit_code``, the registry, else 1."""
+    code = getattr(exc, "exit_code", None)
+    if isinstance(code, int):
+        return code
+    for kind, value in EXIT_CODES.items():
+        if isinstance(exc, kind):
+            return value
+    return EXIT_FAILURE
+
+
+def one_line(exc: BaseException) -> str:
+    """Return the exception's message on one line (its type name when it has none)."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, KeyError):
+        text = text.strip("'\"")
+    return text or type(exc).__name__
+
+
+def report_error(exc: BaseException) -> int:
+    """Print details (if any) and one error line on stderr; returns the exit code."""
+    console = err_console()
+    try:
+        registry = _details_registry()
+    except ImportError:
+        registry = {}
+    for kind, show in registry.items():
+        if isinstance(exc, kind):
+            show(exc, console)
+    sys.stderr.write(f"error: {one_line(exc)}\n")
+    sys.stderr.flush()
+    return exit_code_of(exc)
+
+
+def handle_errors(fn: F) -> F:
+    """Turn exceptions of a command into one stderr line and an exit code.
+
+    The command's ``debug`` keyword argument (the ``--debug`` flag) re-raises instead,
+    so the full traceback shows.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, click.exceptions.ClickException, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:
+            sys.stderr.write("error: interrupted\n")
+            raise typer.Exit(130) from None
+        except Exception as exc:
+            if kwargs.get("debug"):
+                raise
+            raise typer.Exit(report_error(exc)) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+# -- shared options -----------------------------------------------------------
+DebugOption = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors.")
+JsonOption = typer.Option(False, "--json", help="Print exactly one JSON object on stdout.")
+NumClassesOption = typer.Option(None, "--num-classes", min=1, help="Classifier size of the built model.")
+ModelKwargsOption = typer.Option(
+    None, "--model-kwargs", metavar="KEY=VALUE", help="Builder keyword argument (repeatable); values are YAML."
+)
+WeightsOption = typer.Option(
+    None, "--weights", metavar="CKPT", help="Checkpoint of the original model (.pth/.pt/.bin or .safetensors)."
+)
+AllowMissingOption = typer.Option(False, "--allow-missing", help="Load a checkpoint whose keys do not all match.")
+InputSizeOption = typer.Option(None, "--input-size", metavar="H W", help="Input height and width (default 224 224).")
+
+DEFAULT_INPUT_SIZE = (224, 224)
+
+
+# -- parsers ------------------------------------------------------------------
+def parse_input_size(value: tuple[int, int] | None, default: tuple[int, int] = DEFAULT_INPUT_SIZE) -> tuple[int, int]:
+    """Return a validated (H, W), or ``default`` when not given."""
+    if not value:
+        return default
+    h, w = (int(v) for v in value)
+    if h < 1 or w < 1:
+        raise UsageError(f"--input-size must be two positive integers H W, got {h} {w}")
+    return h, w
+
+
+def parse_size(text: str, option: str = "--sizes") -> tuple[int, int]:
+    """``"100x96"`` → (100, 96); a single number means a square."""
+    parts = text.strip().lower().split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or min(values) < 1:
+        raise UsageError(f"{option}: {text!r} is not a size; write HxW with positive integers, e.g. 100x96")
+    return values[0], values[1]
+
+
+def parse_sizes(text: str | None) -> list[tuple[int, int]] | None:
+    """``"100x96,52x50"`` → [(100, 96), (52, 50)]."""
+    if text is None:
+        return None
+    items = [t for t in text.replace(" ", "").split(",") if t]
+    if not items:
+        raise UsageError("--sizes is empty; write target sizes per stage, e.g. 100x96,52x50")
+    return [parse_size(t) for t in items]
+
+
+def parse_scale(text: str, option: str) -> float | tuple[float, float]:
+    """``"0.5"`` → 0.5, ``"0.6x0.4"`` → (0.6, 0.4); every factor must be > 0."""
+    parts = text.strip().lower().split("x")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values) <= 0:
+        raise UsageError(f"{option}: {text!r} is not a scale factor; write R or RHxRW with numbers > 0")
+    return values[0] if len(values) == 1 else (values[0], values[1])
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, float | tuple[float, float]] | None:
+    """``["layer2.0.conv1=0.6"]`` → {"layer2.0.conv1": 0.6}."""
+    if not items:
+        return None
+    out: dict[str, float | tuple[float, float]] = {}
+    for item in items:
+        node, sep, value = item.partition("=")
+        if not sep or not node.strip():
+            raise UsageError(f"--override: {item!r} must look like NODE=R, e.g. layer2.0.conv1=0.6")
+        out[node.strip()] = parse_scale(value, "--override")
+    return out
+
+
+def parse_kwargs(items: list[str] | None) -> dict[str, Any]:
+    """``["drop_rate=0.1", "width=[1, 2]"]`` → {"drop_rate": 0.1, "width": [1, 2]} (values read as YAML)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise UsageError(f"--model-kwargs: {item!r} must look like KEY=VALUE, e.g. drop_rate=0.1")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value else None
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
+
+
+# -- models -------------------------------------------------------------------
+@dataclass
+class LoadedModel:
+    """A model ready for a command.
+
+    Attributes:
+        model: The module, in eval mode.
+        source: Where it came from.
+        spec: What the user typed.
+        mismatch: Key mismatch of ``--weights`` (None when no checkpoint was loaded).
+    """
+
+    model: nn.Module
+    source: ModelSource
+    spec: str
+    mismatch: KeyMismatch | None = None
+
+    @property
+    def is_saved(self) -> bool:
+        """Whether the model is a saved (converted) dynoswap model."""
+        return self.source.library == "dynoswap"
+
+
+def load_model(
+    spec: str,
+    num_classes: int | None = None,
+    model_kwargs: list[str] | dict[str, Any] | None = None,
+    weights: Path | None = None,
+    allow_missing: bool = False,
+) -> LoadedModel:
+    """Resolve a model spec and load ``--weights`` into it.
+
+    Args:
+        spec: Model name, ``tv:``/``timm:`` name, ``pkg.module:factory`` or a saved model path.
+        num_classes: Classifier size.
+        model_kwargs: ``KEY=VALUE`` strings or a ready dict.
+        weights: Checkpoint to load (of the same architecture as the resolved model).
+        allow_missing: Load only the matching keys instead of failing on a mismatch.
+    """
+    from ..io.checkpoint import apply_state_dict, load_state_dict_file
+    from ..models import resolve
+
+    kwargs = model_kwargs if isinstance(model_kwargs, dict) else parse_kwargs(model_kwargs)
+    # Read the checkpoint first: a bad file fails before the (slower) model build.
+    state = load_state_dict_file(weights) if weights is not None else None
+    model, source = resolve(spec, num_classes=num_classes, model_kwargs=kwargs or None)
+    mismatch = apply_state_dict(model, state, allow_missing=allow_missing) if state is not None else None
+    model.eval()
+    return LoadedModel(model=model, source=source, spec=spec, mismatch=mismatch)

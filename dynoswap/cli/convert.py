@@ -1,0 +1,208 @@
+"""``dynoswap convert MODEL``: replace a model's resizers by DynOPools, report and optionally save."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from .common import (
+    AllowMissingOption,
+    DebugOption,
+    InputSizeOption,
+    JsonOption,
+    ModelKwargsOption,
+    NumClassesOption,
+    UsageError,
+    WeightsOption,
+    err_console,
+    handle_errors,
+    load_model,
+    out_console,
+    parse_input_size,
+    parse_kwargs,
+    parse_overrides,
+    parse_sizes,
+    print_json,
+)
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..presets import Preset
+
+PLACEMENTS = ("post", "pre")
+
+
+@dataclass
+class ConvertPlan:
+    """Conversion options after merging a preset/config with the command-line flags (flags win)."""
+
+    input_size: tuple[int, int]
+    num_classes: int | None
+    placement: str
+    init_scale: float | None
+    first_init_scale: float | None
+    overrides: dict[str, Any] | None
+    sizes: list[tuple[int, int]] | None
+
+
+def _load_preset(preset: str | None, config: Path | None) -> Preset | None:
+    from ..presets import load_preset, load_preset_file
+
+    if preset and config:
+        raise UsageError("give either --preset or --config, not both")
+    if preset:
+        return load_preset(preset)
+    if config:
+        return load_preset_file(config)
+    return None
+
+
+def make_plan(
+    preset: Preset | None,
+    input_size: tuple[int, int] | None,
+    num_classes: int | None,
+    placement: str | None,
+    init_scale: float | None,
+    override: list[str] | None,
+    sizes: str | None,
+) -> ConvertPlan:
+    """Merge preset options and flags into one validated plan."""
+    opts = preset.convert if preset else None
+    chosen = placement or (opts.placement if opts else "post")
+    if chosen not in PLACEMENTS:
+        raise UsageError(f"--placement must be one of {', '.join(PLACEMENTS)}, got {chosen!r}")
+    if init_scale is not None and init_scale <= 0:
+        raise UsageError(f"--init-scale must be > 0, got {init_scale}")
+    return ConvertPlan(
+        input_size=parse_input_size(input_size, opts.input_size if opts else (224, 224)),
+        num_classes=num_classes if num_classes is not None else (opts.num_classes if opts else None),
+        placement=chosen,
+        init_scale=init_scale if init_scale is not None else (opts.init_scale if opts else None),
+        first_init_scale=opts.first_init_scale if opts and init_scale is None else None,
+        overrides=parse_overrides(override),
+        sizes=parse_sizes(sizes),
+    )
+
+
+def _replacements(report_dict: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(report_dict.get("replacements") or [])
+
+
+def _first_node(report_dict: dict[str, Any]) -> str | None:
+    rows = _replacements(report_dict)
+    return next((row.get("node") or row.get("name") for row in rows), None) if rows else None
+
+
+def run_conversion(model: nn.Module, plan: ConvertPlan, source: Any) -> tuple[nn.Module, Any]:
+    """Convert ``model`` following the plan; the preset's first-layer init scale becomes an override."""
+    from .. import engine
+
+    def once(overrides: dict[str, Any] | None, target: nn.Module) -> tuple[nn.Module, Any]:
+        return engine.convert(
+            target,
+            input_size=plan.input_size,
+            placement=plan.placement,
+            init_scale=plan.init_scale,
+            overrides=overrides,
+            sizes=plan.sizes,
+            source=source,
+        )
+
+    first = plan.first_init_scale
+    if first is None or first == (plan.init_scale if plan.init_scale is not None else 0.5) or plan.sizes:
+        return once(plan.overrides, model)
+    # The first DynOPool's node name is only known after a conversion: convert a copy to find it.
+    _, probe = once(plan.overrides, copy.deepcopy(model))
+    node = _first_node(probe.to_dict())
+    overrides = dict(plan.overrides or {})
+    if node is not None and node not in overrides:
+        overrides[node] = first
+    return once(overrides or None, model)
+
+
+def _save(model: nn.Module, output: Path, force: bool) -> None:
+    from ..io.checkpoint import atomic_output
+    from ..io.saving import save
+
+    with atomic_output(output, force) as tmp:
+        save(model, tmp)
+
+
+@handle_errors
+def convert_cmd(
+    model: str = typer.Argument(..., help="Model name (resnet50, tv:NAME, timm:NAME) or pkg.module:factory."),
+    input_size: tuple[int, int] | None = InputSizeOption,
+    num_classes: int | None = NumClassesOption,
+    model_kwargs: list[str] | None = ModelKwargsOption,
+    weights: Path | None = WeightsOption,
+    preset: str | None = typer.Option(None, "--preset", help="Named preset, e.g. resnet50-imagenet-s."),
+    config: Path | None = typer.Option(None, "--config", help="Preset YAML file."),
+    placement: str | None = typer.Option(None, "--placement", help="post (DynOPool after the conv) or pre."),
+    init_scale: float | None = typer.Option(None, "--init-scale", metavar="R", help="Initial scale of every DynOPool."),
+    override: list[str] | None = typer.Option(
+        None, "--override", metavar="NODE=R", help="Initial scale of one node (repeatable); R or RHxRW."
+    ),
+    sizes: str | None = typer.Option(
+        None, "--sizes", metavar="HxW,...", help="Target size per stage at the input size, e.g. 100x96,52x50."
+    ),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Save the converted model to this directory."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+    json_out: bool = JsonOption,
+    allow_missing: bool = AllowMissingOption,
+    debug: bool = DebugOption,
+) -> None:
+    """Replace a model's resizers (pooling, strided convs) by DynOPools and report the result."""
+    from ..io.checkpoint import check_output
+    from .render import compare_table, dynopool_table, mismatch_table, replacement_table, skipped_table
+    from .summary import summarize
+
+    if output is not None:
+        check_output(output, force)  # fail before any slow work
+    plan = make_plan(_load_preset(preset, config), input_size, num_classes, placement, init_scale, override, sizes)
+    parse_kwargs(model_kwargs)  # validate before building anything
+    loaded = load_model(model, plan.num_classes, model_kwargs, weights, allow_missing)
+    if loaded.is_saved:
+        raise UsageError(f"{model} is already a converted dynoswap model; use `dynoswap inspect {model}`")
+    before = summarize(loaded.model, plan.input_size, model, loaded.source.library)
+    gm, report = run_conversion(loaded.model, plan, loaded.source)
+    after = summarize(gm, plan.input_size, model, loaded.source.library)
+    report_dict = report.to_dict()
+    if output is not None:
+        _save(gm, output, force)
+
+    if json_out:
+        data = after.to_dict()
+        data.update(
+            before=before.to_dict(),
+            after=after.to_dict(),
+            replacements=_replacements(report_dict),
+            skipped=list(report_dict.get("skipped") or []),
+            output=str(output) if output is not None else None,
+        )
+        if loaded.mismatch:
+            data["checkpoint"] = {"missing": loaded.mismatch.missing, "unexpected": loaded.mismatch.unexpected}
+        print_json(data)
+        return
+    console = out_console()
+    if loaded.mismatch:
+        err_console().print(mismatch_table(loaded.mismatch))
+    if callable(getattr(report, "table", None)):
+        console.print(report.table())
+    else:
+        console.print(replacement_table(_replacements(report_dict)))
+        if report_dict.get("skipped"):
+            console.print(skipped_table(report_dict["skipped"]))
+    console.print(compare_table(before, after))
+    console.print(dynopool_table(after.dynopools))
+    if output is not None:
+        console.print(f"saved to {output}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``convert`` command."""
+    app.command("convert", no_args_is_help=True)(convert_cmd)

@@ -1,0 +1,82 @@
+"""``dynoswap inspect MODEL``: GMACs, params, stage sizes, DynOPools, per-layer table, stage plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from .common import (
+    AllowMissingOption,
+    DebugOption,
+    InputSizeOption,
+    JsonOption,
+    ModelKwargsOption,
+    NumClassesOption,
+    WeightsOption,
+    err_console,
+    handle_errors,
+    load_model,
+    out_console,
+    parse_input_size,
+    print_json,
+)
+
+
+def saved_input_size(model: Any) -> tuple[int, int] | None:
+    """Return the input size a saved model was converted at (from its recipe), if known."""
+    meta = getattr(model, "meta", None) or {}
+    size = (meta.get("dynoswap") or {}).get("input_size")
+    return (int(size[0]), int(size[1])) if size else None
+
+
+@handle_errors
+def inspect_cmd(
+    model: str = typer.Argument(..., help="Model name (resnet50, tv:NAME, timm:NAME, pkg.mod:factory) or saved model."),
+    input_size: tuple[int, int] | None = InputSizeOption,
+    num_classes: int | None = NumClassesOption,
+    model_kwargs: list[str] | None = ModelKwargsOption,
+    weights: Path | None = WeightsOption,
+    allow_missing: bool = AllowMissingOption,
+    depth: int | None = typer.Option(None, "--depth", min=1, help="Per-layer table down to N dotted name levels."),
+    plot: Path | None = typer.Option(None, "--plot", metavar="FILE.png", help="Draw the stages to scale (matplotlib)."),
+    json_out: bool = JsonOption,
+    debug: bool = DebugOption,
+) -> None:
+    """Show a model's GMACs, params, stage sizes and, for converted models, every DynOPool."""
+    from .render import dynopool_table, layer_table, mismatch_table, summary_table
+    from .summary import summarize
+
+    if plot is not None:
+        from .plot import require_matplotlib
+
+        require_matplotlib()
+    loaded = load_model(model, num_classes, model_kwargs, weights, allow_missing)
+    size = parse_input_size(input_size, saved_input_size(loaded.model) or (224, 224))
+    summary = summarize(loaded.model, size, model, loaded.source.library, depth=depth)
+    if plot is not None:
+        from .plot import plot_stages
+
+        plot_stages({model: summary.stages}, plot)
+    if json_out:
+        data = summary.to_dict()
+        if loaded.mismatch:
+            data["checkpoint"] = {"missing": loaded.mismatch.missing, "unexpected": loaded.mismatch.unexpected}
+        print_json(data)
+        return
+    console = out_console()
+    if loaded.mismatch:
+        err_console().print(mismatch_table(loaded.mismatch))
+    console.print(summary_table(summary))
+    if summary.dynopools:
+        console.print(dynopool_table(summary.dynopools))
+    if summary.layers:
+        console.print(layer_table(summary.layers))
+    if plot is not None:
+        console.print(f"stage plot written to {plot}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``inspect`` command."""
+    app.command("inspect", no_args_is_help=True)(inspect_cmd)

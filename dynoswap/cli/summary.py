@@ -1,0 +1,159 @@
+"""What inspect and convert report about a model: GMACs, params, stage sizes, DynOPools, per-layer rows.
+
+The JSON form is the CLI's machine-readable contract::
+
+    {"model": str, "source": str, "input_size": [H, W], "gmacs": float, "params": int,
+     "stages": [[h, w], ...], "dynopools": [{"name", "alpha", "scale", "in", "out", "group"}]}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+@dataclass
+class LayerRow:
+    """One row of the per-layer table (``inspect --depth``)."""
+
+    name: str
+    kind: str
+    out_shape: tuple[int, ...] | None
+    gmacs: float
+
+
+@dataclass
+class ModelSummary:
+    """A model's cost and shape facts at one input size."""
+
+    model: str
+    source: str
+    input_size: tuple[int, int]
+    gmacs: float
+    params: int
+    stages: list[tuple[int, int]]
+    dynopools: list[dict[str, Any]] = field(default_factory=list)
+    layers: list[LayerRow] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON form (see the module docstring)."""
+        data: dict[str, Any] = {
+            "model": self.model,
+            "source": self.source,
+            "input_size": list(self.input_size),
+            "gmacs": float(self.gmacs),
+            "params": int(self.params),
+            "stages": [list(s) for s in self.stages],
+            "dynopools": self.dynopools,
+        }
+        if self.layers:
+            data["layers"] = [
+                {"name": r.name, "type": r.kind, "out_shape": list(r.out_shape or ()), "gmacs": r.gmacs}
+                for r in self.layers
+            ]
+        return data
+
+
+def count_params(model: nn.Module) -> int:
+    """Count parameters; a tied alpha counts once (``parameters()`` deduplicates)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def stage_sizes(model: nn.Module, input_size: tuple[int, int]) -> list[tuple[int, int]]:
+    """Return the paper's stage sizes (Table 1 column), from ``dynoswap.cost``."""
+    from ..cost import stage_sizes as cost_stage_sizes
+
+    return [(int(h), int(w)) for h, w in cost_stage_sizes(model, input_size)]
+
+
+def dynopool_rows(model: nn.Module, input_size: tuple[int, int]) -> list[dict[str, Any]]:
+    """One JSON-able dict per DynOPool2d in execution order: name, alpha, scale, in, out, group.
+
+    ``group`` is the name of the layer that owns the (shared) alpha.
+    """
+    from ..cost import alphas
+    from ..layers import DynOPool2d
+
+    if not any(isinstance(m, DynOPool2d) for m in model.modules()):
+        return []
+    return [
+        {
+            "name": row["name"],
+            "alpha": [float(a) for a in row["alpha"]],
+            "scale": [float(r) for r in row["scale"]],
+            "in": [int(v) for v in row["in_size"]],
+            "out": [int(v) for v in row["out_size"]],
+            "group": row["group"],
+        }
+        for row in alphas(model, input_size)
+    ]
+
+
+def _depth_prefix(name: str, depth: int) -> str:
+    return ".".join(name.split(".")[:depth])
+
+
+def layer_rows(model: nn.Module, input_size: tuple[int, int], depth: int, by_layer: dict[str, float]) -> list[LayerRow]:
+    """Per-module rows down to ``depth`` dotted levels: output shape and GMACs (children summed)."""
+    import torch
+
+    from ..cost.count import eval_mode, example_input
+
+    wanted = {
+        name: m
+        for name, m in model.named_modules()
+        if name and (name.count(".") + 1 == depth or (name.count(".") + 1 < depth and next(m.children(), None) is None))
+    }
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def hook(name: str):
+        def record(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor):
+                shapes[name] = tuple(output.shape)
+
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in wanted.items()]
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(example_input(model, input_size))
+    finally:
+        for h in handles:
+            h.remove()
+    gmacs: dict[str, float] = {}
+    for leaf, value in by_layer.items():
+        for name in wanted:
+            if leaf == name or leaf.startswith(name + "."):
+                gmacs[name] = gmacs.get(name, 0.0) + value
+                break
+    return [LayerRow(n, type(m).__name__, shapes.get(n), gmacs.get(n, 0.0)) for n, m in wanted.items()]
+
+
+def summarize(
+    model: nn.Module,
+    input_size: Sequence[int],
+    name: str,
+    source: str,
+    depth: int | None = None,
+) -> ModelSummary:
+    """Count GMACs and params, find stage sizes and DynOPools of a model at ``input_size``."""
+    from ..cost.count import count_gmacs
+
+    size = (int(input_size[0]), int(input_size[1]))
+    count = count_gmacs(model, size)
+    stages = stage_sizes(model, size)
+    pools = dynopool_rows(model, size)
+    return ModelSummary(
+        model=name,
+        source=source,
+        input_size=size,
+        gmacs=float(count.total),
+        params=count_params(model),
+        stages=stages,
+        dynopools=pools,
+        layers=layer_rows(model, size, depth, count.by_layer) if depth else [],
+    )
