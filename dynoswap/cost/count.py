@@ -134,13 +134,13 @@ def count_gmacs(
     Returns:
         The :class:`GmacsCount`.
     """
-    from fvcore.nn import FlopCountAnalysis
-
     size = _pair(input_size)
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     x = example_input(model, size, batch, in_chans)
     with eval_mode(model), opaque_dynopools(model), torch.no_grad(), _quiet():
+        from fvcore.nn import FlopCountAnalysis  # lazy: a heavy import, and it warns about torch.jit
+
         analysis = FlopCountAnalysis(model, x)
         analysis.set_op_handle(**HANDLES)
         analysis.unsupported_ops_warnings(False)
