@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from timm.layers import register_notrace_module
 from torch import nn
 
 from .resample import pool_queries
@@ -47,6 +48,7 @@ def query_positions(n_in: int, n_out: torch.Tensor) -> torch.Tensor:
     return (n_in * odd) / (4 * n_out) - 0.5
 
 
+@register_notrace_module  # a leaf for timm's fx feature extraction: its sizes are data-dependent
 class DynOPool2d(nn.Module):
     """Dynamically optimised pooling: resize by learnable factors (r_h, r_w).
 
@@ -157,6 +159,7 @@ class DynOPool2d(nn.Module):
         return out
 
     def extra_repr(self) -> str:
+        """Scale factors, aggregate and whether alpha is borrowed from a leader."""
         r_h, r_w = self.scale
         tied = "" if self.leader is self else ", tied"
         return f"scale=({r_h:.4g}, {r_w:.4g}), aggregate={self.aggregate!r}{tied}"

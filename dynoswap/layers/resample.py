@@ -44,9 +44,7 @@ def axis_table(pos: torch.Tensor, n_in: int) -> AxisTable:
     hi = (lo + 1).clamp_max(last)
     inside = ((pos > 0) & (pos < last)).to(pos.dtype)
     exact = bool((frac == 0).all())
-    identity = exact and lo.numel() <= n_in and bool(
-        (lo == torch.arange(lo.numel(), device=lo.device)).all()
-    )
+    identity = exact and lo.numel() <= n_in and bool((lo == torch.arange(lo.numel(), device=lo.device)).all())
     return AxisTable(lo, hi, frac, inside, exact, identity)
 
 
