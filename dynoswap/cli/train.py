@@ -1,0 +1,234 @@
+"""``dynoswap train MODEL --data DATA``: learn the DynOPool scales with task + lambda * GMACs loss.
+
+Runs alone or under ``torchrun --nproc_per_node N -m dynoswap train ...`` (DDP:
+nccl on GPU, gloo on CPU; only rank 0 prints and saves).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from .common import DebugOption, InputSizeOption, ModelKwargsOption, UsageError, handle_errors, parse_kwargs
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..presets import Preset
+    from ..train.distributed import DistContext
+
+
+@dataclass
+class Hyper:
+    """Training hyperparameters after merging the preset with the flags (flags win)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    alpha_lr: float
+    weight_decay: float
+    momentum: float
+    lam: float
+    amp: bool
+
+
+#: Defaults without a preset: short CPU-friendly runs of the built-in sets.
+DEFAULTS = Hyper(epochs=10, batch_size=64, lr=0.05, alpha_lr=0.05, weight_decay=5e-4, momentum=0.9, lam=0.0, amp=False)
+
+
+def merge_hyper(preset: Preset | None, flags: dict[str, Any]) -> Hyper:
+    """Preset values (supplement Tables 1-2) where given, flags over them, else ``DEFAULTS``."""
+    values = dict(vars(DEFAULTS))
+    if preset is not None:
+        t = preset.train
+        if t.optimizer != "sgd" or t.scheduler != "cosine":
+            raise UsageError(f"preset {preset.name}: train supports SGD with cosine annealing only")
+        values.update(
+            epochs=t.epochs,
+            batch_size=t.batch_size,
+            lr=t.lr,
+            alpha_lr=t.alpha_lr,
+            weight_decay=t.weight_decay,
+            momentum=t.momentum,
+            lam=t.gmacs_lambda,
+            amp=t.amp,
+        )
+    values.update({k: v for k, v in flags.items() if v is not None})
+    hyper = Hyper(**values)
+    for key in ("epochs", "batch_size"):
+        if getattr(hyper, key) < 1:
+            raise UsageError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(hyper, key)}")
+    for key in ("lr", "alpha_lr", "weight_decay", "lam"):
+        if getattr(hyper, key) < 0:
+            raise UsageError(f"--{key.replace('_', '-')} must be >= 0, got {getattr(hyper, key)}")
+    return hyper
+
+
+def build_model(
+    spec: str,
+    num_classes: int,
+    input_size: tuple[int, int],
+    preset: Preset | None,
+    model_kwargs: list[str] | None,
+    placement: str | None,
+    init_scale: float | None,
+) -> nn.Module:
+    """Build a converted model ready to train: a saved dynoswap model continues, a name is converted first."""
+    from ..train.models import BUILTIN_MODELS
+    from .common import load_model
+    from .convert import make_plan, run_conversion
+
+    if _is_saved(spec):
+        if model_kwargs or placement or init_scale is not None:
+            raise UsageError(f"{spec} is already converted: --model-kwargs/--placement/--init-scale do not apply")
+        return load_model(spec).model
+    kwargs = parse_kwargs(model_kwargs)
+    loaded = load_model(BUILTIN_MODELS.get(spec, spec), num_classes, kwargs)
+    plan = make_plan(preset, input_size, num_classes, placement, init_scale, None, None)
+    gm, _ = run_conversion(loaded.model, plan, loaded.source)
+    return gm
+
+
+def _is_saved(spec: str) -> bool:
+    from ..models import is_saved_model
+
+    return is_saved_model(spec)
+
+
+def _check_saved_model(model: nn.Module, spec: str, input_size: tuple[int, int], num_classes: int) -> None:
+    import torch
+
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        out = model(torch.zeros(1, 3, *input_size))
+        model.train(was)
+    if out.shape[-1] != num_classes:
+        raise UsageError(f"{spec} has {out.shape[-1]} outputs but the data has {num_classes} classes")
+
+
+def _announce(ctx: DistContext, console: Any, model_spec: str, data: Any, hyper: Hyper, out: Path) -> None:
+    if not ctx.is_main:
+        return
+    world = f", {ctx.world_size} processes" if ctx.enabled else ""
+    console.print(
+        f"training {model_spec} on {data.name} ({len(data.train)} images, {data.num_classes} classes, "
+        f"{data.input_size[0]}x{data.input_size[1]}) on {ctx.device}{world}: {hyper.epochs} epochs, "
+        f"batch {hyper.batch_size}, lr {hyper.lr:g}, alpha lr {hyper.alpha_lr:g}, lambda {hyper.lam:g} -> {out}"
+    )
+
+
+@handle_errors
+def train_cmd(
+    model: str = typer.Argument(
+        ..., help="Model name (resnet18, tv:NAME, timm:NAME, pkg.module:factory, vgg-tiny) or a saved model dir."
+    ),
+    data: str = typer.Option(
+        ..., "--data", help="barcodes, digits-stretch|tile|large, imagefolder:PATH, cifar10:PATH, cifar100:PATH."
+    ),
+    preset: str | None = typer.Option(None, "--preset", help="Named preset (conversion + hyperparameters)."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Epochs (default 10 or the preset's)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size per process."),
+    lr: float | None = typer.Option(None, "--lr", help="Learning rate of the weights."),
+    alpha_lr: float | None = typer.Option(None, "--alpha-lr", help="Learning rate of the alphas."),
+    weight_decay: float | None = typer.Option(None, "--weight-decay", help="Weight decay (never on alphas)."),
+    lam: float | None = typer.Option(None, "--lam", help="lambda: weight of the GMACs loss (eq. 8)."),
+    amp: bool | None = typer.Option(None, "--amp/--no-amp", help="Mixed precision."),
+    seed: int = typer.Option(0, "--seed", help="Seed of weights, data order and synthetic data."),
+    workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: GPU if any)."),
+    input_size: tuple[int, int] | None = InputSizeOption,
+    model_kwargs: list[str] | None = ModelKwargsOption,
+    placement: str | None = typer.Option(None, "--placement", help="post or pre (conversion rule)."),
+    init_scale: float | None = typer.Option(None, "--init-scale", metavar="R", help="Initial scale of every DynOPool."),
+    out: Path | None = typer.Option(None, "--out", help="Run folder: log.jsonl and checkpoint/ (default runs/...)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out."),
+    plot: Path | None = typer.Option(None, "--plot", metavar="FILE.png", help="Plot sizes, accuracy and GMACs."),
+    max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="At most this many steps per epoch."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile (recompiles whenever a size changes)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
+    debug: bool = DebugOption,
+) -> None:
+    """Train a model's DynOPool scales and weights with the paper's loss: task + lambda * GMACs."""
+    import torch
+
+    from ..train.data import load_data, make_loaders
+    from ..train.distributed import init_from_env
+    from ..train.loop import fit, read_log
+    from .common import err_console, out_console
+    from .convert import _load_preset
+
+    preset_obj = _load_preset(preset, None)
+    hyper = merge_hyper(
+        preset_obj,
+        {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "alpha_lr": alpha_lr,
+            "weight_decay": weight_decay,
+            "lam": lam,
+            "amp": amp,
+        },
+    )
+    ctx = init_from_env(device)
+    try:
+        torch.manual_seed(seed)
+        # New sizes appear while alphas train; benchmark mode would re-tune for each of them.
+        torch.backends.cudnn.benchmark = False
+        bundle = load_data(data, input_size, seed)
+        net = build_model(model, bundle.num_classes, bundle.input_size, preset_obj, model_kwargs, placement, init_scale)
+        if _is_saved(model):
+            _check_saved_model(net, model, bundle.input_size, bundle.num_classes)
+        run_dir = out or Path("runs") / f"{Path(model).name.replace(':', '_')}-{data.split(':')[0]}"
+        train_loader, val_loader = make_loaders(
+            bundle,
+            hyper.batch_size,
+            workers=workers,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            seed=seed,
+            pin_memory=ctx.device.type == "cuda",
+        )
+        console = out_console() if ctx.is_main else None
+        _announce(ctx, console or err_console(), model, bundle, hyper, run_dir)
+        fit(
+            net,
+            train_loader,
+            val_loader,
+            epochs=hyper.epochs,
+            lam=hyper.lam,
+            lr=hyper.lr,
+            alpha_lr=hyper.alpha_lr,
+            weight_decay=hyper.weight_decay,
+            momentum=hyper.momentum,
+            max_steps=max_steps,
+            device=ctx.device,
+            amp=hyper.amp,
+            compile=compile,
+            input_size=bundle.input_size,
+            out=run_dir,
+            resume=resume,
+            progress=progress and ctx.is_main,
+            console=console,
+        )
+        if ctx.is_main:
+            if plot is not None:
+                from ..train.plot import plot_history
+
+                plot_history(read_log(run_dir), plot, title=f"{model} on {bundle.name}")
+                console.print(f"plot: {plot}")  # type: ignore[union-attr]
+            console.print(f"log: {run_dir / 'log.jsonl'}  checkpoint: {run_dir / 'checkpoint'}")  # type: ignore[union-attr]
+    finally:
+        if ctx.enabled:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``train`` command."""
+    app.command("train", no_args_is_help=True)(train_cmd)

@@ -1,0 +1,186 @@
+"""DATA specs for ``dynoswap train``: ``kind`` or ``kind:PATH``, one handler per kind.
+
+Built-in synthetic sets (``barcodes``, ``digits-stretch``, ``digits-tile``,
+``digits-large``) need no files. ``imagefolder:PATH`` and ``cifar10:PATH`` /
+``cifar100:PATH`` read local files only: nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch.utils.data import DataLoader, Dataset
+
+from . import datasets
+
+
+class DataError(ValueError):
+    """A DATA spec that cannot be read; the message says what to do (bad usage: exit code 2)."""
+
+    exit_code = 2
+
+
+@dataclass
+class DataBundle:
+    """Train and validation sets with what a model needs to know about them."""
+
+    name: str
+    train: Dataset
+    val: Dataset | None
+    num_classes: int
+    input_size: tuple[int, int]  #: (H, W) of the images the loader yields
+
+
+Handler = Callable[[str, "tuple[int, int] | None", int], DataBundle]
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+_CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+
+def _barcodes(path: str, input_size: tuple[int, int] | None, seed: int) -> DataBundle:
+    size = input_size[1] if input_size else 32
+    if input_size and input_size[0] != input_size[1]:
+        raise DataError(f"barcodes are square; got --input-size {input_size}")
+    train = datasets.barcodes(True, size=size, seed=seed)
+    val = datasets.barcodes(False, size=size, seed=seed)
+    return DataBundle("barcodes", train, val, 10, (size, size))
+
+
+def _digits(variant: str) -> Handler:
+    def handler(path: str, input_size: tuple[int, int] | None, seed: int) -> DataBundle:
+        train = datasets.digits(variant, True, seed=seed)
+        val = datasets.digits(variant, False, seed=seed)
+        size = tuple(train[0][0].shape[-2:])
+        if input_size and tuple(input_size) != size:
+            raise DataError(f"digits-{variant} images are {size[0]}x{size[1]}; drop --input-size or set it to that")
+        return DataBundle(f"digits-{variant}", train, val, 10, size)  # type: ignore[arg-type]
+
+    return handler
+
+
+def _need_path(kind: str, path: str) -> Path:
+    if not path:
+        raise DataError(f"{kind} needs a folder: --data {kind}:PATH")
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{kind}: folder {root} does not exist")
+    return root
+
+
+def _imagefolder(path: str, input_size: tuple[int, int] | None, seed: int) -> DataBundle:
+    from torchvision import datasets as tv_datasets
+    from torchvision import transforms as T
+
+    root = _need_path("imagefolder", path)
+    size = tuple(input_size or (224, 224))
+    if not (root / "train").is_dir():
+        raise DataError(f"imagefolder: expected {root}/train/<class>/*.jpg (and optionally {root}/val/<class>/...)")
+    normalise = T.Normalize(_IMAGENET_MEAN, _IMAGENET_STD)
+    train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), normalise])
+    resize = tuple(int(round(s / 0.875)) for s in size)
+    val_tf = T.Compose([T.Resize(resize), T.CenterCrop(size), T.ToTensor(), normalise])
+    train = tv_datasets.ImageFolder(str(root / "train"), transform=train_tf)
+    val = tv_datasets.ImageFolder(str(root / "val"), transform=val_tf) if (root / "val").is_dir() else None
+    return DataBundle(f"imagefolder:{root}", train, val, len(train.classes), size)  # type: ignore[arg-type]
+
+
+def _cifar(kind: str) -> Handler:
+    def handler(path: str, input_size: tuple[int, int] | None, seed: int) -> DataBundle:
+        from torchvision import datasets as tv_datasets
+        from torchvision import transforms as T
+
+        root = _need_path(kind, path)
+        cls = tv_datasets.CIFAR10 if kind == "cifar10" else tv_datasets.CIFAR100
+        folder = "cifar-10-batches-py" if kind == "cifar10" else "cifar-100-python"
+        size = tuple(input_size or (32, 32))
+        mean, std = _CIFAR_STATS[kind]
+        resize = [] if size == (32, 32) else [T.Resize(size)]
+        train_tf = T.Compose([*resize, T.RandomCrop(size, padding=4), T.RandomHorizontalFlip(), T.ToTensor()])
+        train_tf.transforms.append(T.Normalize(mean, std))
+        val_tf = T.Compose([*resize, T.ToTensor(), T.Normalize(mean, std)])
+        try:
+            train = cls(str(root), train=True, transform=train_tf, download=False)
+            val = cls(str(root), train=False, transform=val_tf, download=False)
+        except RuntimeError as err:
+            raise DataError(
+                f"{kind}: no data set found under {root}; extract the python version of {kind.upper()} "
+                f"(e.g. {folder}.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html) so that "
+                f"{root}/{folder}/ exists. dynoswap never downloads data."
+            ) from err
+        return DataBundle(f"{kind}:{root}", train, val, len(train.classes), size)  # type: ignore[arg-type]
+
+    return handler
+
+
+#: kind -> handler(path, input_size, seed)
+DATA_HANDLERS: dict[str, Handler] = {
+    "barcodes": _barcodes,
+    "digits-stretch": _digits("stretch"),
+    "digits-tile": _digits("tile"),
+    "digits-large": _digits("large"),
+    "imagefolder": _imagefolder,
+    "cifar10": _cifar("cifar10"),
+    "cifar100": _cifar("cifar100"),
+}
+
+
+def load_data(spec: str, input_size: tuple[int, int] | None = None, seed: int = 0) -> DataBundle:
+    """Build the train/val sets named by ``spec`` (``kind`` or ``kind:PATH``).
+
+    Args:
+        spec: e.g. ``barcodes``, ``digits-tile``, ``imagefolder:/data/birds``, ``cifar100:~/data``.
+        input_size: (H, W) to resize to where the kind allows it; ``None`` keeps its native size.
+        seed: Seed of the synthetic sets and of the digits split.
+
+    Raises:
+        DataError: Unknown kind, missing folder or missing files.
+    """
+    kind, _, path = spec.partition(":")
+    handler = DATA_HANDLERS.get(kind.lower())
+    if handler is None:
+        raise DataError(f"unknown data {spec!r}; choose one of {', '.join(DATA_HANDLERS)} (kind or kind:PATH)")
+    return handler(path, tuple(input_size) if input_size else None, seed)  # type: ignore[arg-type]
+
+
+def make_loaders(
+    bundle: DataBundle,
+    batch_size: int,
+    *,
+    workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    pin_memory: bool = False,
+) -> tuple[DataLoader, DataLoader | None]:
+    """Train and validation loaders; under DDP each rank reads its own shard (DistributedSampler).
+
+    The training loader drops the last incomplete batch (BatchNorm needs more than one
+    sample) unless the set is smaller than one batch.
+    """
+    if batch_size < 1:
+        raise DataError(f"--batch-size must be >= 1, got {batch_size}")
+    common = {"num_workers": workers, "pin_memory": pin_memory, "persistent_workers": False}
+    drop_last = len(bundle.train) > batch_size * world_size  # type: ignore[arg-type]
+    if world_size > 1:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(bundle.train, world_size, rank, shuffle=True, seed=seed, drop_last=drop_last)
+        train = DataLoader(bundle.train, batch_size, sampler=sampler, drop_last=drop_last, **common)
+        val_sampler = (
+            DistributedSampler(bundle.val, world_size, rank, shuffle=False) if bundle.val is not None else None
+        )
+    else:
+        train = DataLoader(bundle.train, batch_size, shuffle=True, drop_last=drop_last, **common)
+        val_sampler = None
+    val = (
+        DataLoader(bundle.val, batch_size, shuffle=False, sampler=val_sampler, **common)
+        if bundle.val is not None
+        else None
+    )
+    return train, val
