@@ -214,3 +214,19 @@ def test_missing_reference_size_and_untraceable_model_raise():
 
     with pytest.raises(ValueError, match="convert"):
         gmacs_loss(Dynamic(), (8, 8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_model_loss_and_count_match_cpu():
+    torch.manual_seed(0)
+    cpu = vgg_like(scales=(0.63, 0.5, 0.41))
+    gpu = vgg_like(scales=(0.63, 0.5, 0.41)).cuda()
+    loss_cpu, loss_gpu = gmacs_loss(cpu, (64, 48)), gmacs_loss(gpu, (64, 48))
+    assert loss_gpu.device.type == "cuda"
+    assert loss_gpu.item() == pytest.approx(loss_cpu.item(), rel=1e-12)
+    assert count_gmacs(gpu, (64, 48)).total == pytest.approx(count_gmacs(cpu, (64, 48)).total, rel=1e-12)
+    loss_cpu.backward()
+    loss_gpu.backward()
+    for a, b in zip(dynopools(cpu), dynopools(gpu), strict=True):
+        torch.testing.assert_close(b.alpha.grad.cpu(), a.alpha.grad)
+    assert stage_sizes(gpu, (65, 31)) == stage_sizes(cpu, (65, 31))

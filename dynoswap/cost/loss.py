@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..layers import DynOPool2d
-from .resolution import resolution_graph
+from .resolution import resolution_graph, unwrap
 
 
 def gmacs_loss(model: nn.Module, input_size: int | Sequence[int] | None = None) -> torch.Tensor:
@@ -83,6 +83,7 @@ def alphas(model: nn.Module, input_size: int | Sequence[int] | None = None) -> l
         A list of dicts with keys ``name``, ``alpha``, ``scale``, ``in_size``,
         ``out_size``, ``group`` (the name of the layer owning the alpha).
     """
+    model = unwrap(model)
     graph = resolution_graph(model, input_size)
     sizes = graph.int_sizes()
     names = {id(m): name for name, m in model.named_modules()}

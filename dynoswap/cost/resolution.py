@@ -171,10 +171,11 @@ class ResolutionGraph:
             gradient to every upstream alpha (or continuous values if ``relaxed``).
         """
         size_in = self.input_size if input_size is None else input_size
+        device = self.device()
         sizes: list[torch.Tensor] = []
         for node in self.nodes:
             if node.kind == INPUT:
-                value = torch.tensor([float(v) for v in size_in], dtype=dtype)
+                value = torch.tensor([float(v) for v in size_in], dtype=dtype, device=device)
             elif node.kind == DYNOPOOL:
                 parent = sizes[node.parent]
                 assert node.module is not None
@@ -182,10 +183,10 @@ class ResolutionGraph:
                 if relaxed:
                     value = torch.clamp_min(parent / alpha, MIN_SIZE)
                 else:
-                    value = node.module.size_st(parent.to(alpha.device))
+                    value = node.module.size_st(parent)
             elif node.kind == SCALED:
                 parent = sizes[node.parent]
-                cont = parent * torch.tensor(node.ratio, dtype=dtype)
+                cont = parent * torch.tensor(node.ratio, dtype=dtype, device=device)
                 if relaxed:
                     value = cont
                 else:
@@ -194,11 +195,18 @@ class ResolutionGraph:
                         exact = [float(rule(n)) for rule, n in zip(node.rules, ints, strict=True)]
                     else:
                         exact = [math.floor(n * r + 0.5) for n, r in zip(ints, node.ratio, strict=True)]
-                    value = cont + (torch.tensor(exact, dtype=dtype) - cont).detach()
+                    value = cont + (torch.tensor(exact, dtype=dtype, device=device) - cont).detach()
             else:
-                value = torch.tensor([float(v) for v in node.size], dtype=dtype)
+                value = torch.tensor([float(v) for v in node.size], dtype=dtype, device=device)
             sizes.append(value.to(dtype))
         return sizes
+
+    def device(self) -> torch.device:
+        """Where the alphas live (sizes are evaluated there)."""
+        for node in self.nodes:
+            if node.module is not None:
+                return node.module.alpha.device
+        return torch.device("cpu")
 
     def int_sizes(self, input_size: Sequence[int] | None = None) -> list[tuple[int, int]]:
         """Integer (h, w) of every node, no gradient."""
@@ -220,7 +228,7 @@ class ResolutionGraph:
         sizes = self.evaluate(input_size, relaxed=relaxed)
         index, coef = self.terms()
         if not index:
-            return torch.tensor(self.const_gmacs, dtype=torch.float64)
+            return torch.tensor(self.const_gmacs, dtype=torch.float64, device=self.device())
         area = torch.stack([sizes[i][0] * sizes[i][1] for i in index])
         return (coef.to(area.device) * area).sum() + self.const_gmacs
 
@@ -358,6 +366,13 @@ def _attribute_costs(rec: _Recorder, graph: fx.Graph, model: nn.Module) -> None:
     res.const_gmacs = const + max(functional, 0.0)
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """Return the model inside DataParallel / DistributedDataParallel (the one that was converted)."""
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return model.module
+    return model
+
+
 _CACHE: weakref.WeakKeyDictionary[nn.Module, ResolutionGraph] = weakref.WeakKeyDictionary()
 
 
@@ -392,6 +407,7 @@ def resolution_graph(
     Returns:
         The :class:`ResolutionGraph`.
     """
+    model = unwrap(model)
     if not refresh and model in _CACHE:
         return _CACHE[model]
     if input_size is None:
