@@ -198,6 +198,9 @@ def test_alphas_rows_report_scale_and_sizes():
         ([32, 24], [24, 18]),
         ([24, 18], [12, 9]),
     ]
+    odd = dynoswap.alphas(model, (33, 21))  # sizes at another input, from the same recorded graph
+    expected = [([33, 21], [17, 11]), ([17, 11], [13, 8]), ([13, 8], [7, 4])]
+    assert [(r["in_size"], r["out_size"]) for r in odd] == expected
 
 
 def test_missing_reference_size_and_untraceable_model_raise():

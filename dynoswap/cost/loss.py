@@ -72,12 +72,13 @@ def param_groups(model: nn.Module, lr: float, alpha_lr: float, weight_decay: flo
 def alphas(model: nn.Module, input_size: int | Sequence[int] | None = None) -> list[dict[str, Any]]:
     """Per DynOPool2d, in execution order: name, alpha, scale, in/out size and tie group.
 
-    Sizes come from the resolution graph at the reference input size and the
-    current alphas (no forward pass). JSON-able, for logs and the CLI.
+    Sizes come from the resolution graph and the current alphas (no forward
+    pass). JSON-able, for logs and the CLI.
 
     Args:
         model: A converted model.
-        input_size: Reference (H, W) when recording; default: the converted model's.
+        input_size: (H, W) the sizes are given for (and the reference when
+            recording); default: the converted model's reference size.
 
     Returns:
         A list of dicts with keys ``name``, ``alpha``, ``scale``, ``in_size``,
@@ -85,7 +86,9 @@ def alphas(model: nn.Module, input_size: int | Sequence[int] | None = None) -> l
     """
     model = unwrap(model)
     graph = resolution_graph(model, input_size)
-    sizes = graph.int_sizes()
+    if isinstance(input_size, int):
+        input_size = (input_size, input_size)
+    sizes = graph.int_sizes(input_size)
     names = {id(m): name for name, m in model.named_modules()}
     rows = []
     for name, node in graph.dynopools.items():

@@ -367,10 +367,14 @@ def _attribute_costs(rec: _Recorder, graph: fx.Graph, model: nn.Module) -> None:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """Return the model inside DataParallel / DistributedDataParallel (the one that was converted)."""
-    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        return model.module
-    return model
+    """Return the model inside DataParallel / DDP / torch.compile wrappers (the one that was converted)."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            return model
 
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, ResolutionGraph] = weakref.WeakKeyDictionary()

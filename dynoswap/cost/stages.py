@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from torch import fx, nn
 
 from ..layers import DynOPool2d
-from .resolution import resolution_graph
+from .resolution import resolution_graph, unwrap
 
 
 def _has_dynopools(model: nn.Module) -> bool:
@@ -37,6 +37,7 @@ def stage_sizes(model: nn.Module, input_size: int | Sequence[int] | None = None)
     Returns:
         ``[(H, W), (h1, w1), ...]``.
     """
+    model = unwrap(model)
     if isinstance(input_size, int):
         input_size = (input_size, input_size)
     if not _has_dynopools(model):
