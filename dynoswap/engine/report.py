@@ -1,0 +1,108 @@
+"""ConversionReport: what was replaced, by which rule, what was left alone and why."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+CONVERTED = "converted"
+NOTHING = "nothing to convert"
+
+
+class ConversionError(ValueError):
+    """A model that cannot be converted; the message says why and what to do."""
+
+
+@dataclass
+class Replacement:
+    """One DynOPool and the resizers it replaced.
+
+    Attributes:
+        name: Node (module path) of the primary resizer.
+        was: What it was: ``{"op", "stride", "kernel"}``.
+        rule: Rule applied (``pool``, ``conv_post``, ``conv_pre``, ``patchify_post``, ...).
+        dynopool: Module path of the DynOPool.
+        init_scale: (r_h, r_w) at conversion.
+        group: Tie group index (groups share one alpha).
+        merged: Resizers merged into this DynOPool (removed), with what they were.
+        cost_note: Extra cost of the rule, if any (e.g. a conv now runs at stride 1).
+    """
+
+    name: str
+    was: dict[str, Any]
+    rule: str
+    dynopool: str
+    init_scale: tuple[float, float]
+    group: int
+    merged: list[dict[str, Any]] = field(default_factory=list)
+    cost_note: str = ""
+
+
+@dataclass
+class Skipped:
+    """A resizing op left unchanged."""
+
+    name: str
+    op: str
+    reason: str
+
+
+@dataclass
+class ConversionReport:
+    """Outcome of :func:`dynoswap.convert`."""
+
+    model: str
+    input_size: tuple[int, int]
+    placement: str
+    replacements: list[Replacement] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    groups: list[list[str]] = field(default_factory=list)
+    resized_to_partner: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        """``converted`` or ``nothing to convert``."""
+        return CONVERTED if self.replacements else NOTHING
+
+    @property
+    def num_dynopools(self) -> int:
+        """DynOPool layers inserted."""
+        return len(self.replacements)
+
+    @property
+    def num_alphas(self) -> int:
+        """Learnable alphas after tying (one per group)."""
+        return len(self.groups)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        data = asdict(self)
+        data["status"] = self.status
+        data["input_size"] = list(self.input_size)
+        for rep in data["replacements"]:
+            rep["init_scale"] = list(rep["init_scale"])
+        return data
+
+    def table(self) -> Table:
+        """Build a rich table: one row per DynOPool, then the skipped resizers."""
+        from rich.table import Table
+
+        title = f"{self.model}: {self.num_dynopools} DynOPool, {self.num_alphas} alpha ({self.placement})"
+        table = Table(title=title)
+        for col in ("node", "was", "rule", "dynopool", "init scale", "group"):
+            table.add_column(col)
+        for rep in self.replacements:
+            was = f"{rep.was['op']} k{tuple(rep.was['kernel'])} s{tuple(rep.was['stride'])}"
+            if rep.merged:
+                was += " + " + ", ".join(m["name"] for m in rep.merged)
+            scale = f"({rep.init_scale[0]:.4g}, {rep.init_scale[1]:.4g})"
+            table.add_row(rep.name, was, rep.rule, rep.dynopool, scale, str(rep.group))
+        for skip in self.skipped:
+            table.add_row(skip.name, skip.op, "kept", "", "", skip.reason)
+        return table
+
+    def __str__(self) -> str:
+        return f"ConversionReport({self.model}: {self.status}, {self.num_dynopools} DynOPool, {self.num_alphas} alpha)"

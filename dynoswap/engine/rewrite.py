@@ -1,0 +1,327 @@
+"""Rules that replace resizers by DynOPool2d, and merging of consecutive resizers.
+
+Rules (paper 4.4, supplement 1.1):
+
+* ``pool``: Pool_s -> DynOPool with init scale 1/s (supp. eq. 1); the pool is removed.
+* ``conv_post``: ReLU o Conv_s -> DynOPool_s o ReLU o Conv_1 (supp. eq. 2); the DynOPool goes
+  after the norm/activation that follows the conv (or after the conv and its norm when no
+  activation follows).
+* ``conv_pre``: Conv_s -> Conv_1 o DynOPool_s (supp. eq. 3).
+* ``patchify_post``: a conv whose kernel equals its stride, handled like ``conv_post``.
+
+Pools reached from a site through size-preserving ops only are merged into it (init scale
+multiplied): ResNet's stem conv_s2 -> bn -> relu -> maxpool_s2 is one DynOPool at 0.25.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .find import Resizer, node_label
+
+PLACEMENTS = ("post", "pre")
+PATCHIFY = ("post", "skip")
+
+
+# -- size-preserving ops (walked through when placing and merging) -------------
+SIZE_PRESERVING_MODULES: tuple[type, ...] = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.Identity,
+)
+# Modules from these packages are elementwise activations or norm+act blocks.
+SIZE_PRESERVING_PACKAGES = (
+    "torch.nn.modules.activation",
+    "timm.layers.activations",
+    "timm.layers.activations_me",
+    "timm.layers.norm_act",
+    "timm.layers.norm",
+)
+SIZE_PRESERVING_FUNCTIONS: set[Any] = {
+    F.relu,
+    F.relu6,
+    F.silu,
+    F.gelu,
+    F.hardswish,
+    F.hardsigmoid,
+    F.leaky_relu,
+    F.elu,
+    F.mish,
+    F.dropout,
+    F.batch_norm,
+    torch.relu,
+    torch.sigmoid,
+    torch.tanh,
+}
+SIZE_PRESERVING_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clamp", "clamp_"}
+
+
+def is_size_preserving(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` is a norm, activation, dropout or identity (keeps the spatial size)."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        return isinstance(m, SIZE_PRESERVING_MODULES) or type(m).__module__.startswith(SIZE_PRESERVING_PACKAGES)
+    if node.op == "call_function":
+        return node.target in SIZE_PRESERVING_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in SIZE_PRESERVING_METHODS
+    return False
+
+
+# -- making a strided conv run at stride 1 with size-preserving padding ----------
+def _same_padding_ints(m: nn.Conv2d) -> tuple[int, int] | None:
+    totals = [d * (k - 1) for k, d in zip(m.kernel_size, m.dilation, strict=True)]
+    if any(t % 2 for t in totals):
+        return None
+    return totals[0] // 2, totals[1] // 2
+
+
+def _stride1_conv(m: nn.Conv2d) -> tuple[int, int, int, int] | None:
+    m.stride = (1, 1)
+    if getattr(m, "same_pad", False):  # timm Std/ScaledStdConv2dSame pad from stride at run time
+        return None
+    pad = _same_padding_ints(m)
+    if pad is not None:
+        m.padding = pad
+        if m.padding_mode != "zeros":
+            m._reversed_padding_repeated_twice = [pad[1], pad[1], pad[0], pad[0]]
+        return None
+    # Even kernel: asymmetric padding (less on the left/top, like padding='same'), done by an F.pad node.
+    totals = [d * (k - 1) for k, d in zip(m.kernel_size, m.dilation, strict=True)]
+    m.padding = (0, 0)
+    if m.padding_mode != "zeros":
+        m._reversed_padding_repeated_twice = [0, 0, 0, 0]
+    return totals[1] // 2, totals[1] - totals[1] // 2, totals[0] // 2, totals[0] - totals[0] // 2
+
+
+def _stride1_conv_dynamic_same(m: nn.Conv2d) -> None:
+    m.stride = (1, 1)  # timm Conv2dSame computes 'same' padding from the stride in forward
+
+
+# Each rule returns explicit (left, right, top, bottom) input padding to insert, or None.
+STRIDE_ONE: dict[type, Callable[[nn.Module], tuple[int, int, int, int] | None]] = {nn.Conv2d: _stride1_conv}
+
+
+def _register_timm_convs() -> None:
+    try:
+        from timm.layers.conv2d_same import Conv2dSame
+    except ImportError:
+        return
+    STRIDE_ONE[Conv2dSame] = _stride1_conv_dynamic_same
+
+
+_register_timm_convs()
+
+
+def make_stride_one(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Run the conv of ``node`` at stride 1 with padding that keeps the input size."""
+    m = gm.get_submodule(node.target)
+    for cls in type(m).__mro__:
+        if cls in STRIDE_ONE:
+            pad = STRIDE_ONE[cls](m)
+            break
+    else:
+        raise TypeError(f"no stride-1 rule for {type(m).__name__}")
+    if pad is not None:
+        with gm.graph.inserting_before(node):
+            padded = gm.graph.call_function(F.pad, (node.args[0], pad))
+        node.args = (padded, *node.args[1:])
+
+
+# -- planning -----------------------------------------------------------------
+@dataclass
+class Site:
+    """One DynOPool to insert.
+
+    Attributes:
+        index: Position in execution order.
+        rule: ``pool``, ``conv_post``, ``conv_pre`` or ``patchify_post``.
+        primary: The resizer that defines the site (conv or first pool).
+        merged: Pools merged into the site (removed).
+        anchor: For post/pool rules the DynOPool goes right after this node.
+        name: Module path of the DynOPool.
+        init_scale: (r_h, r_w) before overrides.
+    """
+
+    index: int
+    rule: str
+    primary: Resizer
+    merged: list[Resizer] = field(default_factory=list)
+    anchor: fx.Node | None = None
+    name: str = ""
+    init_scale: tuple[float, float] = (0.5, 0.5)
+    aggregate: str = "max"
+
+    @property
+    def resizers(self) -> list[Resizer]:
+        """Primary and merged resizers."""
+        return [self.primary, *self.merged]
+
+
+def _single_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    if len(users) == 1 and users[0].args and users[0].args[0] is node:
+        return users[0]
+    return None
+
+
+def _walk(start: fx.Node, pools: dict[fx.Node, Resizer], modules: dict[str, nn.Module], taken: set) -> tuple:
+    """From ``start``, follow single-user size-preserving ops; return (last op before a pool, pools met)."""
+    node, anchor, merged = start, start, []
+    while True:
+        nxt = _single_user(node)
+        if nxt is None:
+            break
+        if nxt in pools and nxt not in taken:
+            merged.append(pools[nxt])
+            taken.add(nxt)
+        elif is_size_preserving(nxt, modules):
+            if not merged:
+                anchor = nxt
+        else:
+            break
+        node = nxt
+    return anchor, merged
+
+
+def _scale(resizers: list[Resizer]) -> tuple[float, float]:
+    r_h = math.prod(1.0 / r.stride[0] for r in resizers)
+    r_w = math.prod(1.0 / r.stride[1] for r in resizers)
+    return r_h, r_w
+
+
+def plan_sites(
+    gm: fx.GraphModule, resizers: list[Resizer], placement: str, patchify: str
+) -> tuple[list[Site], list[tuple[Resizer, str]]]:
+    """Group resizers into DynOPool sites.
+
+    Returns:
+        The sites in execution order and the resizers left alone with their reason.
+    """
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    if patchify not in PATCHIFY:
+        raise ValueError(f"patchify must be one of {PATCHIFY}, got {patchify!r}")
+    modules = dict(gm.named_modules())
+    pools = {r.node: r for r in resizers if r.kind == "pool"}
+    taken: set[fx.Node] = set()
+    sites: list[Site] = []
+    kept: list[tuple[Resizer, str]] = []
+    for r in resizers:
+        if r.node in taken:
+            continue
+        taken.add(r.node)
+        if r.kind == "patchify" and patchify == "skip":
+            kept.append((r, "patchify conv (kernel == stride) kept: patchify='skip'"))
+            continue
+        site = Site(len(sites), "pool", r, aggregate=r.aggregate)
+        if r.kind == "pool":
+            _, site.merged = _walk(r.node, pools, modules, taken)
+        elif placement == "pre":
+            site.rule = "conv_pre" if r.kind == "conv" else "patchify_pre"
+        else:
+            site.rule = "conv_post" if r.kind == "conv" else "patchify_post"
+            site.anchor, site.merged = _walk(r.node, pools, modules, taken)
+        site.init_scale = _scale(site.resizers)
+        site.name = _site_name(r, gm)
+        sites.append(site)
+    _dedupe_names(sites)
+    return sites, kept
+
+
+def _site_name(r: Resizer, gm: fx.GraphModule) -> str:
+    return f"{node_label(r.node)}_dynopool"
+
+
+def _dedupe_names(sites: list[Site]) -> None:
+    seen: dict[str, int] = {}
+    for site in sites:
+        count = seen.get(site.name, 0)
+        seen[site.name] = count + 1
+        if count:
+            site.name = f"{site.name}{count}"
+
+
+# -- applying -----------------------------------------------------------------
+def apply_sites(gm: fx.GraphModule, sites: list[Site], modules_by_site: dict[int, nn.Module]) -> None:
+    """Insert each site's DynOPool module into ``gm`` and remove the replaced pools."""
+    graph = gm.graph
+    for site in sites:
+        gm.add_submodule(site.name, modules_by_site[site.index])
+        primary = site.primary.node
+        if site.rule == "pool":
+            with graph.inserting_before(primary):
+                new = graph.call_module(site.name, (primary.args[0],))
+            _copy_meta(primary, new)
+            primary.replace_all_uses_with(new)
+            graph.erase_node(primary)
+        elif site.rule.endswith("_pre"):
+            with graph.inserting_before(primary):
+                new = graph.call_module(site.name, (primary.args[0],))
+            primary.args = (new, *primary.args[1:])
+            make_stride_one(gm, primary)
+        else:
+            make_stride_one(gm, primary)
+            anchor = site.anchor
+            with graph.inserting_after(anchor):
+                new = graph.call_module(site.name, (anchor,))
+            _copy_meta(anchor, new)
+            anchor.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
+        for merged in site.merged:
+            node = merged.node
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+
+
+def _copy_meta(src: fx.Node, dst: fx.Node) -> None:
+    for key in ("nn_module_stack", "stack_trace"):
+        if key in src.meta:
+            dst.meta[key] = src.meta[key]
+
+
+# -- fixed-factor upsampling feeding a merge -> resize to the partner's size -----------
+def upsample_factor(node: fx.Node, modules: dict[str, nn.Module]) -> dict[str, Any] | None:
+    """Interpolation options of a fixed-factor upsampling node, else None."""
+    if node.op == "call_module" and isinstance(modules.get(node.target), nn.Upsample):
+        m = modules[node.target]
+        if m.scale_factor is None:
+            return None
+        return {"mode": m.mode, "align_corners": m.align_corners}
+    if node.op == "call_function" and node.target is F.interpolate:
+        if node.kwargs.get("scale_factor") is None and (len(node.args) < 3 or node.args[2] is None):
+            return None
+        mode = node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest")
+        align = node.kwargs.get("align_corners", node.args[4] if len(node.args) > 4 else None)
+        return {"mode": mode, "align_corners": align}
+    return None
+
+
+def resize_to_partner(gm: fx.GraphModule, upsample: fx.Node, partner: fx.Node, options: dict[str, Any]) -> fx.Node:
+    """Replace ``upsample`` by ``F.interpolate(x, size=partner.shape[-2:], same mode)``."""
+    graph = gm.graph
+    with graph.inserting_before(upsample):
+        shape = graph.call_function(getattr, (partner, "shape"))
+        size = graph.call_function(operator.getitem, (shape, slice(-2, None)))
+        kwargs = {"size": size, "mode": options["mode"]}
+        if options.get("align_corners") is not None:
+            kwargs["align_corners"] = options["align_corners"]
+        new = graph.call_function(F.interpolate, (upsample.args[0],), kwargs)
+    new.meta.update(upsample.meta)
+    new.meta["dynoswap_size_of"] = partner
+    upsample.replace_all_uses_with(new)
+    graph.erase_node(upsample)
+    return new

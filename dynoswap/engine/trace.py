@@ -1,0 +1,162 @@
+"""Symbolic tracing with timm's leaf modules/functions and a readable TraceError."""
+
+from __future__ import annotations
+
+import os
+import traceback
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ..layers import DynOPool2d
+from .report import ConversionError
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_ENGINE_DIR = os.path.dirname(__file__)
+
+# Always leaves: the layer itself and every kind the engine rewrites or reads by module type.
+ALWAYS_LEAF: tuple[type[nn.Module], ...] = (
+    DynOPool2d,
+    nn.Conv2d,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+)
+
+LeafSpec = str | type
+
+
+class TraceError(ConversionError):
+    """A model that torch.fx cannot trace; names the module, the source line and the fix."""
+
+    def __init__(self, message: str, module: str = "", line: str = "") -> None:
+        super().__init__(message)
+        self.module = module
+        self.line = line
+
+
+def _timm_leaves() -> tuple[tuple[type, ...], tuple[Any, ...]]:
+    try:
+        from timm.layers import get_notrace_functions, get_notrace_modules
+    except ImportError:  # timm is a dependency, but tracing plain torch models must not need it
+        return (), ()
+    return tuple(get_notrace_modules()), tuple(get_notrace_functions())
+
+
+def _contains_resizer(module: nn.Module) -> bool:
+    # A timm leaf that holds strided convs/pools is traced through, so they can be rewritten.
+    for sub in module.modules():
+        stride = getattr(sub, "stride", None)
+        if isinstance(sub, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)) and stride not in (None, 1, (1, 1)):
+            return True
+    return False
+
+
+class DynoTracer(fx.Tracer):
+    """fx tracer with leaves by type or qualified name; remembers the module stack on failure."""
+
+    def __init__(
+        self, leaf_types: Sequence[type], leaf_names: Iterable[str], autowrap_functions: Sequence[Any] = ()
+    ) -> None:
+        super().__init__(autowrap_functions=tuple(autowrap_functions))
+        self.leaf_types = tuple(leaf_types)
+        self.leaf_names = set(leaf_names)
+        self._dyno_stack: list[tuple[str, type]] = []
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:  # noqa: D102
+        if module_qualified_name in self.leaf_names or isinstance(m, self.leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:  # noqa: D102
+        self._dyno_stack.append((self.path_of_module(m), type(m)))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as err:
+            if not hasattr(err, "_dynoswap_scope"):
+                err._dynoswap_scope = list(self._dyno_stack)  # type: ignore[attr-defined]
+            raise
+        finally:
+            self._dyno_stack.pop()
+
+
+def _user_line(err: BaseException) -> str:
+    frames = traceback.extract_tb(err.__traceback__)
+    user = [f for f in frames if not f.filename.startswith((_TORCH_DIR, _ENGINE_DIR))]
+    if not user:
+        return ""
+    f = user[-1]
+    code = (f.line or "").strip()
+    return f"{f.filename}:{f.lineno}" + (f" `{code}`" if code else "")
+
+
+def _trace_error(model: nn.Module, err: Exception) -> TraceError:
+    scope = getattr(err, "_dynoswap_scope", [])
+    name, cls = scope[-1] if scope else ("", type(model))
+    line = _user_line(err)
+    where = f"module '{name}' ({cls.__name__})" if name else f"the forward of {cls.__name__}"
+    cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    fix = (
+        f"Mark it a leaf: convert(model, ..., leaf_modules=['{name}']) or leaf_modules=[{cls.__name__}]; "
+        "resizers inside a leaf are left as they are."
+        if name
+        else "The model's own forward cannot be traced; wrap the untraceable part in a submodule and mark it "
+        "a leaf with leaf_modules=[...]."
+    )
+    msg = f"torch.fx cannot trace {where}"
+    if line:
+        msg += f" at {line}"
+    msg += f": {cause}. {fix}"
+    return TraceError(msg, module=name, line=line)
+
+
+def trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = ()) -> fx.GraphModule:
+    """Trace ``model`` into a GraphModule.
+
+    timm's registered leaf modules stay opaque unless they hold a resizer (then they
+    are traced through so the resizer can be rewritten, and made leaves only if that
+    fails); timm's registered functions are wrapped.
+
+    Args:
+        model: The module to trace (not modified).
+        leaf_modules: Extra leaves, by class or by qualified submodule name.
+
+    Returns:
+        The traced GraphModule.
+
+    Raises:
+        TraceError: tracing failed; the message names the module, the line and the fix.
+    """
+    timm_types, timm_functions = _timm_leaves()
+    user_types = tuple(s for s in leaf_modules if isinstance(s, type))
+    user_names = {s for s in leaf_modules if isinstance(s, str)}
+    opaque_timm = set()
+    for qualname, sub in model.named_modules():
+        if timm_types and isinstance(sub, timm_types) and not _contains_resizer(sub):
+            opaque_timm.add(qualname)
+    while True:
+        tracer = DynoTracer(ALWAYS_LEAF + user_types, user_names | opaque_timm, timm_functions)
+        try:
+            graph = tracer.trace(model)
+            break
+        except Exception as err:
+            # A timm leaf traced through because it held a resizer: fall back to keeping it opaque.
+            scope = getattr(err, "_dynoswap_scope", [])
+            fallback = next(
+                (
+                    n
+                    for n, cls in reversed(scope)
+                    if timm_types and issubclass(cls, timm_types) and n not in opaque_timm
+                ),
+                None,
+            )
+            if fallback is None:
+                raise _trace_error(model, err) from None
+            opaque_timm.add(fallback)
+    name = type(model).__name__
+    gm = fx.GraphModule(tracer.root, graph, name)
+    gm.meta["dynoswap_leaves"] = sorted(user_names | opaque_timm)
+    return gm
