@@ -69,9 +69,14 @@ def _state_dict_for_file(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _save_model_dir(model: nn.Module, path: Path) -> bool:
-    """``dynoswap.save`` when the model carries a recipe; returns whether it did."""
+    """``dynoswap.save`` when the model carries a recipe with its source; returns whether it did.
+
+    A model converted without ``source=`` cannot be rebuilt by ``dynoswap.load``, so it
+    only gets ``weights.safetensors`` (enough for ``--resume``).
+    """
     meta = getattr(model, "meta", None)
-    if not isinstance(meta, dict) or "dynoswap" not in meta:
+    recipe = meta.get("dynoswap") if isinstance(meta, dict) else None
+    if not isinstance(recipe, dict) or not recipe.get("source"):
         return False
     from ..io import save
 

@@ -126,13 +126,14 @@ def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
 
     ``find_unused_parameters=False``: every parameter, alphas included, gets a
     gradient each step; shapes may change between steps, parameters never do.
+    Buffers (BatchNorm statistics) are broadcast from rank 0 before each forward.
     """
     if not ctx.enabled:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return DDP(model, device_ids=ids, find_unused_parameters=False, broadcast_buffers=True)
+    return DDP(model, device_ids=ids, find_unused_parameters=False)
 
 
 def barrier(ctx: DistContext) -> None:

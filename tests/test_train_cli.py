@@ -1,0 +1,85 @@
+"""``dynoswap train`` end to end through typer's CliRunner."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from dynoswap.cli import app
+from dynoswap.cli.train import DEFAULTS, merge_hyper
+from dynoswap.presets import load_preset
+
+ENV = {"COLUMNS": "150", "NO_COLOR": "1", "TERM": "dumb"}
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], env=ENV)
+
+
+def test_train_builtin_model_writes_log_checkpoint_plot_then_resumes(tmp_path):
+    out = tmp_path / "run"
+    common = ["vgg-tiny", "--data", "barcodes", "--max-steps", "2", "--batch-size", "16", "--out", out]
+    common += ["--lam", "50", "--no-progress", "--model-kwargs", "widths=[8, 16]"]
+    result = invoke("train", *common, "--epochs", "1", "--plot", tmp_path / "p.png")
+    assert result.exit_code == 0, result.output
+    assert "epoch 1/1" in result.stdout and "sizes " in result.stdout
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1]
+    assert len(log[0]["pools"]) == 1 and log[0]["pools"][0]["in"] == [32, 32]
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "checkpoint" / "model" / "recipe.json").is_file()
+
+    result = invoke("train", *common, "--epochs", "2", "--resume")
+    assert result.exit_code == 0, result.output
+    assert "epoch 2/2" in result.stdout and "epoch 1/2" not in result.stdout
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2] and log[1]["step"] == 4
+
+    # The saved checkpoint is a model spec: training continues from its alphas.
+    result = invoke(
+        "train",
+        out / "checkpoint" / "model",
+        "--data",
+        "barcodes",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "1",
+        "--out",
+        tmp_path / "more",
+        "--no-progress",
+    )
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--data", "nope"], "unknown data 'nope'"),
+        (["--data", "cifar100:/nonexistent"], "does not exist"),
+        (["--data", "barcodes", "--epochs", "0"], "--epochs must be >= 1"),
+        (["--data", "barcodes", "--lam", "-1"], "--lam must be >= 0"),
+    ],
+)
+def test_usage_errors_are_one_line_with_exit_code_2(args, message):
+    result = invoke("train", "vgg-tiny", *args)
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    assert message in result.stderr
+
+
+def test_resume_without_checkpoint_fails_cleanly(tmp_path):
+    result = invoke("train", "vgg-tiny", "--data", "barcodes", "--out", tmp_path, "--resume", "--no-progress")
+    assert result.exit_code == 1 and "no checkpoint" in result.stderr
+
+
+def test_preset_hyperparameters_with_flags_winning():
+    preset = load_preset("vgg16-cifar100-s")
+    hyper = merge_hyper(preset, {"epochs": 3, "lr": None})
+    assert hyper.epochs == 3  # flag
+    assert hyper.lr == 0.1 and hyper.alpha_lr == 0.01 and hyper.lam == pytest.approx(2.2e-4)  # Tables 1-2
+    assert hyper.momentum == 0.9 and hyper.weight_decay == 5e-4 and hyper.batch_size == 128
+    assert merge_hyper(None, {}) == DEFAULTS
