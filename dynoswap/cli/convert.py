@@ -49,6 +49,16 @@ class ConvertPlan:
     overrides: dict[str, Any] | None
     sizes: list[tuple[int, int]] | None
 
+    def is_default(self) -> bool:
+        """Whether the conversion keeps every resizer's own scale (no scale, size or placement option)."""
+        return (
+            self.placement == "post"
+            and self.init_scale is None
+            and self.first_init_scale is None
+            and not self.overrides
+            and not self.sizes
+        )
+
 
 def _load_preset(preset: str | None, config: Path | None) -> Preset | None:
     from ..presets import load_preset, load_preset_file
@@ -168,9 +178,14 @@ def convert_cmd(
     loaded = load_model(model, plan.num_classes, model_kwargs, weights, allow_missing)
     if loaded.is_saved:
         raise UsageError(f"{model} is already a converted dynoswap model; use `dynoswap inspect {model}`")
-    before = summarize(loaded.model, plan.input_size, model, loaded.source.library)
+    # A plain model's stages are by definition those of its conversion at its own scales
+    # (dynoswap.cost.stage_sizes): with default options, reuse the converted model's.
+    same_stages = plan.is_default()
+    before = summarize(loaded.model, plan.input_size, model, loaded.source.library, stages=[] if same_stages else None)
     gm, report = run_conversion(loaded.model, plan, loaded.source)
     after = summarize(gm, plan.input_size, model, loaded.source.library)
+    if same_stages:
+        before.stages = list(after.stages)
     report_dict = report.to_dict()
     if output is not None:
         _save(gm, output, force)

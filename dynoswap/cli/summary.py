@@ -139,13 +139,23 @@ def summarize(
     name: str,
     source: str,
     depth: int | None = None,
+    stages: list[tuple[int, int]] | None = None,
 ) -> ModelSummary:
-    """Count GMACs and params, find stage sizes and DynOPools of a model at ``input_size``."""
+    """Count GMACs and params, find stage sizes and DynOPools of a model at ``input_size``.
+
+    Args:
+        model: Plain or converted model.
+        input_size: (H, W).
+        name: Model name to report.
+        source: Source library to report.
+        depth: Add per-layer rows down to this many dotted name levels.
+        stages: Stage sizes when already known (they cost a trace to find).
+    """
     from ..cost.count import count_gmacs
 
     size = (int(input_size[0]), int(input_size[1]))
     count = count_gmacs(model, size)
-    stages = stage_sizes(model, size)
+    stages = stages if stages is not None else stage_sizes(model, size)
     pools = dynopool_rows(model, size)
     return ModelSummary(
         model=name,
