@@ -320,3 +320,18 @@ def test_round_trip_weights_through_convert_and_load(tmp_path):
     again = invoke("convert", *SMALL, "--weights", ckpt, "-o", out, "--force", "--json")
     assert again.exit_code == 0, again.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.pth", "patched"]  # no temporaries left
+
+
+def test_sizes_and_overrides_reach_the_conversion():
+    sized = invoke("convert", *SMALL, "--sizes", "20x18,10x9,5x5,3x2", "--json")
+    assert sized.exit_code == 0, sized.output
+    data = json.loads(sized.stdout)
+    assert data["stages"] == [[64, 64], [20, 18], [10, 9], [5, 5], [3, 2]]
+    assert data["before"]["stages"] == [[64, 64], [16, 16], [8, 8], [4, 4], [2, 2]]
+    over = invoke("convert", *SMALL, "--override", "layer2.0.conv1=0.6x0.4", "--json")
+    assert over.exit_code == 0, over.output
+    pools = {p["name"]: p for p in json.loads(over.stdout)["dynopools"]}
+    # The shortcut is tied to the main branch: it follows the override.
+    for name in ("layer2.0.conv1_dynopool", "layer2.0.downsample.0_dynopool"):
+        assert pools[name]["scale"] == pytest.approx([0.6, 0.4])
+        assert pools[name]["out"] == [10, 6]  # round(16 * 0.6), round(16 * 0.4)
