@@ -24,8 +24,10 @@ class GmacsCount:
 
     Attributes:
         total: GMACs of one forward pass of the whole batch.
-        by_layer: GMACs per leaf module name (only layers that cost something);
-            MACs of functional ops outside any leaf module are under ``"<functional>"``.
+        by_layer: GMACs of each module's own ops (not its children's), by module
+            name, only modules that cost something; functional ops of the root
+            module (a traced model's ``torch.flatten``, ``F.adaptive_avg_pool2d``)
+            are under ``"<functional>"``.
         by_operator: GMACs per fvcore operator name.
         dynopool: GMACs of all DynOPool2d layers together.
         input_size: The (H, W) counted at.
@@ -112,6 +114,20 @@ def _quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def _own_counts(model: nn.Module, per_module: dict[str, int]) -> dict[str, int]:
+    """MACs of each module's own ops: its subtree's count less its children's.
+
+    A module with children can run ops itself (timm's BatchNormAct2d runs
+    batch_norm and owns an activation), so leaves alone would miss them.
+    """
+    own: dict[str, int] = {}
+    for name, m in model.named_modules(remove_duplicate=True):
+        prefix = f"{name}." if name else ""
+        children = sum(per_module.get(prefix + child, 0) for child, _ in m.named_children())
+        own[name] = per_module.get(name, 0) - children
+    return own
+
+
 def count_gmacs(
     model: nn.Module,
     input_size: int | Sequence[int] = (224, 224),
@@ -149,12 +165,10 @@ def count_gmacs(
         total = analysis.total()
         per_module = analysis.by_module()
         per_op = analysis.by_operator()
-    leaves = {name: m for name, m in model.named_modules() if next(m.children(), None) is None}
-    by_layer = {name: per_module[name] / 1e9 for name in leaves if per_module.get(name, 0)}
-    rest = total - sum(per_module.get(name, 0) for name in leaves)
-    if rest:
-        by_layer[FUNCTIONAL] = rest / 1e9
-    dynopool = sum(per_module.get(name, 0) for name, m in leaves.items() if isinstance(m, DynOPool2d))
+    own = _own_counts(model, per_module)
+    by_layer = {(name or FUNCTIONAL): macs / 1e9 for name, macs in own.items() if macs}
+    modules = dict(model.named_modules())
+    dynopool = sum(macs for name, macs in own.items() if isinstance(modules[name], DynOPool2d))
     return GmacsCount(
         total=total / 1e9,
         by_layer=by_layer,

@@ -6,7 +6,8 @@ Recorded once per model by shape propagation at a reference input size. Each
 - ``input``: the input size;
 - ``dynopool``: a DynOPool2d's output, ``size_st(parent)`` at its current alpha;
 - ``scaled``: a remaining fixed resizer (a strided conv or pool the model kept),
-  exact for Conv2d / MaxPool2d / AvgPool2d, else a fixed ratio rounded half up;
+  exact for Conv2d / MaxPool2d / AvgPool2d, else ``a * n + b`` rounded half up
+  (``a`` and ``b`` fitted from the reference and a probe size: a pad, an upsample);
 - ``const``: a size that does not follow the input (global or adaptive pooling).
 
 Tensors of equal expression share one node (a stride-1 conv keeps its input's
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..layers import MIN_SIZE, DynOPool2d
-from .count import FUNCTIONAL, count_gmacs, example_input
+from .count import count_gmacs, eval_mode, example_input
 
 #: Modules and functions whose output size is fixed, whatever the input (global pooling).
 CONST_MODULES: tuple[type[nn.Module], ...] = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
@@ -41,14 +42,6 @@ CONST_FUNCTIONS: set[Callable[..., Any]] = {
     F.adaptive_avg_pool2d,
     F.adaptive_max_pool2d,
     torch.nn.functional.adaptive_max_pool2d_with_indices,
-}
-
-#: fvcore counts these per *input* element, so their cost follows the input's size.
-COST_FOLLOWS_INPUT: tuple[type[nn.Module], ...] = (nn.AdaptiveAvgPool2d,)
-
-#: Functional ops fvcore counts (outside any module): MACs from the node's input shape.
-FUNCTIONAL_COSTS: dict[Callable[..., Any], Callable[[torch.Tensor], int]] = {
-    F.adaptive_avg_pool2d: lambda x: x.numel(),
 }
 
 INPUT, DYNOPOOL, SCALED, CONST = "input", "dynopool", "scaled", "const"
@@ -110,8 +103,9 @@ class ResNode:
         parent: Index of the parent node (-1 for input and const).
         size: Integer (h, w) at the reference input size and the alphas at recording.
         module: The DynOPool2d (kind ``dynopool``).
-        ratio: Output / input length per axis (kind ``scaled``): the gradient.
-        rules: Exact integer size per axis (kind ``scaled``); None: round the ratio.
+        ratio: d(output length) / d(input length) per axis (kind ``scaled``): the gradient.
+        offset: Output length = ``ratio * input + offset`` before rounding (kind ``scaled``).
+        rules: Exact integer size per axis (kind ``scaled``); None: round ``ratio * n + offset``.
     """
 
     kind: str
@@ -119,6 +113,7 @@ class ResNode:
     size: tuple[int, int] = (0, 0)
     module: DynOPool2d | None = None
     ratio: tuple[float, float] = (1.0, 1.0)
+    offset: tuple[float, float] = (0.0, 0.0)
     rules: tuple[SizeRule, SizeRule] | None = None
 
 
@@ -187,6 +182,7 @@ class ResolutionGraph:
             elif node.kind == SCALED:
                 parent = sizes[node.parent]
                 cont = parent * torch.tensor(node.ratio, dtype=dtype, device=device)
+                cont = cont + torch.tensor(node.offset, dtype=dtype, device=device)
                 if relaxed:
                     value = cont
                 else:
@@ -194,7 +190,9 @@ class ResolutionGraph:
                     if node.rules is not None:
                         exact = [float(rule(n)) for rule, n in zip(node.rules, ints, strict=True)]
                     else:
-                        exact = [math.floor(n * r + 0.5) for n, r in zip(ints, node.ratio, strict=True)]
+                        exact = [
+                            math.floor(n * r + b + 0.5) for n, r, b in zip(ints, node.ratio, node.offset, strict=True)
+                        ]
                     value = cont + (torch.tensor(exact, dtype=dtype, device=device) - cont).detach()
             else:
                 value = torch.tensor([float(v) for v in node.size], dtype=dtype, device=device)
@@ -253,15 +251,126 @@ def _graph_of(model: nn.Module) -> fx.Graph:
         ) from exc
 
 
-class _Recorder(fx.Interpreter):
-    """Shape propagation that builds the resolution graph as it runs."""
+class _Call(nn.Module):
+    """One functional op of the graph as a module, so fvcore reports its MACs under its own name."""
 
-    def __init__(self, module: nn.Module, graph: fx.Graph, input_size: tuple[int, int]) -> None:
-        super().__init__(module, graph=graph)
-        self.res = ResolutionGraph(input_size=input_size, nodes=[ResNode(INPUT, size=input_size)])
+    def __init__(self, op: str, target: Any) -> None:
+        super().__init__()
+        self.op, self.target = op, target
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.op == "call_method":
+            return getattr(args[0], self.target)(*args[1:], **kwargs)
+        return self.target(*args, **kwargs)
+
+
+#: Prefix of the wrapper modules of functional ops.
+CALL_PREFIX = "_dynoswap_call_"
+
+
+def _instrumented(model: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """Copy the graph into a GraphModule sharing ``model``'s modules in which every functional op is a module call."""
+    new = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    owned: dict[str, Any] = {}
+    for n in graph.nodes:
+        if n.op in ("call_function", "call_method"):
+            name = CALL_PREFIX + n.name
+            owned[name] = _Call(n.op, n.target)
+            args = fx.node.map_arg(n.args, lambda a: env[a])
+            kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a])
+            env[n] = new.create_node("call_module", name, args, kwargs, name=n.name)
+            continue
+        if n.op in ("call_module", "get_attr"):
+            owned[n.target] = _get(model, n.target)
+        env[n] = new.node_copy(n, lambda a: env[a])
+    return fx.GraphModule(owned, new)
+
+
+def _get(model: nn.Module, target: str) -> Any:
+    obj: Any = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _permuted(target: Any, n: fx.Node, pos: tuple[int, int]) -> tuple[int, int]:
+    """Where the spatial dims go through a permute / transpose (NCHW <-> NHWC in ConvNeXt-style blocks)."""
+    args = list(n.args[1:])
+    if target in ("permute", torch.permute):
+        dims = list(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list)) else list(args)
+        dims = [d % 4 for d in dims]
+        return dims.index(pos[0]), dims.index(pos[1])
+    if target in ("transpose", torch.transpose) and len(args) == 2:
+        a, b = (int(args[0]) % 4, int(args[1]) % 4)
+        swap = {a: b, b: a}
+        return swap.get(pos[0], pos[0]), swap.get(pos[1], pos[1])
+    return pos
+
+
+class _Shapes(fx.Interpreter):
+    """Shape propagation: every tensor's shape, by node name."""
+
+    def __init__(self, module: fx.GraphModule) -> None:
+        super().__init__(module)
+        self.shapes: dict[str, torch.Size] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            self.shapes[n.name] = out.shape
+        return out
+
+
+def _shapes_at(gm: fx.GraphModule, size: tuple[int, int], strict: bool = False) -> dict[str, torch.Size] | None:
+    """Shapes of every node at input ``size``; None if the model fails there (unless ``strict``)."""
+    run = _Shapes(gm)
+    try:
+        run.run(example_input(gm, size))
+    except Exception:  # a model tied to one input size: the probe is optional
+        if strict:
+            raise
+        return None
+    return run.shapes
+
+
+class _Builder:
+    """Builds the resolution graph from the shapes of two runs (reference and probe sizes).
+
+    The probe (3/4 of the reference size) tells sizes that follow the input from
+    fixed ones (a global mean with ``keepdim``, an adaptive pool, interpolation to
+    a fixed size) without a registry of such ops, and avoids taking two tensors
+    for one resolution because their sizes coincide at the reference.
+    """
+
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        size: tuple[int, int],
+        shapes: dict[str, torch.Size],
+        probe: dict[str, torch.Size] | None,
+    ) -> None:
+        self.gm = gm
+        self.shapes = shapes
+        self.probe = probe
+        self.res = ResolutionGraph(input_size=size, nodes=[ResNode(INPUT, size=size)])
         self.expr: dict[fx.Node, int] = {}
-        self.shapes: dict[fx.Node, torch.Size] = {}
+        self.pos: dict[fx.Node, tuple[int, int]] = {}
         self._interned: dict[tuple[Any, ...], int] = {}
+        for n in gm.graph.nodes:
+            self._visit(n)
+
+    def size(self, n: fx.Node, probe: bool = False) -> tuple[int, int] | None:
+        shapes = self.probe if probe else self.shapes
+        if shapes is None or n.name not in shapes or n not in self.pos:
+            return None
+        shape = shapes[n.name]
+        return int(shape[self.pos[n][0]]), int(shape[self.pos[n][1]])
+
+    def inputs(self, n: fx.Node) -> list[fx.Node]:
+        found: list[fx.Node] = []
+        fx.node.map_arg((n.args, n.kwargs), lambda a: found.append(a) if a in self.expr else None)
+        return found
 
     def _node(self, key: tuple[Any, ...], make: Callable[[], ResNode]) -> int:
         if key not in self._interned:
@@ -269,48 +378,113 @@ class _Recorder(fx.Interpreter):
             self._interned[key] = len(self.res.nodes) - 1
         return self._interned[key]
 
-    def _inputs(self, n: fx.Node) -> list[fx.Node]:
-        found: list[fx.Node] = []
-        fx.node.map_arg((n.args, n.kwargs), lambda a: found.append(a) if a in self.expr else None)
-        return found
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        if isinstance(out, torch.Tensor):
-            self.shapes[n] = out.shape
-        if not isinstance(out, torch.Tensor) or out.dim() != 4:
-            return out
-        size = (int(out.shape[-2]), int(out.shape[-1]))
-        module = self.module.get_submodule(n.target) if n.op == "call_module" else None  # type: ignore[arg-type]
-        inputs = self._inputs(n)
+    def _visit(self, n: fx.Node) -> None:
+        shape = self.shapes.get(n.name)
+        if shape is None or len(shape) != 4:
+            return
+        module = self.gm.get_submodule(n.target) if n.op == "call_module" else None  # type: ignore[arg-type]
+        inputs = self.inputs(n)
+        if n.op == "placeholder" or isinstance(module, DynOPool2d) or not inputs:
+            self.pos[n] = (2, 3)
+        else:
+            pos = self.pos[inputs[0]]
+            self.pos[n] = _permuted(module.target, n, pos) if isinstance(module, _Call) else pos
+        size = self.size(n)
+        assert size is not None
         if n.op == "placeholder":
             self.expr[n] = 0
         elif isinstance(module, DynOPool2d):
             parent = self.expr[inputs[0]] if inputs else 0
-            leader = module.leader
-            self.expr[n] = self._node(("dynopool", id(leader), parent), lambda: ResNode(DYNOPOOL, parent, size, module))
+            key = ("dynopool", id(module.leader), parent)
+            self.expr[n] = self._node(key, lambda: ResNode(DYNOPOOL, parent, size, module))
             self.res.dynopools.setdefault(str(n.target), self.expr[n])
             self.res.dynopool_inputs.setdefault(str(n.target), parent)
-        elif (
-            not inputs or isinstance(module, CONST_MODULES) or (n.op == "call_function" and n.target in CONST_FUNCTIONS)
-        ):
+        elif not inputs or isinstance(module, CONST_MODULES) or self._fixed(n, module, inputs):
             self.expr[n] = self._node(("const", size), lambda: ResNode(CONST, size=size))
         else:
-            same = [self.expr[a] for a in inputs if tuple(self.shapes[a][-2:]) == size]
+            same = [a for a in inputs if self.size(a) == size and self.size(a, True) == self.size(n, True)]
             if same:
-                self.expr[n] = same[0]
+                self.expr[n] = self.expr[same[0]]
+                return
+            parent_node = inputs[0]
+            parent = self.expr[parent_node]
+            n_in = self.size(parent_node)
+            assert n_in is not None
+            ratio, offset = self._affine(n, parent_node)
+            make_rules = SIZE_RULES.get(type(module)) if module is not None else None
+            rules = make_rules(module) if make_rules is not None else None
+            key = ("scaled", parent, str(n.target) if rules is not None else (ratio, offset))
+            self.expr[n] = self._node(
+                key, lambda: ResNode(SCALED, parent, size, ratio=ratio, offset=offset, rules=rules)
+            )
+
+    def _affine(self, n: fx.Node, parent: fx.Node) -> tuple[tuple[float, float], tuple[float, float]]:
+        """Fit ``out = a * in + b`` per axis from the reference and probe runs (``b = 0`` without a probe)."""
+        out, inp = self.size(n), self.size(parent)
+        out_p, inp_p = self.size(n, True), self.size(parent, True)
+        assert out is not None and inp is not None
+        ratio, offset = [], []
+        for axis in range(2):
+            if out_p is not None and inp_p is not None and inp_p[axis] != inp[axis]:
+                a = (out[axis] - out_p[axis]) / (inp[axis] - inp_p[axis])
             else:
-                parent = self.expr[inputs[0]]
-                n_in = self.shapes[inputs[0]][-2:]
-                ratio = (size[0] / n_in[0], size[1] / n_in[1])
-                make_rules = SIZE_RULES.get(type(module)) if module is not None else None
-                rules = make_rules(module) if make_rules is not None else None
-                key = ("scaled", parent, str(n.target) if rules is not None else ratio)
-                self.expr[n] = self._node(key, lambda: ResNode(SCALED, parent, size, ratio=ratio, rules=rules))
-        return out
+                a = out[axis] / inp[axis]
+            ratio.append(a)
+            offset.append(out[axis] - a * inp[axis])
+        return (ratio[0], ratio[1]), (offset[0], offset[1])
+
+    def _fixed(self, n: fx.Node, module: nn.Module | None, inputs: list[fx.Node]) -> bool:
+        """Whether ``n`` has a size that does not follow its inputs'."""
+        if isinstance(module, _Call) and module.target in CONST_FUNCTIONS:
+            return True
+        # A 1x1 map from a larger one is a global pool (a DynOPool never goes below 2).
+        if self.size(n) == (1, 1) and any(self.size(a) != (1, 1) for a in inputs):
+            return True
+        # Kept its size in the probe while an input's size changed.
+        if self.probe is None or self.size(n, True) != self.size(n):
+            return False
+        return any(self.size(a, True) != self.size(a) for a in inputs)
+
+    def spatial(self, n: fx.Node) -> int | None:
+        """Resolution node of ``n`` if it is a size-following 4D tensor."""
+        node = self.expr.get(n)
+        return None if node is None or self.res.nodes[node].kind == CONST else node
 
 
-def _owner(name: str, targets: dict[str, list[fx.Node]]) -> str | None:
+def _attribute_costs(b: _Builder) -> None:
+    """Give each op's fvcore MACs, per pixel, to the resolution node its cost follows."""
+    res, gm = b.res, b.gm
+    count = count_gmacs(gm, res.input_size)
+    res.reference_gmacs = count.total
+    per_module: dict[str, float] = {}
+    for leaf, gmacs in count.by_layer.items():
+        per_module[leaf] = gmacs
+    sites: dict[str, list[int]] = {}
+    for n in gm.graph.nodes:
+        if n.op != "call_module":
+            continue
+        # Cost follows the output's size, or an input's when the output does not
+        # follow the input (a global pool counted per input element).
+        node = b.spatial(n)
+        if node is None:
+            node = next((b.spatial(a) for a in b.inputs(n) if b.spatial(a) is not None), None)
+        sites.setdefault(str(n.target), []).append(-1 if node is None else node)
+    const = 0.0
+    for leaf, gmacs in per_module.items():
+        target = _owner(leaf, sites)
+        places = [i for i in sites.get(target, []) if i >= 0] if target is not None else []
+        if not places:
+            const += gmacs
+            continue
+        # One module called at several places: the same cost per pixel at each.
+        pixels = sum(res.nodes[i].size[0] * res.nodes[i].size[1] for i in places)
+        for i in places:
+            area = res.nodes[i].size[0] * res.nodes[i].size[1]
+            res.layers.append(LayerCost(leaf, i, gmacs / pixels, gmacs * area / pixels))
+    res.const_gmacs = const
+
+
+def _owner(name: str, targets: dict[str, list[int]]) -> str | None:
     """Find the call_module target that runs leaf module ``name`` (itself, or an fx leaf containing it)."""
     while True:
         if name in targets:
@@ -318,52 +492,6 @@ def _owner(name: str, targets: dict[str, list[fx.Node]]) -> str | None:
         if "." not in name:
             return None
         name = name.rsplit(".", 1)[0]
-
-
-def _attribute_costs(rec: _Recorder, graph: fx.Graph, model: nn.Module) -> None:
-    res = rec.res
-    count = count_gmacs(model, res.input_size)
-    res.reference_gmacs = count.total
-    targets: dict[str, list[fx.Node]] = {}
-    for n in graph.nodes:
-        if n.op == "call_module":
-            targets.setdefault(str(n.target), []).append(n)
-    const = 0.0
-    functional = count.by_layer.get(FUNCTIONAL, 0.0)
-    for name, gmacs in count.by_layer.items():
-        owner = _owner(name, targets) if name != FUNCTIONAL else None
-        if owner is None:
-            if name != FUNCTIONAL:
-                const += gmacs
-            continue
-        module = model.get_submodule(name)
-        sites = []
-        for n in targets[owner]:
-            follows_input = isinstance(module, COST_FOLLOWS_INPUT) and rec._inputs(n)
-            site = rec._inputs(n)[0] if follows_input else n
-            node = rec.expr.get(site)
-            if node is not None and res.nodes[node].kind != CONST:
-                sites.append(node)
-        if not sites:
-            const += gmacs
-            continue
-        # One module called at several places: the same cost per pixel at each.
-        pixels = sum(res.nodes[i].size[0] * res.nodes[i].size[1] for i in sites)
-        for i in sites:
-            share = gmacs * res.nodes[i].size[0] * res.nodes[i].size[1] / pixels
-            res.layers.append(LayerCost(name, i, gmacs / pixels, share))
-    # Functional ops fvcore counts outside modules (e.g. a global average pool).
-    for n in graph.nodes:
-        cost_fn = FUNCTIONAL_COSTS.get(n.target) if n.op == "call_function" else None  # type: ignore[arg-type]
-        inputs = rec._inputs(n) if cost_fn is not None else []
-        if not inputs or rec.res.nodes[rec.expr[inputs[0]]].kind == CONST:
-            continue
-        node = rec.expr[inputs[0]]
-        h, w = res.nodes[node].size
-        gmacs = cost_fn(torch.empty(rec.shapes[inputs[0]], device="meta")) / 1e9  # type: ignore[misc]
-        res.layers.append(LayerCost(n.name, node, gmacs / (h * w), gmacs))
-        functional -= gmacs
-    res.const_gmacs = const + max(functional, 0.0)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -397,8 +525,10 @@ def resolution_graph(
 ) -> ResolutionGraph:
     """Record (once, then cached per model) the resolution graph and per-layer costs.
 
-    Recording runs the model twice at the reference size, batch 1, in eval mode:
-    one shape-propagation pass over its torch.fx graph and one fvcore count.
+    Recording runs the model, batch 1, in eval mode: a shape-propagation pass
+    over its torch.fx graph at the reference size and one at 3/4 of it (to tell
+    sizes that follow the input from fixed ones), and one fvcore count in which
+    each functional op is wrapped in a module, so every MAC lands on a graph node.
     The alphas at recording time define the reference state of eq. 7; later
     changes to alphas are read live at evaluation.
 
@@ -425,12 +555,12 @@ def resolution_graph(
         size = (input_size, input_size)
     else:
         size = (int(input_size[0]), int(input_size[1]))
-    graph = _graph_of(model)
-    from .count import eval_mode
-
-    rec = _Recorder(model, graph, size)
+    gm = _instrumented(model, _graph_of(model))
     with eval_mode(model), torch.no_grad():
-        rec.run(example_input(model, size))
-    _attribute_costs(rec, graph, model)
-    _CACHE[model] = rec.res
-    return rec.res
+        shapes = _shapes_at(gm, size, strict=True)
+        assert shapes is not None
+        probe = _shapes_at(gm, (max(2, round(0.75 * size[0])), max(2, round(0.75 * size[1]))))
+    builder = _Builder(gm, size, shapes, probe)
+    _attribute_costs(builder)
+    _CACHE[model] = builder.res
+    return builder.res
