@@ -1,16 +1,21 @@
 """Bilinear sampling at DynOPool's query points, aggregated per output cell.
 
-Query points of one axis are given as pixel coordinates ``u`` (the
-``align_corners=False`` convention: pixel ``i`` has its centre at ``u = i``), two
-per output cell, so a cell's four query points are the outer product of two
-row and two column coordinates. Bilinear interpolation is then separable: a
-query value is a lerp between two rows of a lerp between two columns, which is
-far cheaper than ``grid_sample`` with a full (N, H, W, 2) grid.
+Query points of one axis are pixel coordinates ``u`` (the ``align_corners=False``
+convention: pixel ``i`` has its centre at ``u = i``), two per output cell:
+``u_j = n_in (2j + 1) / (4 n_out) - 1/2`` for ``j < 2 n_out``. That is exactly the
+sampling grid of ``F.interpolate(x, size=2 n_out, mode="bilinear",
+align_corners=False)``, so all query values of a layer come from one fast
+interpolation pass and each cell's four values are a 2x2 block of the result.
 
 Border handling and one-sided slopes follow ``F.grid_sample(...,
 padding_mode="border", align_corners=False)`` exactly: a coordinate is clamped
 to ``[0, n - 1]``; its gradient is zero where it is clamped *or* lies exactly on
 the border; on a pixel centre the slope is taken towards the next pixel.
+
+Max aggregation has a hand-written backward: the winner of each cell gets the
+whole gradient (as in ``max_pool2d``), the input gradient is the interpolation's
+adjoint, and a query coordinate's gradient is the sum, over the cells it won, of
+the upstream gradient times the interpolated slope along its axis.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+_BLAS_DTYPES = (torch.float32, torch.float64)
+
 
 @dataclass(frozen=True)
 class AxisTable:
@@ -28,9 +35,14 @@ class AxisTable:
     lo: torch.Tensor  #: lower neighbour index, int64, shape (2n,)
     hi: torch.Tensor  #: upper neighbour index (clamped to the last pixel)
     frac: torch.Tensor  #: weight of ``hi``, in the positions' dtype
-    inside: torch.Tensor  #: 1 where the coordinate is strictly inside (gradient flows), else 0
+    inside: torch.Tensor  #: True where the coordinate is strictly inside (gradient flows)
     exact: bool  #: every query point lies on a pixel centre (all weights 0)
-    identity: bool  #: ``lo == arange(2n)`` and exact: sampling is a plain crop
+    identity: bool  #: ``lo == arange(n_in)``: sampling along this axis is a no-op
+
+    @property
+    def count(self) -> int:
+        """Number of query coordinates (twice the output length)."""
+        return self.lo.numel()
 
 
 def axis_table(pos: torch.Tensor, n_in: int) -> AxisTable:
@@ -42,37 +54,75 @@ def axis_table(pos: torch.Tensor, n_in: int) -> AxisTable:
     frac = clamped - lo
     lo = lo.long()
     hi = (lo + 1).clamp_max(last)
-    inside = ((pos > 0) & (pos < last)).to(pos.dtype)
+    inside = (pos > 0) & (pos < last)
     exact = bool((frac == 0).all())
-    identity = exact and lo.numel() <= n_in and bool((lo == torch.arange(lo.numel(), device=lo.device)).all())
+    identity = exact and lo.numel() == n_in and bool((lo == torch.arange(n_in, device=lo.device)).all())
     return AxisTable(lo, hi, frac, inside, exact, identity)
 
 
-def _lerp_axis(x: torch.Tensor, table: AxisTable, dim: int) -> torch.Tensor:
-    """Sample ``x`` along ``dim`` at the table's coordinates."""
-    if table.identity:
-        return x.narrow(dim, 0, table.lo.numel())
-    low = x.index_select(dim, table.lo)
-    if table.exact:
-        return low
-    shape = [1] * x.dim()
-    shape[dim] = -1
-    w = table.frac.to(x.dtype).view(shape)
-    return torch.lerp(low, x.index_select(dim, table.hi), w)
-
-
 def sample_queries(x: torch.Tensor, rows: AxisTable, cols: AxisTable) -> torch.Tensor:
-    """All query values, shape (N, C, 2*n_h, 2*n_w); the axis that shrinks more goes first."""
-    if rows.lo.numel() / x.shape[-2] <= cols.lo.numel() / x.shape[-1]:
-        return _lerp_axis(_lerp_axis(x, rows, 2), cols, 3)
-    return _lerp_axis(_lerp_axis(x, cols, 3), rows, 2)
+    """All query values, shape (N, C, 2*n_h, 2*n_w): one bilinear interpolation pass."""
+    if rows.identity and cols.identity:
+        return x
+    return F.interpolate(x, size=(rows.count, cols.count), mode="bilinear", align_corners=False)
+
+
+def _max_of_blocks(q: torch.Tensor) -> torch.Tensor:
+    """Max of each 2x2 block; three elementwise maxima beat ``max_pool2d`` when no indices are needed."""
+    top = torch.maximum(q[:, :, 0::2, 0::2], q[:, :, 0::2, 1::2])
+    bottom = torch.maximum(q[:, :, 1::2, 0::2], q[:, :, 1::2, 1::2])
+    return torch.maximum(top, bottom)
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """Sum ``a * b`` over all but the row axis: one batched dot per image row (BLAS when the layout allows)."""
+    if a.dtype in _BLAS_DTYPES and a.is_contiguous() and b.is_contiguous():
+        n, c, h, w = a.shape
+        dots = torch.bmm(a.view(-1, 1, w), b.view(-1, w, 1))
+        return dots.view(n * c, h).sum(0, dtype=acc)
+    return (a * b).sum((0, 1, 3), dtype=acc)
+
+
+def _identity_row_slopes(grad: torch.Tensor, x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``sum(grad[i] * (x[i+1] - x[i]))`` per row ``i`` (last row 0) without forming the difference image."""
+    n, c, h, w = x.shape
+    out = torch.zeros(h, dtype=acc, device=x.device)
+    if h == 1:
+        return out
+    if x.dtype in _BLAS_DTYPES and x.is_contiguous() and grad.is_contiguous():
+        # Rows of all images stacked: row r pairs with row r + 1; pairs that straddle two
+        # images land on row h - 1, which is dropped.
+        g2, x2 = grad.view(-1, w), x.view(-1, w)
+        here = torch.bmm(g2.unsqueeze(1), x2.unsqueeze(2)).view(n * c, h)
+        below = torch.bmm(g2[:-1].unsqueeze(1), x2[1:].unsqueeze(2)).view(-1)
+        below = F.pad(below, (0, 1)).view(n * c, h)
+        out[:-1] = (below - here)[:, :-1].sum(0, dtype=acc)
+        return out
+    out[:-1] = _row_dot(grad[:, :, :-1], x[:, :, 1:] - x[:, :, :-1], acc)
+    return out
+
+
+def _row_slope_image(x: torch.Tensor, rows: AxisTable, cols: AxisTable) -> torch.Tensor:
+    """d(query value)/d(row coordinate) at every query point, shape (N, C, 2*n_h, 2*n_w)."""
+    diff = x[:, :, 1:] - x[:, :, :-1]  # slope of each row interval
+    diff = diff[:, :, rows.lo.clamp_max(x.shape[2] - 2)]
+    if cols.identity:
+        return diff
+    return F.interpolate(diff, size=(rows.count, cols.count), mode="bilinear", align_corners=False)
+
+
+def _col_slope_image(x: torch.Tensor, rows: AxisTable, cols: AxisTable) -> torch.Tensor:
+    """d(query value)/d(column coordinate) at every query point, shape (N, C, 2*n_h, 2*n_w)."""
+    diff = x[..., 1:] - x[..., :-1]
+    if not rows.identity:
+        diff = F.interpolate(diff, size=(rows.count, diff.shape[-1]), mode="bilinear", align_corners=False)
+    return diff[..., cols.lo.clamp_max(x.shape[3] - 2)]
 
 
 class _MaxQueryPool(torch.autograd.Function):
     """Max over each cell's four query values; backward routes through the winner only.
 
-    Saves the input (already alive) and the winners' indices: the same as
-    ``max_pool2d`` keeps.
+    Saves the input and the winners' indices, as ``max_pool2d`` does.
     """
 
     @staticmethod
@@ -80,77 +130,59 @@ class _MaxQueryPool(torch.autograd.Function):
         rows = axis_table(pos_h, x.shape[-2])
         cols = axis_table(pos_w, x.shape[-1])
         queries = sample_queries(x, rows, cols)
-        need_idx = any(ctx.needs_input_grad)
-        if need_idx:
-            out, idx = F.max_pool2d(queries, 2, 2, return_indices=True)
-            ctx.save_for_backward(x, idx)
-        else:
-            out = F.max_pool2d(queries, 2, 2)
+        if not any(ctx.needs_input_grad):
+            return _max_of_blocks(queries)
+        out, idx = F.max_pool2d(queries, 2, 2, return_indices=True)
+        ctx.save_for_backward(x, idx)
         ctx.tables = (rows, cols)
+        ctx.query_layout = tuple(queries.shape), _memory_format(queries)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         x, idx = ctx.saved_tensors
         rows, cols = ctx.tables
-        n, c, h, w = x.shape
-        q_w = cols.lo.numel()
-        flat_idx = idx.view(n, c, -1)
-        r = torch.div(flat_idx, q_w, rounding_mode="floor")
-        col = flat_idx - r * q_w
-        g = grad_out.reshape(n, c, -1)
-        h0, h1 = rows.lo[r], rows.hi[r]
-        w0, w1 = cols.lo[col], cols.hi[col]
-        dtype = x.dtype
-        fh = rows.frac.to(dtype)[r]
-        fw = cols.frac.to(dtype)[col]
-        x_flat = x.reshape(n, c, h * w)
-
-        # The four corners that can carry weight; exact axes have a single neighbour.
-        corners = [(h0, w0, (1 - fh) if not rows.exact else None, (1 - fw) if not cols.exact else None)]
-        if not cols.exact:
-            corners.append((h0, w1, (1 - fh) if not rows.exact else None, fw))
-        if not rows.exact:
-            corners.append((h1, w0, fh, (1 - fw) if not cols.exact else None))
-            if not cols.exact:
-                corners.append((h1, w1, fh, fw))
-
-        grad_x = None
+        query_shape, fmt = ctx.query_layout
+        identity = rows.identity and cols.identity
+        like = torch.empty(query_shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+        grad_q = torch.ops.aten.max_pool2d_with_indices_backward(
+            grad_out.contiguous(memory_format=fmt), like, [2, 2], [2, 2], [0, 0], [1, 1], False, idx
+        )
+        grad_x = grad_h = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.zeros_like(x_flat, memory_format=torch.contiguous_format)
-            for hh, ww, a, b in corners:
-                weight = g
-                if a is not None:
-                    weight = weight * a
-                if b is not None:
-                    weight = weight * b
-                grad_x.scatter_add_(2, hh * w + ww, weight)
-            grad_x = grad_x.view(n, c, h, w)
-
-        grad_h = grad_w = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            v00 = x_flat.gather(2, h0 * w + w0)
-            v01 = x_flat.gather(2, h0 * w + w1)
-            v10 = x_flat.gather(2, h1 * w + w0)
-            if ctx.needs_input_grad[1]:
-                slope_h = v10 - v00
-                if not cols.exact:
-                    v11 = x_flat.gather(2, h1 * w + w1)
-                    slope_h = torch.lerp(slope_h, v11 - v01, fw)
-                acc_dtype = torch.promote_types(rows.frac.dtype, dtype)
-                grad_h = torch.zeros(rows.lo.numel(), dtype=acc_dtype, device=x.device)
-                grad_h.index_add_(0, r.reshape(-1), (g * slope_h).reshape(-1).to(acc_dtype))
-                grad_h = (grad_h * rows.inside).to(rows.frac.dtype)
-            if ctx.needs_input_grad[2]:
-                slope_w = v01 - v00
-                if not rows.exact:
-                    v11 = x_flat.gather(2, h1 * w + w1)
-                    slope_w = torch.lerp(slope_w, v11 - v10, fh)
-                acc_dtype = torch.promote_types(cols.frac.dtype, dtype)
-                grad_w = torch.zeros(cols.lo.numel(), dtype=acc_dtype, device=x.device)
-                grad_w.index_add_(0, col.reshape(-1), (g * slope_w).reshape(-1).to(acc_dtype))
-                grad_w = (grad_w * cols.inside).to(cols.frac.dtype)
+            grad_x = grad_q
+            if not identity:
+                grad_x = torch.ops.aten.upsample_bilinear2d_backward(
+                    grad_q, [rows.count, cols.count], list(x.shape), False
+                )
+        if ctx.needs_input_grad[1]:
+            acc = torch.promote_types(rows.frac.dtype, x.dtype)
+            if x.shape[2] == 1:
+                grad_h = torch.zeros(rows.count, dtype=acc, device=x.device)
+            elif identity:
+                grad_h = _identity_row_slopes(grad_q, x, acc)
+            else:
+                grad_h = _row_dot(grad_q, _row_slope_image(x, rows, cols), acc)
+            grad_h = torch.where(rows.inside, grad_h, 0).to(rows.frac.dtype)
+        if ctx.needs_input_grad[2]:
+            acc = torch.promote_types(cols.frac.dtype, x.dtype)
+            if x.shape[3] == 1:
+                grad_w = torch.zeros(cols.count, dtype=acc, device=x.device)
+            elif identity:
+                grad_w = torch.zeros(cols.count, dtype=acc, device=x.device)
+                grad_w[:-1] = (grad_q[..., :-1] * (x[..., 1:] - x[..., :-1])).sum((0, 1, 2), dtype=acc)
+            else:
+                grad_w = (grad_q * _col_slope_image(x, rows, cols)).sum((0, 1, 2), dtype=acc)
+            grad_w = torch.where(cols.inside, grad_w, 0).to(cols.frac.dtype)
         return grad_x, grad_h, grad_w
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def _differentiable_queries(x: torch.Tensor, pos: torch.Tensor, dim: int) -> torch.Tensor:
@@ -158,7 +190,7 @@ def _differentiable_queries(x: torch.Tensor, pos: torch.Tensor, dim: int) -> tor
     n_in = x.shape[dim]
     table = axis_table(pos, n_in)
     # Gradient flows only strictly inside (0, n-1), as grid_sample's border clamp does.
-    frac = torch.where(table.inside.bool(), pos - table.lo.to(pos.dtype), table.frac)
+    frac = torch.where(table.inside, pos - table.lo.to(pos.dtype), table.frac)
     shape = [1] * x.dim()
     shape[dim] = -1
     w = frac.to(x.dtype).view(shape)
@@ -178,6 +210,8 @@ def pool_queries(x: torch.Tensor, pos_h: torch.Tensor, pos_w: torch.Tensor, aggr
         Tensor of shape (N, C, n_h, n_w).
     """
     if aggregate == "max":
-        return _MaxQueryPool.apply(x, pos_h, pos_w)
+        # Query values are computed in x's own dtype: autocast must not re-type them.
+        with torch.autocast(x.device.type, enabled=False):
+            return _MaxQueryPool.apply(x, pos_h, pos_w)
     queries = _differentiable_queries(_differentiable_queries(x, pos_h, 2), pos_w, 3)
     return F.avg_pool2d(queries, 2, 2)
