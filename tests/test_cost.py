@@ -233,3 +233,52 @@ def test_cuda_model_loss_and_count_match_cpu():
     for a, b in zip(dynopools(cpu), dynopools(gpu), strict=True):
         torch.testing.assert_close(b.alpha.grad.cpu(), a.alpha.grad)
     assert stage_sizes(gpu, (65, 31)) == stage_sizes(cpu, (65, 31))
+
+
+class ModernNet(nn.Module):
+    """What timm blocks do: squeeze-excite (mean keepdim), NHWC permute + LayerNorm + Linear,
+    a functional pad before a stride-1 conv, a module with children that runs an op itself."""
+
+    class BnAct(nn.BatchNorm2d):
+        def __init__(self, c: int) -> None:
+            super().__init__(c)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            x = torch.nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias)
+            return self.act(x)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = self.BnAct(8)
+        self.pool1 = DynOPool2d(0.5)
+        self.se_reduce, self.se_expand = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+        self.norm, self.fc = nn.LayerNorm(8), nn.Linear(8, 8)
+        self.down = nn.Conv2d(8, 12, 2)  # after a +1 pad: a patchify conv turned stride 1
+        self.pool2 = DynOPool2d(0.5)
+        self.head = nn.Linear(12, 10)
+
+    def forward(self, x):
+        x = self.pool1(self.bn(self.stem(x)))
+        x = x * torch.sigmoid(self.se_expand(torch.relu(self.se_reduce(x.mean((2, 3), keepdim=True)))))
+        x = self.fc(self.norm(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        x = self.pool2(self.down(torch.nn.functional.pad(x, (0, 1, 0, 1))))
+        return self.head(torch.nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def test_loss_tracks_count_through_timm_style_ops():
+    model = ModernNet()
+    graph = resolution_graph(model, (48, 40))
+    assert gmacs_loss(model).item() == pytest.approx(count_gmacs(model, (48, 40)).total, rel=1e-12)
+    # The SE convs run at 1x1 whatever the stage size: a constant.
+    const_layers = {layer.name for layer in graph.layers} ^ set(count_gmacs(model, (48, 40)).by_layer)
+    assert {"se_reduce", "se_expand", "head"} <= const_layers
+    # A module with children counts its own op (batch_norm): 2 per element at 48x40.
+    assert count_gmacs(model, (48, 40)).by_layer["bn"] == pytest.approx(2 * 8 * 48 * 40 / 1e9)
+    for r1, r2 in [((0.71, 0.37), (0.9, 0.6)), ((1.3, 0.45), (0.5, 0.8))]:
+        model.pool1.set_scale(r1)
+        model.pool2.set_scale(r2)
+        for size in [(48, 40), (37, 53)]:
+            assert graph.gmacs(size).item() == pytest.approx(count_gmacs(model, size).total, rel=1e-12)
+            assert stage_sizes(model, size) == forward_sizes(model, size)
