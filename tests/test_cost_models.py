@@ -122,3 +122,16 @@ def test_stage_sizes_of_unconverted_models_convert_a_copy(originals):
     model = originals["resnet50"]
     assert stage_sizes(model, (224, 224)) == [(224, 224), (56, 56), (28, 28), (14, 14), (7, 7)]
     assert not dynopools(model)  # the original is left alone
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3_small_100", "convnext_atto"])
+def test_timm_converted_loss_equals_count_after_moving(name):
+    timm = pytest.importorskip("timm")
+    gm, _ = convert(timm.create_model(name, pretrained=False, num_classes=10), input_size=(64, 64))
+    assert gmacs_loss(gm).item() == pytest.approx(count_gmacs(gm, (64, 64)).total, rel=1e-9)
+    pools = [m for _, m in dynopools(gm)]
+    for i, m in enumerate(pools):
+        m.set_scale((0.5 + 0.07 * (i % 3), 0.45))
+    moved = count_gmacs(gm, (64, 64))
+    assert {m.last_out_size for m in pools} == set(stage_sizes(gm)[1:])  # predicted = what the forward produced
+    assert gmacs_loss(gm).item() == pytest.approx(moved.total, rel=1e-9)
