@@ -52,8 +52,11 @@ def summary_table(summary: ModelSummary, title: str | None = None) -> Table:
 def dynopool_table(rows: list[dict[str, Any]]) -> Table:
     """One row per DynOPool: alpha, scale, in → out, tie group."""
     table = Table(title="DynOPools", box=BOX)
-    for col in ("name", "alpha", "scale", "in → out", "group"):
-        table.add_column(col)
+    # Names fold rather than being cut: they are what --override takes.
+    table.add_column("name", overflow="fold")
+    for col in ("alpha", "scale", "in → out"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("group", overflow="fold")
     for row in rows:
         group = "" if row["group"] == row["name"] else row["group"]
         table.add_row(
@@ -134,8 +137,8 @@ def skipped_table(skipped: list[dict[str, Any]]) -> Table:
 def layer_table(rows: list[LayerRow]) -> Table:
     """Per-layer output shape and GMACs."""
     table = Table(title="Layers", box=BOX)
-    table.add_column("layer")
-    table.add_column("type")
+    table.add_column("layer", overflow="fold")
+    table.add_column("type", overflow="fold")
     table.add_column("output", justify="right")
     table.add_column("GMACs", justify="right")
     for row in rows:
