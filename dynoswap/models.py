@@ -254,11 +254,15 @@ def resolve(
         from .io.saving import load
 
         return load(spec), ModelSource("dynoswap", spec, {})
-    if Path(spec).exists() and not Path(spec).is_dir():
-        raise ModelError(f"{spec} is a file, not a model name; pass checkpoints with --weights")
-    if Path(spec).is_dir():
-        raise ModelError(f"{spec} is a directory without {RECIPE_FILE}: not a saved dynoswap model")
-    source = resolve_source(spec, num_classes, model_kwargs)
+    try:
+        source = resolve_source(spec, num_classes, model_kwargs)
+    except ModelError:
+        # A path that is not a saved model deserves its own message, not name suggestions.
+        if Path(spec).is_dir():
+            raise ModelError(f"{spec} is a directory without {RECIPE_FILE}: not a saved dynoswap model") from None
+        if Path(spec).exists():
+            raise ModelError(f"{spec} is a file, not a model name; pass checkpoints with --weights") from None
+        raise
     return source.build(), source
 
 

@@ -317,6 +317,9 @@ def test_round_trip_weights_through_convert_and_load(tmp_path):
     assert data["source"] == "dynoswap" and data["input_size"] == [64, 64]
     assert len(data["dynopools"]) == 7
 
+    twice = invoke("convert", out)
+    assert twice.exit_code == 2 and "already a converted dynoswap model" in error_line(twice)
+
     again = invoke("convert", *SMALL, "--weights", ckpt, "-o", out, "--force", "--json")
     assert again.exit_code == 0, again.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.pth", "patched"]  # no temporaries left

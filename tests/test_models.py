@@ -122,6 +122,12 @@ def test_paths_that_are_not_saved_models(tmp_path):
         resolve(str(tmp_path))
 
 
+def test_a_directory_named_like_a_model_does_not_hide_the_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "resnet18").mkdir()
+    assert resolve("resnet18")[1].library == "torchvision"
+
+
 def test_list_models_filters_by_pattern_and_source():
     rows = list_models("resnet1?", "tv")
     assert rows == [("torchvision", "resnet18")]
