@@ -83,22 +83,47 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor
     return (a * b).sum((0, 1, 3), dtype=acc)
 
 
-def _identity_row_slopes(grad: torch.Tensor, x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """``sum(grad[i] * (x[i+1] - x[i]))`` per row ``i`` (last row 0) without forming the difference image."""
+def _col_dot(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """Sum ``a * b`` over the rows of two (R, W) matrices with unit column stride.
+
+    Column sums of a product are the diagonal of ``a.T @ b``; computing only the
+    16x16 diagonal blocks of it with one batched matmul reads each operand once
+    and never materialises the product.
+    """
+    rows, width = a.shape
+    block = next((k for k in (16, 8, 4, 2) if width % k == 0), 1)
+    if a.dtype in _BLAS_DTYPES and a.stride(1) == 1 and b.stride(1) == 1 and block > 1:
+        left = a.unflatten(1, (width // block, block)).transpose(0, 1)  # (W/k, R, k)
+        right = b.unflatten(1, (width // block, block)).transpose(0, 1)
+        diag = torch.bmm(left.transpose(1, 2), right).diagonal(dim1=1, dim2=2)
+        return diag.reshape(width).to(acc)
+    return (a * b).sum(0, dtype=acc)
+
+
+def _identity_slopes(grad: torch.Tensor, x: torch.Tensor, acc: torch.dtype, dim: int) -> torch.Tensor:
+    """``sum(grad[i] * (x[i+1] - x[i]))`` per index ``i`` along ``dim`` (the last one 0), ``x`` sampled as is."""
     n, c, h, w = x.shape
-    out = torch.zeros(h, dtype=acc, device=x.device)
-    if h == 1:
+    out = torch.zeros(x.shape[dim], dtype=acc, device=x.device)
+    if x.shape[dim] == 1:
         return out
-    if x.dtype in _BLAS_DTYPES and x.is_contiguous() and grad.is_contiguous():
-        # Rows of all images stacked: row r pairs with row r + 1; pairs that straddle two
-        # images land on row h - 1, which is dropped.
-        g2, x2 = grad.view(-1, w), x.view(-1, w)
+    if not (x.dtype in _BLAS_DTYPES and x.is_contiguous() and grad.is_contiguous()):
+        diff = x.narrow(dim, 1, x.shape[dim] - 1) - x.narrow(dim, 0, x.shape[dim] - 1)
+        out[:-1] = (grad.narrow(dim, 0, x.shape[dim] - 1) * diff).sum([d for d in range(4) if d != dim], dtype=acc)
+        return out
+    g2, x2 = grad.view(-1, w), x.view(-1, w)
+    if dim == 2:
+        # Rows of all images stacked: row r pairs with row r + 1; the pairs that straddle
+        # two images land on row h - 1, which is dropped.
         here = torch.bmm(g2.unsqueeze(1), x2.unsqueeze(2)).view(n * c, h)
-        below = torch.bmm(g2[:-1].unsqueeze(1), x2[1:].unsqueeze(2)).view(-1)
-        below = F.pad(below, (0, 1)).view(n * c, h)
-        out[:-1] = (below - here)[:, :-1].sum(0, dtype=acc)
+        below = F.pad(torch.bmm(g2[:-1].unsqueeze(1), x2[1:].unsqueeze(2)).view(-1), (0, 1)).view(n * c, h)
+        out[:-1] = (below - here).sum(0, dtype=acc)[:-1]
         return out
-    out[:-1] = _row_dot(grad[:, :, :-1], x[:, :, 1:] - x[:, :, :-1], acc)
+    # Pixels stacked row after row: pixel e pairs with e + 1; the pairs that straddle two
+    # rows land on column w - 1, which is dropped. The last row has no successor row.
+    here = _col_dot(g2, x2, acc)
+    right = _col_dot(g2[:-1], x.view(-1)[1 : 1 + (g2.shape[0] - 1) * w].view(-1, w), acc)
+    right[:-1] += (g2[-1, :-1] * x2[-1, 1:]).to(acc)
+    out[:-1] = (right - here)[:-1]
     return out
 
 
@@ -160,7 +185,7 @@ class _MaxQueryPool(torch.autograd.Function):
             if x.shape[2] == 1:
                 grad_h = torch.zeros(rows.count, dtype=acc, device=x.device)
             elif identity:
-                grad_h = _identity_row_slopes(grad_q, x, acc)
+                grad_h = _identity_slopes(grad_q, x, acc, dim=2)
             else:
                 grad_h = _row_dot(grad_q, _row_slope_image(x, rows, cols), acc)
             grad_h = torch.where(rows.inside, grad_h, 0).to(rows.frac.dtype)
@@ -169,10 +194,13 @@ class _MaxQueryPool(torch.autograd.Function):
             if x.shape[3] == 1:
                 grad_w = torch.zeros(cols.count, dtype=acc, device=x.device)
             elif identity:
-                grad_w = torch.zeros(cols.count, dtype=acc, device=x.device)
-                grad_w[:-1] = (grad_q[..., :-1] * (x[..., 1:] - x[..., :-1])).sum((0, 1, 2), dtype=acc)
+                grad_w = _identity_slopes(grad_q, x, acc, dim=3)
             else:
-                grad_w = (grad_q * _col_slope_image(x, rows, cols)).sum((0, 1, 2), dtype=acc)
+                slopes = _col_slope_image(x, rows, cols)
+                if grad_q.is_contiguous() and slopes.is_contiguous():
+                    grad_w = _col_dot(grad_q.view(-1, cols.count), slopes.view(-1, cols.count), acc)
+                else:
+                    grad_w = (grad_q * slopes).sum((0, 1, 2), dtype=acc)
             grad_w = torch.where(cols.inside, grad_w, 0).to(cols.frac.dtype)
         return grad_x, grad_h, grad_w
 
