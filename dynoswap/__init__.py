@@ -6,6 +6,7 @@ from .io import load, save
 from .layers import DynOPool2d
 from .models import ModelSource, build_model, resolve
 from .presets import Preset, load_preset
+from .train import fit
 from .version import __version__
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "gmacs_loss",
     "param_groups",
     "stage_sizes",
+    "fit",
 ]
