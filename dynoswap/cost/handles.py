@@ -64,8 +64,7 @@ HANDLES: dict[str, Callable[[list[Any], list[Any]], int]] = {DYNOPOOL_OP: dynopo
 
 def _opaque_forward(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., torch.Tensor]:
     def run(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if args or kwargs:  # a straight-through size argument changes nothing in the count
-            return forward(x, *args, **kwargs)
+        # An optional straight-through input size only chains gradients; the output is the same.
         _RUNNING.append(forward)
         try:
             return DynOPoolOp.apply(x)
