@@ -294,7 +294,9 @@ def convert(
     leaf_modules = tuple(leaf_modules)
     model = copy.deepcopy(model)
     gm = trace(model, leaf_modules)
-    example = torch.zeros(1, _in_channels(model), h, w)
+    first = next(iter(model.parameters()), None)
+    # A model built on the meta device converts without allocating weights.
+    example = torch.zeros(1, _in_channels(model), h, w, device=first.device if first is not None else "cpu")
     _propagate_shapes(gm, example)
     modules = dict(gm.named_modules())
     resized = []

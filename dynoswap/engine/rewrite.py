@@ -15,6 +15,7 @@ multiplied): ResNet's stem conv_s2 -> bn -> relu -> maxpool_s2 is one DynOPool a
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Callable
@@ -113,19 +114,19 @@ def _stride1_conv_dynamic_same(m: nn.Conv2d) -> None:
 STRIDE_ONE: dict[type, Callable[[nn.Module], tuple[int, int, int, int] | None]] = {nn.Conv2d: _stride1_conv}
 
 
+@functools.cache
 def _register_timm_convs() -> None:
+    # Lazy: importing timm is slow and plain torch models do not need it.
     try:
         from timm.layers.conv2d_same import Conv2dSame
     except ImportError:
         return
-    STRIDE_ONE[Conv2dSame] = _stride1_conv_dynamic_same
-
-
-_register_timm_convs()
+    STRIDE_ONE.setdefault(Conv2dSame, _stride1_conv_dynamic_same)
 
 
 def make_stride_one(gm: fx.GraphModule, node: fx.Node) -> None:
     """Run the conv of ``node`` at stride 1 with padding that keeps the input size."""
+    _register_timm_convs()
     m = gm.get_submodule(node.target)
     for cls in type(m).__mro__:
         if cls in STRIDE_ONE:

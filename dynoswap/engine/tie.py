@@ -14,6 +14,7 @@ group and their parents to be equal, recursively. Each group then shares one alp
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -80,16 +81,14 @@ CONST_FUNCTIONS: set[Any] = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch
 CONST_MODULES: tuple[type, ...] = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
-def _register_timm_const() -> None:
-    global CONST_MODULES
+@functools.cache
+def const_modules() -> tuple[type, ...]:
+    """Return the module types whose output size is fixed (timm's SelectAdaptivePool2d added lazily)."""
     try:
         from timm.layers import SelectAdaptivePool2d
     except ImportError:
-        return
-    CONST_MODULES = (*CONST_MODULES, SelectAdaptivePool2d)
-
-
-_register_timm_const()
+        return CONST_MODULES
+    return (*CONST_MODULES, SelectAdaptivePool2d)
 
 
 def node_shape(node: fx.Node) -> tuple[int, ...] | None:
@@ -111,6 +110,30 @@ def _tensor_args(node: fx.Node) -> list[fx.Node]:
     visit(node.args)
     visit(tuple(node.kwargs.values()))
     return found
+
+
+def _shape_origin(a: Any) -> fx.Node | None:
+    """Find the tensor whose ``.shape`` / ``.size()`` a value was read from (through indexing), if any."""
+    while isinstance(a, fx.Node):
+        if a.op == "call_function" and a.target is getattr and a.args[1] == "shape":
+            return a.args[0]
+        if a.op == "call_method" and a.target == "size":
+            return a.args[0]
+        if a.op == "call_function" and a.target is operator.getitem:
+            a = a.args[0]
+            continue
+        return None
+    return None
+
+
+def _size_origin(node: fx.Node) -> fx.Node | None:
+    """For ``F.interpolate(x, size=<partner's shape>)``: the partner, whose resolution the output takes."""
+    if node.op != "call_function" or node.target is not F.interpolate:
+        return None
+    size = node.args[1] if len(node.args) > 1 else node.kwargs.get("size")
+    parts = size if isinstance(size, (list, tuple)) else [size]
+    origins = {_shape_origin(p) for p in parts}
+    return origins.pop() if len(origins) == 1 else None
 
 
 class UnionFind:
@@ -192,7 +215,9 @@ class Resolver:
             self.ref_shape[node] = shape if shape is not None else self.ref_shape.get(parent)
 
     def _parent(self, node: fx.Node) -> fx.Node | None:
-        return next((a for a in _tensor_args(node) if a in self.exprs), None)
+        # The first operand whose size follows the input, else the first operand.
+        args = [a for a in _tensor_args(node) if a in self.exprs]
+        return next((a for a in args if self.exprs[a][0] != "const"), args[0] if args else None)
 
     def _expr(self, node: fx.Node) -> Expr:
         shape = node_shape(node)
@@ -210,20 +235,27 @@ class Resolver:
             return self.exprs[size_of]
         if self._is_merge(node):
             return self._merge(node)
+        origin = _size_origin(node)
+        if origin is not None and origin in self.exprs:
+            return self.exprs[origin]
         parent = self._parent(node)
         if parent is None:
             return ("const", shape or ())
         if node in self.identity or self._is_layout(node):
             return self.exprs[parent]
-        if self._is_const(node):
+        pshape = self.ref_shape.get(parent)
+        if self._is_const(node) and (shape is None or pshape is None or len(shape) < 3 or shape[-2:] != pshape[-2:]):
+            # A reduction over the spatial dims (sums over other dims keep the resolution).
             return ("const", shape or ())
-        if shape is None or self._keeps_resolution(node, shape, self.ref_shape.get(parent)):
+        if shape is None or self._keeps_resolution(node, shape, pshape):
             return self.exprs[parent]
         return ("op", self._key(node), self.exprs[parent])
 
     def _keeps_resolution(self, node: fx.Node, shape: tuple[int, ...], pshape: tuple[int, ...] | None) -> bool:
-        if pshape is None or len(shape) != len(pshape) or len(shape) < 3:
+        if pshape is None or len(shape) < 3 or len(pshape) < 3:
             return False
+        if len(shape) != len(pshape):  # reductions/reshapes over leading dims, e.g. a sum over radix groups
+            return shape[-2:] == pshape[-2:]
         if node.op == "call_module" and isinstance(self.modules[node.target], (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
             return shape[-2:] == pshape[-2:]
         # Channel-mixing ops change one dim: channels first (NCHW) or last (NHWC, e.g. nn.Linear).
@@ -245,7 +277,7 @@ class Resolver:
 
     def _is_const(self, node: fx.Node) -> bool:
         if node.op == "call_module":
-            return isinstance(self.modules[node.target], CONST_MODULES)
+            return isinstance(self.modules[node.target], const_modules())
         if node.op == "call_method":
             return node.target in CONST_METHODS
         return node.op == "call_function" and node.target in CONST_FUNCTIONS
