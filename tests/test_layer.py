@@ -333,3 +333,15 @@ def test_cuda_matches_reference(seeded, scale):
     assert_rel_close(out, ref)
     assert_rel_close(gx, rx)
     assert_rel_close(ga, ra)
+
+
+@pytest.mark.parametrize("scale", [0.5, 0.47, (1.4, 0.3)])
+def test_inference_forward_equals_training_forward(seeded, scale):
+    x = torch.randn(2, 3, 16, 12)
+    layer = DynOPool2d(scale)
+    with torch.no_grad():
+        fast = layer(x)
+    assert torch.equal(fast, layer(x))
+    x[0, 0, 0, 0] = float("nan")  # NaN propagates like max_pool2d
+    with torch.no_grad():
+        assert torch.isnan(layer(x)[0, 0, 0, 0]) and not torch.isnan(layer(x)[1]).any()

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 _BLAS_DTYPES = (torch.float32, torch.float64)
+_BLOCK = 16  #: column block of the diagonal matmuls: one cache line of float32
 
 
 @dataclass(frozen=True)
@@ -86,18 +87,22 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor
 def _col_dot(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """Sum ``a * b`` over the rows of two (R, W) matrices with unit column stride.
 
-    Column sums of a product are the diagonal of ``a.T @ b``; computing only the
-    16x16 diagonal blocks of it with one batched matmul reads each operand once
-    and never materialises the product.
+    Column sums of a product are the diagonal of ``a.T @ b``; computing only its
+    16x16 diagonal blocks (and one block for the remainder) with batched matmuls
+    reads each operand once and never materialises the product.
     """
-    rows, width = a.shape
-    block = next((k for k in (16, 8, 4, 2) if width % k == 0), 1)
-    if a.dtype in _BLAS_DTYPES and a.stride(1) == 1 and b.stride(1) == 1 and block > 1:
-        left = a.unflatten(1, (width // block, block)).transpose(0, 1)  # (W/k, R, k)
-        right = b.unflatten(1, (width // block, block)).transpose(0, 1)
-        diag = torch.bmm(left.transpose(1, 2), right).diagonal(dim1=1, dim2=2)
-        return diag.reshape(width).to(acc)
-    return (a * b).sum(0, dtype=acc)
+    if a.dtype not in _BLAS_DTYPES or a.stride(1) != 1 or b.stride(1) != 1:
+        return (a * b).sum(0, dtype=acc)
+    width = a.shape[1]
+    main = width - width % _BLOCK
+    parts = []
+    if main:
+        left = a[:, :main].unflatten(1, (main // _BLOCK, _BLOCK)).transpose(0, 1)  # (W/k, R, k)
+        right = b[:, :main].unflatten(1, (main // _BLOCK, _BLOCK)).transpose(0, 1)
+        parts.append(torch.bmm(left.transpose(1, 2), right).diagonal(dim1=1, dim2=2).reshape(main))
+    if main < width:
+        parts.append(torch.mm(a[:, main:].t(), b[:, main:]).diagonal())
+    return torch.cat(parts).to(acc)
 
 
 def _identity_slopes(grad: torch.Tensor, x: torch.Tensor, acc: torch.dtype, dim: int) -> torch.Tensor:
@@ -155,8 +160,6 @@ class _MaxQueryPool(torch.autograd.Function):
         rows = axis_table(pos_h, x.shape[-2])
         cols = axis_table(pos_w, x.shape[-1])
         queries = sample_queries(x, rows, cols)
-        if not any(ctx.needs_input_grad):
-            return _max_of_blocks(queries)
         out, idx = F.max_pool2d(queries, 2, 2, return_indices=True)
         ctx.save_for_backward(x, idx)
         ctx.tables = (rows, cols)
@@ -240,6 +243,9 @@ def pool_queries(x: torch.Tensor, pos_h: torch.Tensor, pos_w: torch.Tensor, aggr
     if aggregate == "max":
         # Query values are computed in x's own dtype: autocast must not re-type them.
         with torch.autocast(x.device.type, enabled=False):
-            return _MaxQueryPool.apply(x, pos_h, pos_w)
+            if torch.is_grad_enabled() and (x.requires_grad or pos_h.requires_grad or pos_w.requires_grad):
+                return _MaxQueryPool.apply(x, pos_h, pos_w)
+            rows, cols = axis_table(pos_h, x.shape[-2]), axis_table(pos_w, x.shape[-1])
+            return _max_of_blocks(sample_queries(x, rows, cols))
     queries = _differentiable_queries(_differentiable_queries(x, pos_h, 2), pos_w, 3)
     return F.avg_pool2d(queries, 2, 2)
