@@ -132,21 +132,54 @@ def _identity_slopes(grad: torch.Tensor, x: torch.Tensor, acc: torch.dtype, dim:
     return out
 
 
-def _row_slope_image(x: torch.Tensor, rows: AxisTable, cols: AxisTable) -> torch.Tensor:
-    """d(query value)/d(row coordinate) at every query point, shape (N, C, 2*n_h, 2*n_w)."""
-    diff = x[:, :, 1:] - x[:, :, :-1]  # slope of each row interval
-    diff = diff[:, :, rows.lo.clamp_max(x.shape[2] - 2)]
-    if cols.identity:
-        return diff
-    return F.interpolate(diff, size=(rows.count, cols.count), mode="bilinear", align_corners=False)
+def _blas_ready(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype in _BLAS_DTYPES and t.is_contiguous() for t in tensors)
 
 
-def _col_slope_image(x: torch.Tensor, rows: AxisTable, cols: AxisTable) -> torch.Tensor:
-    """d(query value)/d(column coordinate) at every query point, shape (N, C, 2*n_h, 2*n_w)."""
-    diff = x[..., 1:] - x[..., :-1]
-    if not rows.identity:
-        diff = F.interpolate(diff, size=(rows.count, diff.shape[-1]), mode="bilinear", align_corners=False)
-    return diff[..., cols.lo.clamp_max(x.shape[3] - 2)]
+def _row_slopes(grad_q: torch.Tensor, x: torch.Tensor, rows: AxisTable, cols: AxisTable, acc: torch.dtype):
+    """Per query row ``i``: sum of ``grad_q`` times the slope of the query values along the rows."""
+    n, c, h, w = x.shape
+    if not _blas_ready(grad_q, x):
+        diff = x[:, :, 1:] - x[:, :, :-1]  # slope of each row interval
+        slopes = diff[:, :, rows.lo.clamp_max(h - 2)]
+        if not cols.identity:
+            slopes = F.interpolate(slopes, size=(rows.count, cols.count), mode="bilinear", align_corners=False)
+        return (grad_q * slopes).sum((0, 1, 3), dtype=acc)
+    # Sample the columns first; the slope along the rows is then "row hi minus row lo" of
+    # that image: two row gathers (contiguous copies) and two batched dots per row.
+    z = x if cols.identity else F.interpolate(x, size=(h, cols.count), mode="bilinear", align_corners=False)
+    z = z.reshape(n * c * h, cols.count)
+    first_row = torch.arange(0, n * c * h, h, device=x.device).unsqueeze(1)
+    dots = []
+    for index in (rows.hi, rows.lo):
+        picked = z.index_select(0, (first_row + index).view(-1))
+        dots.append(torch.bmm(grad_q.reshape(-1, 1, cols.count), picked.unsqueeze(2)).view(n * c, rows.count))
+    return (dots[0] - dots[1]).sum(0, dtype=acc)
+
+
+def _col_slopes(grad_q: torch.Tensor, x: torch.Tensor, rows: AxisTable, cols: AxisTable, acc: torch.dtype):
+    """Per query column ``j``: sum of ``grad_q`` times the slope of the query values along the columns."""
+    n, c, h, w = x.shape
+    if not _blas_ready(grad_q, x):
+        diff = x[..., 1:] - x[..., :-1]
+        if not rows.identity:
+            diff = F.interpolate(diff, size=(rows.count, w - 1), mode="bilinear", align_corners=False)
+        return (grad_q * diff[..., cols.lo.clamp_max(w - 2)]).sum((0, 1, 2), dtype=acc)
+    # Sample the rows first: y (R, W). The answer for column j is
+    # sum_r grad[r, j] * (y[r, hi_j] - y[r, lo_j]): entries of grad.T @ y near its
+    # "diagonal" lo_j. Blocks of 16 query columns need only a narrow band of y's columns.
+    y = x if rows.identity else F.interpolate(x, size=(rows.count, w), mode="bilinear", align_corners=False)
+    y = y.reshape(-1, w)
+    g = grad_q.reshape(-1, cols.count)
+    lo, hi = cols.lo.tolist(), cols.hi.tolist()
+    out = torch.empty(cols.count, dtype=acc, device=x.device)
+    for start in range(0, cols.count, _BLOCK):
+        stop = min(start + _BLOCK, cols.count)
+        first, last = min(lo[start:stop]), max(hi[start:stop])
+        band = g[:, start:stop].t() @ y[:, first : last + 1]  # (block, band width)
+        j = torch.arange(stop - start, device=x.device)
+        out[start:stop] = band[j, cols.hi[start:stop] - first] - band[j, cols.lo[start:stop] - first]
+    return out
 
 
 class _MaxQueryPool(torch.autograd.Function):
@@ -190,7 +223,7 @@ class _MaxQueryPool(torch.autograd.Function):
             elif identity:
                 grad_h = _identity_slopes(grad_q, x, acc, dim=2)
             else:
-                grad_h = _row_dot(grad_q, _row_slope_image(x, rows, cols), acc)
+                grad_h = _row_slopes(grad_q, x, rows, cols, acc)
             grad_h = torch.where(rows.inside, grad_h, 0).to(rows.frac.dtype)
         if ctx.needs_input_grad[2]:
             acc = torch.promote_types(cols.frac.dtype, x.dtype)
@@ -199,11 +232,7 @@ class _MaxQueryPool(torch.autograd.Function):
             elif identity:
                 grad_w = _identity_slopes(grad_q, x, acc, dim=3)
             else:
-                slopes = _col_slope_image(x, rows, cols)
-                if grad_q.is_contiguous() and slopes.is_contiguous():
-                    grad_w = _col_dot(grad_q.view(-1, cols.count), slopes.view(-1, cols.count), acc)
-                else:
-                    grad_w = (grad_q * slopes).sum((0, 1, 2), dtype=acc)
+                grad_w = _col_slopes(grad_q, x, rows, cols, acc)
             grad_w = torch.where(cols.inside, grad_w, 0).to(cols.frac.dtype)
         return grad_x, grad_h, grad_w
 
