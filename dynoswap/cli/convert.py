@@ -23,7 +23,6 @@ from .common import (
     load_model,
     out_console,
     parse_input_size,
-    parse_kwargs,
     parse_overrides,
     parse_sizes,
     print_json,
@@ -174,7 +173,6 @@ def convert_cmd(
     if output is not None:
         check_output(output, force)  # fail before any slow work
     plan = make_plan(_load_preset(preset, config), input_size, num_classes, placement, init_scale, override, sizes)
-    parse_kwargs(model_kwargs)  # validate before building anything
     loaded = load_model(model, plan.num_classes, model_kwargs, weights, allow_missing)
     if loaded.is_saved:
         raise UsageError(f"{model} is already a converted dynoswap model; use `dynoswap inspect {model}`")

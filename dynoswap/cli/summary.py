@@ -151,19 +151,25 @@ def summarize(
         depth: Add per-layer rows down to this many dotted name levels.
         stages: Stage sizes when already known (they cost a trace to find).
     """
-    from ..cost.count import count_gmacs
+    from ..cost import count_gmacs, resolution_graph
 
     size = (int(input_size[0]), int(input_size[1]))
-    count = count_gmacs(model, size)
-    stages = stages if stages is not None else stage_sizes(model, size)
     pools = dynopool_rows(model, size)
+    stages = stages if stages is not None else stage_sizes(model, size)
+    if pools and not depth:
+        # The resolution graph stage_sizes recorded already holds fvcore's count: no extra forward pass.
+        gmacs = float(resolution_graph(model, size).gmacs(size).detach())
+        by_layer: dict[str, float] = {}
+    else:
+        count = count_gmacs(model, size)
+        gmacs, by_layer = float(count.total), count.by_layer
     return ModelSummary(
         model=name,
         source=source,
         input_size=size,
-        gmacs=float(count.total),
+        gmacs=gmacs,
         params=count_params(model),
         stages=stages,
         dynopools=pools,
-        layers=layer_rows(model, size, depth, count.by_layer) if depth else [],
+        layers=layer_rows(model, size, depth, by_layer) if depth else [],
     )
