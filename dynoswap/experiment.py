@@ -70,7 +70,7 @@ def run_one(dataset: str, learn: bool, args: argparse.Namespace) -> dict[str, An
         alpha_lr=args.alpha_lr if learn else 0.0,
         max_steps=args.max_steps,
         input_size=bundle.input_size,
-        out=Path(args.out) / "runs" / f"{dataset}-{'dynopool' if learn else 'human'}",
+        out=None,  # per-epoch histories go to results.json; checkpoints are not needed here
         progress=False,
     )
     last = records[-1]

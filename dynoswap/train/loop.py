@@ -247,6 +247,10 @@ def fit(
         log_path.parent.mkdir(parents=True, exist_ok=True)
         if not resume and log_path.exists():
             log_path.unlink()
+        elif resume and log_path.exists():
+            # Drop epochs logged after the checkpoint (a crash between the two writes), so none repeats.
+            kept = [r for r in read_log(log_path) if r["epoch"] <= start_epoch]
+            log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     records: list[dict[str, Any]] = []
     bar = _progress(main and progress, console)
     net.train()
