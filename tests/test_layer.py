@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 from dynoswap import DynOPool2d
@@ -345,3 +346,16 @@ def test_inference_forward_equals_training_forward(seeded, scale):
     x[0, 0, 0, 0] = float("nan")  # NaN propagates like max_pool2d
     with torch.no_grad():
         assert torch.isnan(layer(x)[0, 0, 0, 0]) and not torch.isnan(layer(x)[1]).any()
+
+
+@pytest.mark.parametrize("scale", [0.5, 0.47, 1.3])
+def test_float32_alpha_gradient_on_smooth_offset_images(seeded, scale):
+    # Large values with small slopes: sums of products must not cancel catastrophically.
+    x = F.interpolate(torch.randn(4, 8, 6, 6), size=(48, 40), mode="bicubic", align_corners=False) + 5.0
+    grads = []
+    for dtype in (torch.float32, F64):
+        layer = DynOPool2d(scale).to(dtype)
+        layer.set_scale(scale)
+        layer(x.to(dtype).requires_grad_()).sum().backward()
+        grads.append(layer.alpha.grad.double())
+    assert_rel_close(grads[0], grads[1], rel=1e-4)

@@ -75,13 +75,9 @@ def _max_of_blocks(q: torch.Tensor) -> torch.Tensor:
     return torch.maximum(top, bottom)
 
 
-def _row_dot(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """Sum ``a * b`` over all but the row axis: one batched dot per image row (BLAS when the layout allows)."""
-    if a.dtype in _BLAS_DTYPES and a.is_contiguous() and b.is_contiguous():
-        n, c, h, w = a.shape
-        dots = torch.bmm(a.view(-1, 1, w), b.view(-1, w, 1))
-        return dots.view(n * c, h).sum(0, dtype=acc)
-    return (a * b).sum((0, 1, 3), dtype=acc)
+def _blas_ready(*tensors: torch.Tensor) -> bool:
+    """Whether the batched-matmul reductions apply: float32/64, plain contiguous layout."""
+    return all(t.dtype in _BLAS_DTYPES and t.is_contiguous() for t in tensors)
 
 
 def _col_dot(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
@@ -111,7 +107,7 @@ def _identity_slopes(grad: torch.Tensor, x: torch.Tensor, acc: torch.dtype, dim:
     out = torch.zeros(x.shape[dim], dtype=acc, device=x.device)
     if x.shape[dim] == 1:
         return out
-    if not (x.dtype in _BLAS_DTYPES and x.is_contiguous() and grad.is_contiguous()):
+    if not _blas_ready(grad, x):
         diff = x.narrow(dim, 1, x.shape[dim] - 1) - x.narrow(dim, 0, x.shape[dim] - 1)
         out[:-1] = (grad.narrow(dim, 0, x.shape[dim] - 1) * diff).sum([d for d in range(4) if d != dim], dtype=acc)
         return out
@@ -132,11 +128,9 @@ def _identity_slopes(grad: torch.Tensor, x: torch.Tensor, acc: torch.dtype, dim:
     return out
 
 
-def _blas_ready(*tensors: torch.Tensor) -> bool:
-    return all(t.dtype in _BLAS_DTYPES and t.is_contiguous() for t in tensors)
-
-
-def _row_slopes(grad_q: torch.Tensor, x: torch.Tensor, rows: AxisTable, cols: AxisTable, acc: torch.dtype):
+def _row_slopes(
+    grad_q: torch.Tensor, x: torch.Tensor, rows: AxisTable, cols: AxisTable, acc: torch.dtype
+) -> torch.Tensor:
     """Per query row ``i``: sum of ``grad_q`` times the slope of the query values along the rows."""
     n, c, h, w = x.shape
     if not _blas_ready(grad_q, x):
@@ -157,7 +151,9 @@ def _row_slopes(grad_q: torch.Tensor, x: torch.Tensor, rows: AxisTable, cols: Ax
     return (dots[0] - dots[1]).sum(0, dtype=acc)
 
 
-def _col_slopes(grad_q: torch.Tensor, x: torch.Tensor, rows: AxisTable, cols: AxisTable, acc: torch.dtype):
+def _col_slopes(
+    grad_q: torch.Tensor, x: torch.Tensor, rows: AxisTable, cols: AxisTable, acc: torch.dtype
+) -> torch.Tensor:
     """Per query column ``j``: sum of ``grad_q`` times the slope of the query values along the columns."""
     n, c, h, w = x.shape
     if not _blas_ready(grad_q, x):
@@ -165,21 +161,24 @@ def _col_slopes(grad_q: torch.Tensor, x: torch.Tensor, rows: AxisTable, cols: Ax
         if not rows.identity:
             diff = F.interpolate(diff, size=(rows.count, w - 1), mode="bilinear", align_corners=False)
         return (grad_q * diff[..., cols.lo.clamp_max(w - 2)]).sum((0, 1, 2), dtype=acc)
-    # Sample the rows first: y (R, W). The answer for column j is
-    # sum_r grad[r, j] * (y[r, hi_j] - y[r, lo_j]): entries of grad.T @ y near its
-    # "diagonal" lo_j. Blocks of 16 query columns need only a narrow band of y's columns.
+    # Sample the rows first, then take column differences d (R, W - 1). The answer for
+    # column j is sum_r grad[r, j] * d[r, lo_j] (0 where hi_j == lo_j): entries of
+    # grad.T @ d near its "diagonal". Blocks of 16 query columns need only a narrow
+    # band of d's columns. Differencing first avoids cancellation between large sums.
     y = x if rows.identity else F.interpolate(x, size=(rows.count, w), mode="bilinear", align_corners=False)
     y = y.reshape(-1, w)
+    diff = y[:, 1:] - y[:, :-1]
     g = grad_q.reshape(-1, cols.count)
-    lo, hi = cols.lo.tolist(), cols.hi.tolist()
+    lo_clamped = cols.lo.clamp_max(w - 2)
+    lo = lo_clamped.tolist()
     out = torch.empty(cols.count, dtype=acc, device=x.device)
     for start in range(0, cols.count, _BLOCK):
         stop = min(start + _BLOCK, cols.count)
-        first, last = min(lo[start:stop]), max(hi[start:stop])
-        band = g[:, start:stop].t() @ y[:, first : last + 1]  # (block, band width)
+        first, last = min(lo[start:stop]), max(lo[start:stop])
+        band = g[:, start:stop].t() @ diff[:, first : last + 1]  # (block, band width)
         j = torch.arange(stop - start, device=x.device)
-        out[start:stop] = band[j, cols.hi[start:stop] - first] - band[j, cols.lo[start:stop] - first]
-    return out
+        out[start:stop] = band[j, lo_clamped[start:stop] - first]
+    return torch.where(cols.hi > cols.lo, out, 0)
 
 
 class _MaxQueryPool(torch.autograd.Function):
@@ -254,7 +253,8 @@ def _differentiable_queries(x: torch.Tensor, pos: torch.Tensor, dim: int) -> tor
     shape = [1] * x.dim()
     shape[dim] = -1
     w = frac.to(x.dtype).view(shape)
-    return torch.lerp(x.index_select(dim, table.lo), x.index_select(dim, table.hi), w)
+    index = (slice(None),) * dim
+    return torch.lerp(x[index + (table.lo,)], x[index + (table.hi,)], w)
 
 
 def pool_queries(x: torch.Tensor, pos_h: torch.Tensor, pos_w: torch.Tensor, aggregate: str) -> torch.Tensor:
