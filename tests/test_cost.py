@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import dynoswap
@@ -282,3 +284,17 @@ def test_loss_tracks_count_through_timm_style_ops():
         for size in [(48, 40), (37, 53)]:
             assert graph.gmacs(size).item() == pytest.approx(count_gmacs(model, size).total, rel=1e-12)
             assert stage_sizes(model, size) == forward_sizes(model, size)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    scales=st.lists(st.tuples(st.floats(0.2, 1.6), st.floats(0.2, 1.6)), min_size=3, max_size=3),
+    size=st.tuples(st.integers(9, 70), st.integers(9, 70)),
+)
+def test_any_scales_and_size_loss_is_the_count_and_sizes_are_the_forward(scales, size):
+    model = vgg_like(widths=(4, 4, 4))
+    graph = resolution_graph(model, (32, 32))
+    for m, r in zip(dynopools(model), scales, strict=True):
+        m.set_scale(r)
+    assert stage_sizes(model, size) == forward_sizes(model, size)
+    assert graph.gmacs(size).item() == pytest.approx(count_gmacs(model, size).total, rel=1e-12)

@@ -46,6 +46,11 @@ CONST_FUNCTIONS: set[Callable[..., Any]] = {
 
 INPUT, DYNOPOOL, SCALED, CONST = "input", "dynopool", "scaled", "const"
 
+#: The probe run's input size relative to the reference. Larger, not smaller: a
+#: smaller probe can leave late small maps unchanged (a stride-2 conv maps 3 and
+#: 4 to 2; DynOPool clamps at 2), which would look like a fixed size.
+PROBE_SCALE = 1.5
+
 SizeRule = Callable[[int], int]
 
 
@@ -178,7 +183,8 @@ class ResolutionGraph:
                 if relaxed:
                     value = torch.clamp_min(parent / alpha, MIN_SIZE)
                 else:
-                    value = node.module.size_st(parent)
+                    # In the dtype the layer's forward uses, so a size on a rounding tie agrees bit for bit.
+                    value = node.module.size_st(parent.to(torch.promote_types(alpha.dtype, torch.float32)))
             elif node.kind == SCALED:
                 parent = sizes[node.parent]
                 cont = parent * torch.tensor(node.ratio, dtype=dtype, device=device)
@@ -337,7 +343,7 @@ def _shapes_at(gm: fx.GraphModule, size: tuple[int, int], strict: bool = False) 
 class _Builder:
     """Builds the resolution graph from the shapes of two runs (reference and probe sizes).
 
-    The probe (3/4 of the reference size) tells sizes that follow the input from
+    The probe (1.5 times the reference size) tells sizes that follow the input from
     fixed ones (a global mean with ``keepdim``, an adaptive pool, interpolation to
     a fixed size) without a registry of such ops, and avoids taking two tensors
     for one resolution because their sizes coincide at the reference.
@@ -437,6 +443,8 @@ class _Builder:
         """Whether ``n`` has a size that does not follow its inputs'."""
         if isinstance(module, _Call) and module.target in CONST_FUNCTIONS:
             return True
+        if module is not None and type(module) in SIZE_RULES:
+            return False  # a conv or pool: its size follows its input by rule
         # A 1x1 map from a larger one is a global pool (a DynOPool never goes below 2).
         if self.size(n) == (1, 1) and any(self.size(a) != (1, 1) for a in inputs):
             return True
@@ -526,7 +534,7 @@ def resolution_graph(
     """Record (once, then cached per model) the resolution graph and per-layer costs.
 
     Recording runs the model, batch 1, in eval mode: a shape-propagation pass
-    over its torch.fx graph at the reference size and one at 3/4 of it (to tell
+    over its torch.fx graph at the reference size and one at 1.5 times it (to tell
     sizes that follow the input from fixed ones), and one fvcore count in which
     each functional op is wrapped in a module, so every MAC lands on a graph node.
     The alphas at recording time define the reference state of eq. 7; later
@@ -559,7 +567,7 @@ def resolution_graph(
     with eval_mode(model), torch.no_grad():
         shapes = _shapes_at(gm, size, strict=True)
         assert shapes is not None
-        probe = _shapes_at(gm, (max(2, round(0.75 * size[0])), max(2, round(0.75 * size[1]))))
+        probe = _shapes_at(gm, (round(PROBE_SCALE * size[0]), round(PROBE_SCALE * size[1])))
     builder = _Builder(gm, size, shapes, probe)
     _attribute_costs(builder)
     _CACHE[model] = builder.res
