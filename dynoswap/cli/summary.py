@@ -70,27 +70,64 @@ def stage_sizes(model: nn.Module, input_size: tuple[int, int]) -> list[tuple[int
     return [(int(h), int(w)) for h, w in cost_stage_sizes(model, input_size)]
 
 
-def dynopool_rows(model: nn.Module, input_size: tuple[int, int]) -> list[dict[str, Any]]:
-    """One JSON-able dict per DynOPool2d in execution order: name, alpha, scale, in, out, group.
+def _leader_names(model: nn.Module) -> dict[int, str]:
+    names: dict[int, str] = {}
+    for name, m in model.named_modules():
+        names.setdefault(id(m), name)
+    return names
 
-    ``group`` is the name of the layer that owns the (shared) alpha.
+
+def counted_with_dynopools(
+    model: nn.Module, input_size: tuple[int, int]
+) -> tuple[Any, list[tuple[int, int]], list[dict]]:
+    """GMACs count, stage sizes and DynOPool rows of a converted model from one counted forward pass.
+
+    Stages follow ``dynoswap.cost.stage_sizes``: the input, then each DynOPool's output in
+    execution order, once per tie group fed the same resolution (main branch and shortcut).
+    Going through fvcore's single pass instead of recording the resolution graph (three
+    passes) keeps the CLI fast; the test suite checks both give the same stages.
+
+    Returns:
+        (``GmacsCount``, stages, one dict per DynOPool: name, alpha, scale, in, out, group).
     """
-    from ..cost import alphas
+    from ..cost import count_gmacs
     from ..layers import DynOPool2d
 
-    if not any(isinstance(m, DynOPool2d) for m in model.modules()):
-        return []
-    return [
-        {
-            "name": row["name"],
-            "alpha": [float(a) for a in row["alpha"]],
-            "scale": [float(r) for r in row["scale"]],
-            "in": [int(v) for v in row["in_size"]],
-            "out": [int(v) for v in row["out_size"]],
-            "group": row["group"],
-        }
-        for row in alphas(model, input_size)
-    ]
+    pools = {name: m for name, m in model.named_modules() if isinstance(m, DynOPool2d)}
+    order: list[str] = []
+
+    def record(name: str):
+        def hook(_module: nn.Module, _inputs: Any) -> None:
+            order.append(name)
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(record(name)) for name, m in pools.items()]
+    try:
+        count = count_gmacs(model, input_size)
+    finally:
+        for h in handles:
+            h.remove()
+    names = _leader_names(model)
+    rows, stages, seen = [], [tuple(input_size)], set()
+    for name in dict.fromkeys(order):  # first call of each layer, in execution order
+        m = pools[name]
+        in_size, out_size = tuple(m.last_in_size), tuple(m.last_out_size)
+        rows.append(
+            {
+                "name": name,
+                "alpha": [float(a) for a in m.alpha.detach().tolist()],
+                "scale": [float(r) for r in m.scale],
+                "in": [int(v) for v in in_size],
+                "out": [int(v) for v in out_size],
+                "group": names.get(id(m.leader), name),
+            }
+        )
+        key = (id(m.leader), in_size)
+        if key not in seen:
+            seen.add(key)
+            stages.append(out_size)
+    return count, [(int(h), int(w)) for h, w in stages], rows
 
 
 def _depth_prefix(name: str, depth: int) -> str:
@@ -151,25 +188,23 @@ def summarize(
         depth: Add per-layer rows down to this many dotted name levels.
         stages: Stage sizes when already known (they cost a trace to find).
     """
-    from ..cost import count_gmacs, resolution_graph
+    from ..cost import count_gmacs
+    from ..layers import DynOPool2d
 
     size = (int(input_size[0]), int(input_size[1]))
-    pools = dynopool_rows(model, size)
-    stages = stages if stages is not None else stage_sizes(model, size)
-    if pools and not depth:
-        # The resolution graph stage_sizes recorded already holds fvcore's count: no extra forward pass.
-        gmacs = float(resolution_graph(model, size).gmacs(size).detach())
-        by_layer: dict[str, float] = {}
+    if any(isinstance(m, DynOPool2d) for m in model.modules()):
+        count, found, pools = counted_with_dynopools(model, size)
+        stages = stages if stages is not None else found
     else:
-        count = count_gmacs(model, size)
-        gmacs, by_layer = float(count.total), count.by_layer
+        count, pools = count_gmacs(model, size), []
+        stages = stages if stages is not None else stage_sizes(model, size)
     return ModelSummary(
         model=name,
         source=source,
         input_size=size,
-        gmacs=gmacs,
+        gmacs=float(count.total),
         params=count_params(model),
         stages=stages,
         dynopools=pools,
-        layers=layer_rows(model, size, depth, by_layer) if depth else [],
+        layers=layer_rows(model, size, depth, count.by_layer) if depth else [],
     )
