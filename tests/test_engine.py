@@ -345,3 +345,18 @@ def test_leaf_modules_fix_tracing(leaf) -> None:
     assert report.num_dynopools == 2
     x = torch.randn(1, 3, 16, 16)
     assert gm(x).shape == model(x).shape == (1, 4, 4, 4)
+
+
+def test_timm_same_padding_conv_runs_at_stride_one() -> None:
+    from timm.layers.conv2d_same import Conv2dSame
+    from timm.layers.pool2d_same import MaxPool2dSame
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv2dSame(3, 4, 3, stride=2), nn.ReLU(), MaxPool2dSame(3, stride=2))
+    gm, report = convert(model, (16, 16))
+    assert [r.rule for r in report.replacements] == ["conv_post"]
+    assert report.replacements[0].merged[0]["op"] == "MaxPool2dSame"
+    x = torch.randn(1, 3, 16, 16)
+    conv = model[0]
+    ref = F.relu(F.conv2d(F.pad(x, (1, 1, 1, 1)), conv.weight, conv.bias))
+    torch.testing.assert_close(gm(x), F.max_pool2d(F.avg_pool2d(ref, 2), 2), rtol=0, atol=1e-6)

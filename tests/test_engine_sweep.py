@@ -73,7 +73,9 @@ def tv_kwargs(name: str) -> tuple[dict, int]:
         kwargs.update(aux_logits=False, init_weights=False)
         return kwargs, 96 if name == "inception_v3" else 64
     if name.startswith("vit_"):
-        kwargs["image_size"] = 64
+        size = 56 if name.endswith("_14") else 64  # a multiple of the patch size
+        kwargs["image_size"] = size
+        return kwargs, size
     if name.startswith("maxvit"):
         return kwargs, 224
     return kwargs, 64

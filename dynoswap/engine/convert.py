@@ -26,6 +26,22 @@ COST_NOTES = {
     "conv_post": "conv now runs at stride 1 before the DynOPool: its cost grows by stride_h * stride_w",
     "patchify_post": "patchify conv now runs at stride 1 ('same' padding): its cost grows by stride_h * stride_w",
 }
+# Modules that keep their input's shape, answered without running them on meta tensors.
+META_SHORTCUTS: tuple[type, ...] = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.SiLU,
+    nn.GELU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.LeakyReLU,
+    nn.Sigmoid,
+    nn.Identity,
+    nn.Dropout,
+)
 # Probe factors on (alpha_h, alpha_w): move both axes, differently, to expose fixed-size assumptions.
 PROBE_FACTORS = (1.1, 1.05)
 
@@ -82,9 +98,12 @@ class _Runner(fx.Interpreter):
     def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
         module = self.fetch_attr(target)
         x = args[0] if args else None
-        if isinstance(module, DynOPool2d) and isinstance(x, torch.Tensor) and x.is_meta:
-            # The layer samples at data positions; on meta only its size rule matters.
-            return x.new_empty((*x.shape[:-2], *module.output_size(tuple(x.shape[-2:]))))
+        if isinstance(x, torch.Tensor) and x.is_meta:
+            if isinstance(module, DynOPool2d):
+                # The layer samples at data positions; on meta only its size rule matters.
+                return x.new_empty((*x.shape[:-2], *module.output_size(tuple(x.shape[-2:]))))
+            if isinstance(module, META_SHORTCUTS):
+                return x.new_empty(x.shape)  # norms/activations keep the shape; their meta kernels are slow
         return super().call_module(target, args, kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
