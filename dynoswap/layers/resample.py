@@ -80,51 +80,62 @@ def _blas_ready(*tensors: torch.Tensor) -> bool:
     return all(t.dtype in _BLAS_DTYPES and t.is_contiguous() for t in tensors)
 
 
-def _col_dot(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """Sum ``a * b`` over the rows of two (R, W) matrices with unit column stride.
+def _pair_dots(g: torch.Tensor, x: torch.Tensor, step: int, acc: torch.dtype) -> torch.Tensor:
+    """Per row ``r`` of two (R, W) contiguous matrices: ``g[r] . (x[r + step] - x[r])`` along the flat storage.
 
-    Column sums of a product are the diagonal of ``a.T @ b``; computing only its
-    16x16 diagonal blocks (and one block for the remainder) with batched matmuls
-    reads each operand once and never materialises the product.
+    ``x[r]`` and its successor are the two columns of one (W, 2) view, so one batched
+    matmul reads ``g`` once for both dots. The last row has no successor: 0.
     """
-    if a.dtype not in _BLAS_DTYPES or a.stride(1) != 1 or b.stride(1) != 1:
-        return (a * b).sum(0, dtype=acc)
-    width = a.shape[1]
-    main = width - width % _BLOCK
-    parts = []
-    if main:
-        left = a[:, :main].unflatten(1, (main // _BLOCK, _BLOCK)).transpose(0, 1)  # (W/k, R, k)
-        right = b[:, :main].unflatten(1, (main // _BLOCK, _BLOCK)).transpose(0, 1)
-        parts.append(torch.bmm(left.transpose(1, 2), right).diagonal(dim1=1, dim2=2).reshape(main))
-    if main < width:
-        parts.append(torch.mm(a[:, main:].t(), b[:, main:]).diagonal())
-    return torch.cat(parts).to(acc)
+    rows, width = g.shape
+    out = torch.zeros(rows, dtype=acc, device=g.device)
+    if rows > 1:
+        pairs = x.as_strided((rows - 1, width, 2), (width, 1, step))
+        dots = torch.bmm(g[:-1].unsqueeze(1), pairs).view(rows - 1, 2)
+        out[:-1] = (dots[:, 1] - dots[:, 0]).to(acc)
+    return out
+
+
+def _pair_col_dots(g: torch.Tensor, x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """Per column ``j`` of two (R, W) contiguous matrices: ``sum_r g[r, j] * (x[r, j+1] - x[r, j])``; last 0.
+
+    Column sums of a product are diagonals of ``g.T @ x``; blocks of 16 columns of
+    ``g`` against 17 columns of ``x`` give the diagonal and the one above it with one
+    batched matmul that reads each operand once and never forms the product.
+    """
+    rows, width = g.shape
+    out = torch.zeros(width, dtype=acc, device=g.device)
+    blocks = (width - 1) // _BLOCK
+    if blocks:
+        left = g.as_strided((blocks, _BLOCK, rows), (_BLOCK, 1, width))
+        right = x.as_strided((blocks, rows, _BLOCK + 1), (_BLOCK, width, 1))
+        prod = torch.bmm(left, right)
+        here = prod.diagonal(dim1=1, dim2=2)
+        nxt = prod.diagonal(offset=1, dim1=1, dim2=2)
+        out[: blocks * _BLOCK] = (nxt - here).reshape(-1).to(acc)
+    start = blocks * _BLOCK
+    prod = g[:, start:].t() @ x[:, start:]
+    out[start:-1] = (prod.diagonal(offset=1) - prod.diagonal()[:-1]).to(acc)
+    return out
 
 
 def _identity_slopes(grad: torch.Tensor, x: torch.Tensor, acc: torch.dtype, dim: int) -> torch.Tensor:
     """``sum(grad[i] * (x[i+1] - x[i]))`` per index ``i`` along ``dim`` (the last one 0), ``x`` sampled as is."""
     n, c, h, w = x.shape
-    out = torch.zeros(x.shape[dim], dtype=acc, device=x.device)
-    if x.shape[dim] == 1:
-        return out
+    length = x.shape[dim]
+    if length == 1:
+        return torch.zeros(1, dtype=acc, device=x.device)
     if not _blas_ready(grad, x):
-        diff = x.narrow(dim, 1, x.shape[dim] - 1) - x.narrow(dim, 0, x.shape[dim] - 1)
-        out[:-1] = (grad.narrow(dim, 0, x.shape[dim] - 1) * diff).sum([d for d in range(4) if d != dim], dtype=acc)
+        out = torch.zeros(length, dtype=acc, device=x.device)
+        diff = x.narrow(dim, 1, length - 1) - x.narrow(dim, 0, length - 1)
+        out[:-1] = (grad.narrow(dim, 0, length - 1) * diff).sum([d for d in range(4) if d != dim], dtype=acc)
         return out
     g2, x2 = grad.view(-1, w), x.view(-1, w)
-    if dim == 2:
-        # Rows of all images stacked: row r pairs with row r + 1; the pairs that straddle
-        # two images land on row h - 1, which is dropped.
-        here = torch.bmm(g2.unsqueeze(1), x2.unsqueeze(2)).view(n * c, h)
-        below = F.pad(torch.bmm(g2[:-1].unsqueeze(1), x2[1:].unsqueeze(2)).view(-1), (0, 1)).view(n * c, h)
-        out[:-1] = (below - here).sum(0, dtype=acc)[:-1]
-        return out
-    # Pixels stacked row after row: pixel e pairs with e + 1; the pairs that straddle two
-    # rows land on column w - 1, which is dropped. The last row has no successor row.
-    here = _col_dot(g2, x2, acc)
-    right = _col_dot(g2[:-1], x.view(-1)[1 : 1 + (g2.shape[0] - 1) * w].view(-1, w), acc)
-    right[:-1] += (g2[-1, :-1] * x2[-1, 1:]).to(acc)
-    out[:-1] = (right - here)[:-1]
+    if dim == 3:
+        return _pair_col_dots(g2, x2, acc)
+    # Rows of all images stacked: row r pairs with row r + 1; the pairs that straddle two
+    # images land on row h - 1, which is dropped.
+    out = _pair_dots(g2, x2, w, acc).view(n * c, h).sum(0)
+    out[-1] = 0
     return out
 
 
@@ -145,7 +156,7 @@ def _row_slopes(
     z = z.reshape(n * c * h, cols.count)
     first_row = torch.arange(0, n * c * h, h, device=x.device).unsqueeze(1)
     dots = []
-    for index in (rows.hi, rows.lo):
+    for index in (rows.hi, rows.lo):  # separate dots: one per row pair would sum in a worse order
         picked = z.index_select(0, (first_row + index).view(-1))
         dots.append(torch.bmm(grad_q.reshape(-1, 1, cols.count), picked.unsqueeze(2)).view(n * c, rows.count))
     return (dots[0] - dots[1]).sum(0, dtype=acc)
