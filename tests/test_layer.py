@@ -238,6 +238,21 @@ def test_channels_last(seeded, scale):
     torch.testing.assert_close(ga_cl[1], ga[1])
 
 
+@pytest.mark.parametrize("scale", [0.5, (0.47, 1.3)])
+def test_strided_input(seeded, scale):
+    base = torch.randn(2, 3, 12, 16, dtype=F64)
+    strided = base.transpose(2, 3).requires_grad_()  # (2, 3, 16, 12), not contiguous in any format
+    dense = strided.detach().contiguous().requires_grad_()
+    layer = DynOPool2d(scale).double()
+    out, out_dense = layer(strided), layer(dense)
+    assert_rel_close(out, out_dense, rel=1e-12)
+    grad = torch.randn_like(out)
+    ga = torch.autograd.grad(out, (strided, layer.alpha), grad)
+    gb = torch.autograd.grad(out_dense, (dense, layer.alpha), grad)
+    assert_rel_close(ga[0], gb[0], rel=1e-12)
+    assert_rel_close(ga[1], gb[1], rel=1e-9)
+
+
 @pytest.mark.parametrize("scale", [0.5, 0.47])
 def test_torch_compile_matches_eager(seeded, scale):
     layer = DynOPool2d(scale)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 _BLAS_DTYPES = (torch.float32, torch.float64)
 _BLOCK = 16  #: column block of the diagonal matmuls: one cache line of float32
@@ -210,6 +211,7 @@ class _MaxQueryPool(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):  # type: ignore[override]
         x, idx = ctx.saved_tensors
         rows, cols = ctx.tables
