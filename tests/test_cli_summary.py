@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dynoswap.cli.summary import counted_with_dynopools
+from dynoswap.cli.summary import counted_with_dynopools, plain_stage_sizes
 from dynoswap.cost import alphas, count_gmacs, stage_sizes
 from dynoswap.engine import convert
 from dynoswap.models import resolve
@@ -34,3 +34,9 @@ def test_one_pass_summary_matches_resolution_graph(spec, size, sizes):
         assert mine["scale"] == pytest.approx(ref["scale"])
     if sizes:
         assert stages[1:] == sizes
+
+
+@pytest.mark.parametrize(("spec", "size"), [("resnet18", (64, 64)), ("mobilenet_v2", (64, 48)), ("vgg11", (40, 56))])
+def test_plain_stage_sizes_match_cost(spec, size):
+    model, _ = resolve(spec, num_classes=10)
+    assert plain_stage_sizes(model.eval(), size) == stage_sizes(model, size)

@@ -8,7 +8,7 @@ The JSON form is the CLI's machine-readable contract::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -63,13 +63,6 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def stage_sizes(model: nn.Module, input_size: tuple[int, int]) -> list[tuple[int, int]]:
-    """Return the paper's stage sizes (Table 1 column), from ``dynoswap.cost``."""
-    from ..cost import stage_sizes as cost_stage_sizes
-
-    return [(int(h), int(w)) for h, w in cost_stage_sizes(model, input_size)]
-
-
 def _leader_names(model: nn.Module) -> dict[int, str]:
     names: dict[int, str] = {}
     for name, m in model.named_modules():
@@ -77,20 +70,8 @@ def _leader_names(model: nn.Module) -> dict[int, str]:
     return names
 
 
-def counted_with_dynopools(
-    model: nn.Module, input_size: tuple[int, int]
-) -> tuple[Any, list[tuple[int, int]], list[dict]]:
-    """GMACs count, stage sizes and DynOPool rows of a converted model from one counted forward pass.
-
-    Stages follow ``dynoswap.cost.stage_sizes``: the input, then each DynOPool's output in
-    execution order, once per tie group fed the same resolution (main branch and shortcut).
-    Going through fvcore's single pass instead of recording the resolution graph (three
-    passes) keeps the CLI fast; the test suite checks both give the same stages.
-
-    Returns:
-        (``GmacsCount``, stages, one dict per DynOPool: name, alpha, scale, in, out, group).
-    """
-    from ..cost import count_gmacs
+def _dynopools_during(model: nn.Module, input_size: tuple[int, int], run: Callable[[], Any]) -> tuple[Any, list, list]:
+    """Call ``run`` (one forward pass of ``model``) and read stages and rows off its DynOPools."""
     from ..layers import DynOPool2d
 
     pools = {name: m for name, m in model.named_modules() if isinstance(m, DynOPool2d)}
@@ -104,7 +85,7 @@ def counted_with_dynopools(
 
     handles = [m.register_forward_pre_hook(record(name)) for name, m in pools.items()]
     try:
-        count = count_gmacs(model, input_size)
+        result = run()
     finally:
         for h in handles:
             h.remove()
@@ -127,7 +108,44 @@ def counted_with_dynopools(
         if key not in seen:
             seen.add(key)
             stages.append(out_size)
-    return count, [(int(h), int(w)) for h, w in stages], rows
+    return result, [(int(h), int(w)) for h, w in stages], rows
+
+
+def counted_with_dynopools(
+    model: nn.Module, input_size: tuple[int, int]
+) -> tuple[Any, list[tuple[int, int]], list[dict]]:
+    """GMACs count, stage sizes and DynOPool rows of a converted model from one counted forward pass.
+
+    Stages follow ``dynoswap.cost.stage_sizes``: the input, then each DynOPool's output in
+    execution order, once per tie group fed the same resolution (main branch and shortcut).
+    Going through fvcore's single pass instead of recording the resolution graph (three
+    passes) keeps the CLI fast; the test suite checks both give the same stages.
+
+    Returns:
+        (``GmacsCount``, stages, one dict per DynOPool: name, alpha, scale, in, out, group).
+    """
+    from ..cost import count_gmacs
+
+    return _dynopools_during(model, input_size, lambda: count_gmacs(model, input_size))
+
+
+def plain_stage_sizes(model: nn.Module, input_size: tuple[int, int]) -> list[tuple[int, int]]:
+    """Stages of a model without DynOPools: those of its conversion at its own scales (as in ``dynoswap.cost``)."""
+    import copy
+
+    import torch
+
+    from ..cost.count import eval_mode, example_input
+    from ..engine import convert
+
+    gm, _ = convert(copy.deepcopy(model), input_size=input_size)
+    x = example_input(gm, input_size)
+
+    def run() -> None:
+        with eval_mode(gm), torch.no_grad():
+            gm(x)
+
+    return _dynopools_during(gm, input_size, run)[1]
 
 
 def _depth_prefix(name: str, depth: int) -> str:
@@ -197,7 +215,7 @@ def summarize(
         stages = stages if stages is not None else found
     else:
         count, pools = count_gmacs(model, size), []
-        stages = stages if stages is not None else stage_sizes(model, size)
+        stages = stages if stages is not None else plain_stage_sizes(model, size)
     return ModelSummary(
         model=name,
         source=source,
