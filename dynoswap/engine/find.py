@@ -89,7 +89,7 @@ def register_function(*targets: Any) -> Callable[[FunctionHandler], FunctionHand
 
 def node_label(node: fx.Node) -> str:
     """Readable name of a node: its module path, or ``scope.node_name`` for a function call."""
-    if node.op == "call_module":
+    if node.op in ("call_module", "get_attr"):
         return str(node.target)
     stack = node.meta.get("nn_module_stack") or {}
     scope = next(reversed(stack.values()))[0] if stack else ""
