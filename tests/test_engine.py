@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from dynoswap.engine import ConversionError, TieError, TraceError, convert
@@ -360,3 +362,15 @@ def test_timm_same_padding_conv_runs_at_stride_one() -> None:
     conv = model[0]
     ref = F.relu(F.conv2d(F.pad(x, (1, 1, 1, 1)), conv.weight, conv.bias))
     torch.testing.assert_close(gm(x), F.max_pool2d(F.avg_pool2d(ref, 2), 2), rtol=0, atol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n_h=st.integers(5, 40), n_w=st.integers(5, 40))
+def test_stride2_sites_match_original_geometry(n_h: int, n_w: int) -> None:
+    # k3 s2 p1 convs and pools give ceil(n/2); DynOPool at 1/2 rounds n/2 half up: the same integer
+    # (from n >= 5 on, so no stage falls under the paper's 1.5 bound, which keeps 2 cells).
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.ReLU(), nn.Conv2d(4, 4, 3, 1, 1), nn.MaxPool2d(3, 2, 1))
+    gm, _ = convert(model, (n_h, n_w), check=False)
+    x = torch.randn(1, 3, n_h, n_w)
+    with torch.no_grad():
+        assert gm(x).shape == model(x).shape
