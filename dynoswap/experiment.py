@@ -154,6 +154,7 @@ def plot_sizes(rows: list[dict[str, Any]], path: Path) -> None:
         if human is not None:
             ax.plot(stages, [s[0] for s in human["stage_sizes"]], ":", color="gray", label="human h = w")
         ax.set(title=f"{name}: acc {learned['val_acc']:.2f}", xlabel="stage", ylabel="size (pixels)")
+        ax.set_xticks(list(stages))
         ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
