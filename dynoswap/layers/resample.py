@@ -34,7 +34,8 @@ _BLOCK = 16  #: column block of the diagonal matmuls: one cache line of float32
 class AxisTable:
     """Interpolation table of one axis: neighbours, weights and slope mask."""
 
-    lo: torch.Tensor  #: lower neighbour index, int64, shape (2n,)
+    pos: torch.Tensor  #: the query coordinates themselves (pixels), shape (2n,)
+    lo: torch.Tensor  #: lower neighbour index, int64
     hi: torch.Tensor  #: upper neighbour index (clamped to the last pixel)
     frac: torch.Tensor  #: weight of ``hi``, in the positions' dtype
     inside: torch.Tensor  #: True where the coordinate is strictly inside (gradient flows)
@@ -59,7 +60,7 @@ def axis_table(pos: torch.Tensor, n_in: int) -> AxisTable:
     inside = (pos > 0) & (pos < last)
     exact = bool((frac == 0).all())
     identity = exact and lo.numel() == n_in and bool((lo == torch.arange(n_in, device=lo.device)).all())
-    return AxisTable(lo, hi, frac, inside, exact, identity)
+    return AxisTable(pos, lo, hi, frac, inside, exact, identity)
 
 
 def sample_queries(x: torch.Tensor, rows: AxisTable, cols: AxisTable) -> torch.Tensor:
@@ -140,57 +141,29 @@ def _identity_slopes(grad: torch.Tensor, x: torch.Tensor, acc: torch.dtype, dim:
     return out
 
 
-def _row_slopes(
-    grad_q: torch.Tensor, x: torch.Tensor, rows: AxisTable, cols: AxisTable, acc: torch.dtype
-) -> torch.Tensor:
-    """Per query row ``i``: sum of ``grad_q`` times the slope of the query values along the rows."""
-    n, c, h, w = x.shape
-    if not _blas_ready(grad_q, x):
-        diff = x[:, :, 1:] - x[:, :, :-1]  # slope of each row interval
-        slopes = diff[:, :, rows.lo.clamp_max(h - 2)]
-        if not cols.identity:
-            slopes = F.interpolate(slopes, size=(rows.count, cols.count), mode="bilinear", align_corners=False)
-        return (grad_q * slopes).sum((0, 1, 3), dtype=acc)
-    # Sample the columns first; the slope along the rows is then "row hi minus row lo" of
-    # that image: two row gathers (contiguous copies) and two batched dots per row.
-    z = x if cols.identity else F.interpolate(x, size=(h, cols.count), mode="bilinear", align_corners=False)
-    z = z.reshape(n * c * h, cols.count)
-    first_row = torch.arange(0, n * c * h, h, device=x.device).unsqueeze(1)
-    dots = []
-    for index in (rows.hi, rows.lo):  # separate dots: one per row pair would sum in a worse order
-        picked = z.index_select(0, (first_row + index).view(-1))
-        dots.append(torch.bmm(grad_q.reshape(-1, 1, cols.count), picked.unsqueeze(2)).view(n * c, rows.count))
-    return (dots[0] - dots[1]).sum(0, dtype=acc)
+def _sampler_backward(
+    grad_q: torch.Tensor, x: torch.Tensor, rows: AxisTable, cols: AxisTable, need_x: bool
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Gradients of the query values wrt the input and the query coordinates, in one fused pass.
 
-
-def _col_slopes(
-    grad_q: torch.Tensor, x: torch.Tensor, rows: AxisTable, cols: AxisTable, acc: torch.dtype
-) -> torch.Tensor:
-    """Per query column ``j``: sum of ``grad_q`` times the slope of the query values along the columns."""
-    n, c, h, w = x.shape
-    if not _blas_ready(grad_q, x):
-        diff = x[..., 1:] - x[..., :-1]
-        if not rows.identity:
-            diff = F.interpolate(diff, size=(rows.count, w - 1), mode="bilinear", align_corners=False)
-        return (grad_q * diff[..., cols.lo.clamp_max(w - 2)]).sum((0, 1, 2), dtype=acc)
-    # Sample the rows first, then take column differences d (R, W - 1). The answer for
-    # column j is sum_r grad[r, j] * d[r, lo_j] (0 where hi_j == lo_j): entries of
-    # grad.T @ d near its "diagonal". Blocks of 16 query columns need only a narrow
-    # band of d's columns. Differencing first avoids cancellation between large sums.
-    y = x if rows.identity else F.interpolate(x, size=(rows.count, w), mode="bilinear", align_corners=False)
-    y = y.reshape(-1, w)
-    diff = y[:, 1:] - y[:, :-1]
-    g = grad_q.reshape(-1, cols.count)
-    lo_clamped = cols.lo.clamp_max(w - 2)
-    lo = lo_clamped.tolist()
-    out = torch.empty(cols.count, dtype=acc, device=x.device)
-    for start in range(0, cols.count, _BLOCK):
-        stop = min(start + _BLOCK, cols.count)
-        first, last = min(lo[start:stop]), max(lo[start:stop])
-        band = g[:, start:stop].t() @ diff[:, first : last + 1]  # (block, band width)
-        j = torch.arange(stop - start, device=x.device)
-        out[start:stop] = band[j, lo_clamped[start:stop] - first]
-    return torch.where(cols.hi > cols.lo, out, 0)
+    ``grid_sampler_2d_backward`` computes both from the (N, 2h, 2w, 2) grid of query
+    points; its coordinate gradients are summed over the other axis and mapped from
+    normalised to pixel units. Low-precision inputs are handled in float32, so the
+    coordinates keep their precision.
+    """
+    n, _, h, w = x.shape
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    grid_y = (2 * rows.pos + 1) / h - 1  # pixel -> normalised coordinates (align_corners=False)
+    grid_x = (2 * cols.pos + 1) / w - 1
+    grid = torch.stack(torch.broadcast_tensors(grid_x[None, :], grid_y[:, None]), dim=-1)
+    grid = grid.to(dtype).expand(n, -1, -1, -1).contiguous()
+    grad_x, grad_grid = torch.ops.aten.grid_sampler_2d_backward(
+        grad_q.to(dtype), x.to(dtype), grid, 0, 1, False, [need_x, True]
+    )
+    acc = torch.promote_types(rows.pos.dtype, dtype)
+    grad_h = grad_grid[..., 1].sum((0, 2), dtype=acc) * (2 / h)
+    grad_w = grad_grid[..., 0].sum((0, 1), dtype=acc) * (2 / w)
+    return (grad_x.to(x.dtype) if need_x else None), grad_h, grad_w
 
 
 class _MaxQueryPool(torch.autograd.Function):
@@ -221,31 +194,24 @@ class _MaxQueryPool(torch.autograd.Function):
         grad_q = torch.ops.aten.max_pool2d_with_indices_backward(
             grad_out.contiguous(memory_format=fmt), like, [2, 2], [2, 2], [0, 0], [1, 1], False, idx
         )
-        grad_x = grad_h = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_q
-            if not identity:
+        need_x, need_h, need_w = ctx.needs_input_grad
+        if not identity and (need_h or need_w):
+            grad_x, grad_h, grad_w = _sampler_backward(grad_q, x, rows, cols, need_x)
+        else:
+            grad_x = grad_q if need_x and identity else None
+            if need_x and not identity:
                 grad_x = torch.ops.aten.upsample_bilinear2d_backward(
                     grad_q, [rows.count, cols.count], list(x.shape), False
                 )
-        if ctx.needs_input_grad[1]:
-            acc = torch.promote_types(rows.frac.dtype, x.dtype)
-            if x.shape[2] == 1:
-                grad_h = torch.zeros(rows.count, dtype=acc, device=x.device)
-            elif identity:
-                grad_h = _identity_slopes(grad_q, x, acc, dim=2)
-            else:
-                grad_h = _row_slopes(grad_q, x, rows, cols, acc)
-            grad_h = torch.where(rows.inside, grad_h, 0).to(rows.frac.dtype)
-        if ctx.needs_input_grad[2]:
-            acc = torch.promote_types(cols.frac.dtype, x.dtype)
-            if x.shape[3] == 1:
-                grad_w = torch.zeros(cols.count, dtype=acc, device=x.device)
-            elif identity:
-                grad_w = _identity_slopes(grad_q, x, acc, dim=3)
-            else:
-                grad_w = _col_slopes(grad_q, x, rows, cols, acc)
-            grad_w = torch.where(cols.inside, grad_w, 0).to(cols.frac.dtype)
+            acc_h = torch.promote_types(rows.pos.dtype, x.dtype)
+            acc_w = torch.promote_types(cols.pos.dtype, x.dtype)
+            grad_h = _identity_slopes(grad_q, x, acc_h, dim=2) if need_h else None
+            grad_w = _identity_slopes(grad_q, x, acc_w, dim=3) if need_w else None
+        # Zero where a coordinate is clamped or exactly on the border (grid_sample's rule).
+        if need_h:
+            grad_h = torch.where(rows.inside, grad_h, 0).to(rows.pos.dtype)
+        if need_w:
+            grad_w = torch.where(cols.inside, grad_w, 0).to(cols.pos.dtype)
         return grad_x, grad_h, grad_w
 
 
