@@ -13,9 +13,14 @@ to ``[0, n - 1]``; its gradient is zero where it is clamped *or* lies exactly on
 the border; on a pixel centre the slope is taken towards the next pixel.
 
 Max aggregation has a hand-written backward: the winner of each cell gets the
-whole gradient (as in ``max_pool2d``), the input gradient is the interpolation's
-adjoint, and a query coordinate's gradient is the sum, over the cells it won, of
-the upstream gradient times the interpolated slope along its axis.
+whole gradient (``max_pool2d``'s indices and backward). From there, the general
+case gets the input and coordinate gradients from one fused
+``grid_sampler_2d_backward`` pass. When every query point is a pixel (even
+sizes at r = 0.5, the layer is then exactly ``MaxPool2d(2, 2)``), the input
+gradient is ``max_pool2d``'s own and a coordinate's gradient is
+``sum(grad * (x[i+1] - x[i]))`` along its axis, computed with batched matmuls
+that never materialise the product. Inference skips the indices: the max of each
+2x2 block is three elementwise maxima.
 """
 
 from __future__ import annotations
