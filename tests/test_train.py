@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -195,3 +196,20 @@ def test_resume_without_checkpoint_is_an_error(tmp_path):
 def test_plot_needs_records(tmp_path):
     with pytest.raises(ValueError, match="no epoch records"):
         plot_history([], tmp_path / "x.png")
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")],
+        ),
+    ],
+)
+def test_amp_steps_keep_float32_alphas(device):
+    model = _model()
+    records = fit(model, _loader(64), epochs=1, max_steps=2, lam=10.0, device=device, amp=True, progress=False)
+    assert math.isfinite(records[0]["loss"]) and records[0]["step"] == 2
+    assert all(p.alpha.dtype == torch.float32 and p.alpha.device.type == device for _, p in _pools(model))
