@@ -150,16 +150,21 @@ def run() -> list[Row]:
 
     # The straightforward formulations are slow: fewer repeats, DynOPool2d timed alongside.
     contenders = {
+        "maxpool": _train_step(pool, x),
         "dynopool": _train_step(half, x),
         "grid_sample": _train_step(_Functional(grid_sample_pool, 0.5), x),
         "separable": _train_step(_Functional(separable_pool, 0.5), x),
+        "dynopool_general": _train_step(general, x),
+        "grid_sample_general": _train_step(_Functional(grid_sample_pool, 0.47), x),
     }
     slow = median_times(contenders, repeats=3, warmup=1)
     speedup = slow["grid_sample"] / slow["dynopool"]
     rows.append(Row("layer", "r=0.5 grid_sample / DynOPool2d fwd+bwd", speedup, "x", ">= 4", speedup >= 4))
-    rows.append(
-        Row("layer", "r=0.5 autograd separable / DynOPool2d fwd+bwd", slow["separable"] / slow["dynopool"], "x")
-    )
+    rows.append(Row("layer", "r=0.5 grid_sample fwd+bwd / MaxPool", slow["grid_sample"] / slow["maxpool"], "x"))
+    separable = slow["separable"] / slow["dynopool"]
+    rows.append(Row("layer", "r=0.5 autograd separable / DynOPool2d fwd+bwd", separable, "x"))
+    general_speedup = slow["grid_sample_general"] / slow["dynopool_general"]
+    rows.append(Row("layer", "r=0.47 grid_sample / DynOPool2d fwd+bwd", general_speedup, "x"))
 
     base_mem = saved_bytes(pool, x)
     for module, label in ((half, "r=0.5"), (general, "r=0.47")):
