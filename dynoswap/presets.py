@@ -32,14 +32,16 @@ class ConvertOptions:
         input_size: (H, W) the model is converted at.
         num_classes: Classifier size of the backbone.
         placement: ``"post"`` (DynOPool after a strided conv made stride 1) or ``"pre"``.
-        init_scale: Initial scale factor r of every DynOPool.
-        first_init_scale: Initial r of the first DynOPool (Table 2); None keeps ``init_scale``.
+        init_scale: Initial scale factor r of every DynOPool; None keeps each resizer's own
+            1/stride (0.5, or 0.25 where a strided conv and a pool merge), the paper's choice.
+        first_init_scale: Initial r of the first DynOPool (Table 2) where it departs from the
+            human design; None keeps the design.
     """
 
     input_size: tuple[int, int] = (224, 224)
     num_classes: int | None = None
     placement: str = "post"
-    init_scale: float = 0.5
+    init_scale: float | None = None
     first_init_scale: float | None = None
 
 
@@ -142,7 +144,7 @@ def _parse_convert(data: dict[str, Any], where: str) -> ConvertOptions:
         opts.num_classes = _number(data["num_classes"], "num_classes", where, int)
     if "placement" in data:
         opts.placement = _choice(data["placement"], "placement", PLACEMENTS, where)
-    if "init_scale" in data:
+    if data.get("init_scale") is not None:
         opts.init_scale = _number(data["init_scale"], "init_scale", where)
     if data.get("first_init_scale") is not None:
         opts.first_init_scale = _number(data["first_init_scale"], "first_init_scale", where)

@@ -47,8 +47,9 @@ def test_presets_match_supplement_tables(dataset, variant):
         lr, alpha_lr, batch, gpus, epochs = TABLE1[dataset][i]
         assert (preset.backbone, preset.dataset, preset.variant) == (backbone, dataset, variant)
         assert preset.train.gmacs_lambda == pytest.approx(lam, rel=0, abs=1e-12)
-        assert preset.convert.first_init_scale == first
-        assert preset.convert.init_scale == 0.5
+        # 0.5 is the human design (the rule's own 1/stride): kept as None, only departures are set.
+        assert preset.convert.first_init_scale == (None if first == 0.5 else first)
+        assert preset.convert.init_scale is None
         assert preset.convert.placement == "post"
         assert preset.convert.input_size == INPUT[dataset]
         t = preset.train

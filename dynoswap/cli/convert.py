@@ -123,7 +123,7 @@ def run_conversion(model: nn.Module, plan: ConvertPlan, source: Any) -> tuple[nn
         )
 
     first = plan.first_init_scale
-    if first is None or first == (plan.init_scale if plan.init_scale is not None else 0.5) or plan.sizes:
+    if first is None or plan.sizes:
         return once(plan.overrides, model)
     # The first DynOPool's node name is only known after a conversion: convert a copy to find it.
     _, probe = once(plan.overrides, copy.deepcopy(model))
