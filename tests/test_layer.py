@@ -234,7 +234,7 @@ def test_channels_last(seeded, scale):
     grad = torch.randn_like(out)
     ga = torch.autograd.grad(out, (x, layer.alpha), grad)
     ga_cl = torch.autograd.grad(out_cl, (x_cl, layer.alpha), grad)
-    torch.testing.assert_close(ga_cl[0], ga[0], rtol=0, atol=0)
+    torch.testing.assert_close(ga_cl[0], ga[0])  # same sums, possibly in another order
     torch.testing.assert_close(ga_cl[1], ga[1])
 
 
