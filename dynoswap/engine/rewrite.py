@@ -177,7 +177,9 @@ def _single_user(node: fx.Node) -> fx.Node | None:
     return None
 
 
-def _walk(start: fx.Node, pools: dict[fx.Node, Resizer], modules: dict[str, nn.Module], taken: set) -> tuple:
+def _walk(
+    start: fx.Node, pools: dict[fx.Node, Resizer], modules: dict[str, nn.Module], taken: set[fx.Node]
+) -> tuple[fx.Node, list[Resizer]]:
     """From ``start``, follow single-user size-preserving ops; return (last op before a pool, pools met)."""
     node, anchor, merged = start, start, []
     while True:
@@ -235,14 +237,10 @@ def plan_sites(
             site.rule = "conv_post" if r.kind == "conv" else "patchify_post"
             site.anchor, site.merged = _walk(r.node, pools, modules, taken)
         site.init_scale = _scale(site.resizers)
-        site.name = _site_name(r, gm)
+        site.name = f"{node_label(r.node)}_dynopool"
         sites.append(site)
     _dedupe_names(sites)
     return sites, kept
-
-
-def _site_name(r: Resizer, gm: fx.GraphModule) -> str:
-    return f"{node_label(r.node)}_dynopool"
 
 
 def _dedupe_names(sites: list[Site]) -> None:
