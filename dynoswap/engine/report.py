@@ -50,6 +50,13 @@ class Skipped:
     reason: str
 
 
+def _describe(was: dict[str, Any]) -> str:
+    """``Conv2d 3x3/2``: op, kernel, stride."""
+    (kh, kw), (sh, sw) = was["kernel"], was["stride"]
+    stride = f"{sh}" if sh == sw else f"{sh}x{sw}"
+    return f"{was['op']} {kh}x{kw}/{stride}"
+
+
 @dataclass
 class ConversionReport:
     """Outcome of :func:`dynoswap.convert`."""
@@ -92,16 +99,18 @@ class ConversionReport:
 
         title = f"{self.model}: {self.num_dynopools} DynOPool, {self.num_alphas} alpha ({self.placement})"
         table = Table(title=title)
-        for col in ("node", "was", "rule", "dynopool", "init scale", "group"):
+        for col in ("node", "was", "rule", "dynopool", "init scale", "group", "note"):
             table.add_column(col)
         for rep in self.replacements:
-            was = f"{rep.was['op']} k{tuple(rep.was['kernel'])} s{tuple(rep.was['stride'])}"
-            if rep.merged:
-                was += " + " + ", ".join(m["name"] for m in rep.merged)
-            scale = f"({rep.init_scale[0]:.4g}, {rep.init_scale[1]:.4g})"
-            table.add_row(rep.name, was, rep.rule, rep.dynopool, scale, str(rep.group))
+            note = "merged " + ", ".join(m["name"] for m in rep.merged) if rep.merged else ""
+            scale = (
+                f"{rep.init_scale[0]:.4g}"
+                if rep.init_scale[0] == rep.init_scale[1]
+                else "{:.4g}x{:.4g}".format(*rep.init_scale)
+            )
+            table.add_row(rep.name, _describe(rep.was), rep.rule, rep.dynopool, scale, str(rep.group), note)
         for skip in self.skipped:
-            table.add_row(skip.name, skip.op, "kept", "", "", skip.reason)
+            table.add_row(skip.name, skip.op, "kept", "", "", "", skip.reason)
         return table
 
     def __str__(self) -> str:
