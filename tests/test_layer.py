@@ -193,6 +193,11 @@ def test_bad_arguments_raise_value_error(make, message):
         make()
 
 
+def test_mismatched_upstream_size_raises():
+    with pytest.raises(ValueError, match="does not match the input's spatial size"):
+        DynOPool2d()(torch.randn(1, 1, 8, 8), in_size_st=torch.tensor([8.0, 9.0]))
+
+
 def test_non_positive_alpha_raises_in_forward():
     layer = DynOPool2d()
     with torch.no_grad():

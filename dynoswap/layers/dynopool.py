@@ -147,6 +147,11 @@ class DynOPool2d(nn.Module):
         pos_dtype = torch.promote_types(alpha.dtype, torch.float32)
         if in_size_st is None:
             in_size_st = torch.tensor((h, w), dtype=pos_dtype, device=alpha.device)
+        elif in_size_st.detach().tolist() != [h, w]:
+            raise ValueError(
+                f"in_size_st {in_size_st.detach().tolist()} does not match the input's spatial size {[h, w]}: "
+                "pass the straight-through size that produced this input (e.g. the upstream layer's last_size_st)"
+            )
         size = straight_through_size(in_size_st.to(pos_dtype), alpha.to(pos_dtype))
         pos_h = query_positions(h, size[0]).to(x.device)
         pos_w = query_positions(w, size[1]).to(x.device)
