@@ -127,6 +127,30 @@ def test_alpha_gradient_matches_finite_difference_of_relaxation(seeded):
     torch.testing.assert_close(layer.alpha.grad, torch.tensor(numeric, dtype=F64), rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("shape", [(2, 2, 12, 15), (1, 3, 20, 15)])
+def test_pixel_centre_slope_is_the_right_derivative(seeded, shape):
+    # Rows: even height at r = 0.5, every query row on a pixel centre, where the output is
+    # not differentiable; the convention (slope towards the next pixel) is the derivative
+    # from the right, since every query point moves up as alpha grows. Columns: 15 / 2.5 = 6
+    # cells, query points between pixels, an ordinary central difference.
+    x = torch.randn(shape, dtype=F64)
+    layer = DynOPool2d((0.5, 0.4)).double()
+    layer.set_scale((0.5, 0.4))
+    weights = torch.randn_like(layer(x))
+    weights[:, :, 0] = 0  # row 0 sits on the border: zero gradient there, unlike a one-sided difference
+    (layer(x) * weights).sum().backward()
+    alpha = layer.alpha.detach()
+
+    def loss(a: torch.Tensor) -> float:
+        return (reference_dynopool(x, a, continuous=True) * weights).sum().item()
+
+    eps = 1e-7
+    right = (loss(alpha + torch.tensor([eps, 0.0], dtype=F64)) - loss(alpha)) / eps
+    step = torch.tensor([0.0, eps], dtype=F64)
+    central = (loss(alpha + step) - loss(alpha - step)) / (2 * eps)
+    torch.testing.assert_close(layer.alpha.grad, torch.tensor([right, central], dtype=F64), rtol=1e-5, atol=1e-6)
+
+
 def test_size_rule_and_straight_through_gradient():
     layer = DynOPool2d((0.5, 0.3))
     assert layer.output_size((224, 10)) == (112, 3)

@@ -158,16 +158,28 @@ def _sampler_backward(
     """
     n, _, h, w = x.shape
     dtype = torch.promote_types(x.dtype, torch.float32)
-    grid_y = (2 * rows.pos + 1) / h - 1  # pixel -> normalised coordinates (align_corners=False)
-    grid_x = (2 * cols.pos + 1) / w - 1
-    grid = torch.stack(torch.broadcast_tensors(grid_x[None, :], grid_y[:, None]), dim=-1)
-    grid = grid.to(dtype).expand(n, -1, -1, -1).contiguous()
-    grad_x, grad_grid = torch.ops.aten.grid_sampler_2d_backward(
-        grad_q.to(dtype), x.to(dtype), grid, 0, 1, False, [need_x, True]
-    )
     acc = torch.promote_types(rows.pos.dtype, dtype)
+
+    def sampler_grads(shift_h: float, shift_w: float, need_input: bool):
+        grid_y = (2 * (rows.pos + shift_h) + 1) / h - 1  # pixel -> normalised (align_corners=False)
+        grid_x = (2 * (cols.pos + shift_w) + 1) / w - 1
+        grid = torch.stack(torch.broadcast_tensors(grid_x[None, :], grid_y[:, None]), dim=-1)
+        grid = grid.to(dtype).expand(n, -1, -1, -1).contiguous()
+        return torch.ops.aten.grid_sampler_2d_backward(
+            grad_q.to(dtype), x.to(dtype), grid, 0, 1, False, [need_input, True]
+        )
+
+    grad_x, grad_grid = sampler_grads(0.0, 0.0, need_x)
     grad_h = grad_grid[..., 1].sum((0, 2), dtype=acc) * (2 / h)
     grad_w = grad_grid[..., 0].sum((0, 1), dtype=acc) * (2 / w)
+    # On an axis whose points all sit on pixel centres, the normalise/unnormalise round
+    # trip can land a hair below the centre and take the slope from the wrong side.
+    # The slope is constant within a pixel interval, so a quarter-pixel shift up picks
+    # the interval towards the next pixel (our convention) without changing its value.
+    if rows.exact:
+        grad_h = sampler_grads(0.25, 0.0, False)[1][..., 1].sum((0, 2), dtype=acc) * (2 / h)
+    if cols.exact:
+        grad_w = sampler_grads(0.0, 0.25, False)[1][..., 0].sum((0, 1), dtype=acc) * (2 / w)
     return (grad_x.to(x.dtype) if need_x else None), grad_h, grad_w
 
 
