@@ -1,32 +1,58 @@
-"""dynoswap: put DynOPool's learnable resizing into any torchvision or timm CNN."""
+"""dynoswap: put DynOPool's learnable resizing into any torchvision or timm CNN.
 
-from .cost import alphas, count_gmacs, gmacs_loss, param_groups, stage_sizes
-from .engine import ConversionError, ConversionReport, TraceError, convert
-from .io import load, save
-from .layers import DynOPool2d
-from .models import ModelSource, build_model, resolve
-from .presets import Preset, load_preset
-from .train import fit
+Public names load lazily (PEP 562), so ``dynoswap --help`` and light imports do
+not pay for importing torch, torchvision and timm.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .version import __version__
 
-__all__ = [
-    "ConversionError",
-    "ConversionReport",
-    "DynOPool2d",
-    "ModelSource",
-    "Preset",
-    "TraceError",
-    "convert",
-    "load",
-    "save",
-    "__version__",
-    "alphas",
-    "build_model",
-    "load_preset",
-    "resolve",
-    "count_gmacs",
-    "gmacs_loss",
-    "param_groups",
-    "stage_sizes",
-    "fit",
-]
+#: public name -> submodule that defines it
+_EXPORTS: dict[str, str] = {
+    "DynOPool2d": "layers",
+    "convert": "engine",
+    "ConversionError": "engine",
+    "ConversionReport": "engine",
+    "TraceError": "engine",
+    "save": "io",
+    "load": "io",
+    "count_gmacs": "cost",
+    "stage_sizes": "cost",
+    "gmacs_loss": "cost",
+    "param_groups": "cost",
+    "alphas": "cost",
+    "ModelSource": "models",
+    "build_model": "models",
+    "resolve": "models",
+    "Preset": "presets",
+    "load_preset": "presets",
+    "fit": "train",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+if TYPE_CHECKING:
+    from .cost import alphas, count_gmacs, gmacs_loss, param_groups, stage_sizes  # noqa: F401
+    from .engine import ConversionError, ConversionReport, TraceError, convert  # noqa: F401
+    from .io import load, save  # noqa: F401
+    from .layers import DynOPool2d  # noqa: F401
+    from .models import ModelSource, build_model, resolve  # noqa: F401
+    from .presets import Preset, load_preset  # noqa: F401
+    from .train import fit  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dynoswap' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

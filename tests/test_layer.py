@@ -403,3 +403,15 @@ def test_float32_alpha_gradient_on_smooth_offset_images(seeded, scale):
         layer(x.to(dtype).requires_grad_()).sum().backward()
         grads.append(layer.alpha.grad.double())
     assert_rel_close(grads[0], grads[1], rel=1e-4)
+
+
+def test_copies_after_a_training_forward_drop_the_graph_tensor():
+    import pickle
+
+    pool = DynOPool2d((0.4, 0.7))
+    pool(torch.randn(1, 2, 9, 11, requires_grad=True)).sum().backward()
+    assert pool.last_size_st is not None and pool.last_size_st.grad_fn is not None
+    for clone in (copy.deepcopy(pool), pickle.loads(pickle.dumps(pool))):
+        assert clone.last_size_st is None
+        assert torch.equal(clone.alpha, pool.alpha)
+        assert clone.last_out_size == pool.last_out_size == (4, 8)

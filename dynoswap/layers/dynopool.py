@@ -87,6 +87,13 @@ class DynOPool2d(nn.Module):
                 return owner.alpha
         return super().__getattr__(name)
 
+    def __getstate__(self) -> dict:
+        # The last straight-through size belongs to the autograd graph of the last
+        # forward: copies and pickles start without it (deepcopy of a graph tensor fails).
+        state = super().__getstate__()
+        state["last_size_st"] = None
+        return state
+
     @property
     def leader(self) -> DynOPool2d:
         """The layer that owns this layer's ``alpha`` (itself when untied)."""
