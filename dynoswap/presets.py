@@ -1,7 +1,8 @@
 """YAML presets from the supplement's Tables 1 and 2: conversion options and training hyperparameters.
 
 Presets are looked up in ``$DYNOSWAP_CONFIGS`` (``os.pathsep``-separated directories) and then in
-the repository's ``configs/`` next to the package; a path to a YAML file works too.
+the package's ``configs/`` (the repository's top-level ``configs/``, shipped in the wheel);
+a path to a YAML file works too.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 ENV_VAR = "DYNOSWAP_CONFIGS"
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "configs"
+# In a checkout dynoswap/configs links to the top-level configs/; a wheel carries the files themselves.
+BUILTIN_DIR = Path(__file__).resolve().parent / "configs"
 PLACEMENTS = ("post", "pre")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("cosine", "step", "constant", "poly")
