@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,14 +48,23 @@ class UsageError(CliError):
 
 
 # -- consoles -----------------------------------------------------------------
+#: Width of tables written to a pipe or log (rich would fall back to 80 and fold the node names).
+PIPE_WIDTH = 120
+
+
+def _console(file: Any) -> Console:
+    width = None if file.isatty() or "COLUMNS" in os.environ else PIPE_WIDTH
+    return Console(file=file, highlight=False, soft_wrap=False, width=width)
+
+
 def out_console() -> Console:
     """Console on stdout; made per call so test runners that swap sys.stdout are honoured."""
-    return Console(file=sys.stdout, highlight=False, soft_wrap=False)
+    return _console(sys.stdout)
 
 
 def err_console() -> Console:
     """Console on stderr, for human text next to machine-readable stdout."""
-    return Console(file=sys.stderr, highlight=False, soft_wrap=False)
+    return _console(sys.stderr)
 
 
 def print_json(data: dict[str, Any]) -> None:

@@ -58,13 +58,12 @@ def dynopool_table(rows: list[dict[str, Any]]) -> Table:
         table.add_column(col, no_wrap=True)
     table.add_column("group", overflow="fold")
     for row in rows:
-        group = "" if row["group"] == row["name"] else row["group"]
         table.add_row(
             row["name"],
             fmt_pair(row["alpha"]),
             fmt_pair(row["scale"]),
             f"{fmt_size(row['in'])} → {fmt_size(row['out'])}",
-            group,
+            row["group"],
         )
     return table
 
