@@ -20,7 +20,7 @@ from dynoswap.train import (
     read_log,
     small_vgg,
 )
-from dynoswap.train.checkpointing import load_checkpoint
+from dynoswap.train.checkpointing import load_checkpoint, save_checkpoint
 
 
 def _model(widths=(8, 16, 32), seed=0):
@@ -174,9 +174,25 @@ def test_log_plot_and_saved_model_of_a_tiny_run(tmp_path):
     assert log[-1]["gmacs"] == pytest.approx(float(dynoswap.gmacs_loss(model).detach()))
     png = plot_history(log, tmp_path / "plot.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # Each checkpoint is also a dynoswap save that loads with the trained alphas.
+    # Each checkpoint is also a dynoswap save that loads with the trained alphas; its weights are stored once.
     loaded = load(tmp_path / "checkpoint" / "model")
     assert [p.alpha.tolist() for _, p in _pools(loaded)] == [p.alpha.tolist() for _, p in _pools(model)]
+    assert not (tmp_path / "checkpoint" / "weights.safetensors").exists()
+
+
+def test_checkpoint_of_a_model_without_source_keeps_a_plain_state_dict(tmp_path):
+    torch.manual_seed(0)
+    model, _ = convert(small_vgg(widths=[8, 16, 32]), (32, 32))  # no source=: dynoswap.load cannot rebuild it
+    with torch.no_grad():
+        for _, pool in _pools(model):
+            pool.alpha.add_(0.25)
+    folder = save_checkpoint(tmp_path, model, {"epoch": 3})
+    assert (folder / "weights.safetensors").is_file() and not (folder / "model").exists()
+    torch.manual_seed(1)
+    fresh, _ = convert(small_vgg(widths=[8, 16, 32]), (32, 32))
+    assert load_checkpoint(find_checkpoint(tmp_path), fresh) == {"epoch": 3}
+    for (key, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items(), strict=True):
+        assert torch.equal(a, b), key
 
 
 def test_fit_errors():

@@ -94,10 +94,19 @@ def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
     return document
 
 
-def load(path: str | os.PathLike) -> nn.Module:
-    """Rebuild a saved converted model: base model from its source, conversion replayed, weights loaded strictly."""
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read the full state dict of a saved model directory, keys stored once expanded to every alias."""
     from safetensors.torch import load_file
 
+    document = read_recipe(path)
+    state = load_file(str(Path(path) / WEIGHTS_FILE))
+    for alias, key in document.get("aliases", {}).items():
+        state[alias] = state[key]
+    return state
+
+
+def load(path: str | os.PathLike) -> nn.Module:
+    """Rebuild a saved converted model: base model from its source, conversion replayed, weights loaded strictly."""
     from ..models import ModelSource, build_model
 
     document = read_recipe(path)
@@ -107,8 +116,5 @@ def load(path: str | os.PathLike) -> nn.Module:
     options["leaf_modules"] = [leaf_from_json(s) for s in options.get("leaf_modules", [])]
     base = build_model(source.library, source.name, source.kwargs)
     gm, _ = convert(base, tuple(recipe["input_size"]), source=source, check=False, **options)
-    state = load_file(str(Path(path) / WEIGHTS_FILE))
-    for alias, key in document.get("aliases", {}).items():
-        state[alias] = state[key]
-    gm.load_state_dict(state, strict=True)
+    gm.load_state_dict(read_weights(path), strict=True)
     return gm

@@ -2,8 +2,9 @@
 
 Layout of ``OUT/checkpoint/``::
 
-    model/              dynoswap.save() output (recipe.json + model.safetensors), when the model has a recipe
-    weights.safetensors the exact state_dict, which ``--resume`` loads
+    model/              dynoswap.save() output (recipe.json + model.safetensors), when the model has a
+                        recipe with its source; ``--resume`` loads its weights
+    weights.safetensors the state_dict instead, for a model that dynoswap.load could not rebuild
     train_state.pt      optimiser, scheduler, scaler, epoch, step and RNG states
                         (plain tensors and containers: loaded with weights_only=True)
 
@@ -72,7 +73,7 @@ def _save_model_dir(model: nn.Module, path: Path) -> bool:
     """``dynoswap.save`` when the model carries a recipe with its source; returns whether it did.
 
     A model converted without ``source=`` cannot be rebuilt by ``dynoswap.load``, so it
-    only gets ``weights.safetensors`` (enough for ``--resume``).
+    gets ``weights.safetensors`` instead (enough for ``--resume``).
     """
     meta = getattr(model, "meta", None)
     recipe = meta.get("dynoswap") if isinstance(meta, dict) else None
@@ -102,9 +103,9 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, state: dict[str, Any]
     old = out / f"{CHECKPOINT_DIR}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(_state_dict_for_file(model), str(tmp / WEIGHTS_FILE))
+    if not _save_model_dir(model, tmp / MODEL_DIR):
+        save_file(_state_dict_for_file(model), str(tmp / WEIGHTS_FILE))
     torch.save(state, tmp / STATE_FILE)
-    _save_model_dir(model, tmp / MODEL_DIR)
     # Swap: a complete checkpoint exists under one of the two names at every moment.
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -114,12 +115,22 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, state: dict[str, Any]
     return final
 
 
+def _has_weights(folder: Path) -> bool:
+    from ..io.saving import RECIPE_FILE
+    from ..io.saving import WEIGHTS_FILE as MODEL_WEIGHTS
+
+    model_dir = folder / MODEL_DIR
+    return (folder / WEIGHTS_FILE).is_file() or (
+        (model_dir / RECIPE_FILE).is_file() and (model_dir / MODEL_WEIGHTS).is_file()
+    )
+
+
 def find_checkpoint(out_dir: str | Path) -> Path | None:
     """Return the newest complete checkpoint folder under ``out_dir``, or ``None``."""
     out = Path(out_dir)
     for name in (CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.old"):
         folder = out / name
-        if (folder / WEIGHTS_FILE).is_file() and (folder / STATE_FILE).is_file():
+        if _has_weights(folder) and (folder / STATE_FILE).is_file():
             return folder
     return None
 
@@ -127,7 +138,12 @@ def find_checkpoint(out_dir: str | Path) -> Path | None:
 def load_checkpoint(folder: str | Path, model: nn.Module) -> dict[str, Any]:
     """Load weights (alphas included) into ``model`` and return the training state."""
     folder = Path(folder)
-    weights = load_file(str(folder / WEIGHTS_FILE))
+    if (folder / WEIGHTS_FILE).is_file():
+        weights = load_file(str(folder / WEIGHTS_FILE))
+    else:
+        from ..io.saving import read_weights
+
+        weights = read_weights(folder / MODEL_DIR)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ValueError(
