@@ -32,7 +32,8 @@ def main(argv: list[str]) -> int:
         for row in module.run():
             ok = "" if row.ok is None else ("yes" if row.ok else "NO")
             table.add_row(row.group, row.name, f"{row.value:.3g} {row.unit}", row.target, ok)
-    Console().print(table)
+    # Piped output (logs, CI) would otherwise fold the table to 80 columns.
+    Console(width=None if sys.stdout.isatty() else 120).print(table)
     return 0
 
 
