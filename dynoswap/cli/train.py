@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from .common import DebugOption, InputSizeOption, ModelKwargsOption, UsageError, handle_errors, parse_kwargs
+from .common import DebugOption, ModelKwargsOption, UsageError, handle_errors, parse_kwargs
 
 if TYPE_CHECKING:
     from torch import nn
@@ -140,7 +140,9 @@ def train_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of weights, data order and synthetic data."),
     workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: GPU if any)."),
-    input_size: tuple[int, int] | None = InputSizeOption,
+    input_size: tuple[int, int] | None = typer.Option(
+        None, "--input-size", metavar="H W", help="Input height and width (default: the data set's own size)."
+    ),
     model_kwargs: list[str] | None = ModelKwargsOption,
     placement: str | None = typer.Option(None, "--placement", help="post or pre (conversion rule)."),
     init_scale: float | None = typer.Option(None, "--init-scale", metavar="R", help="Initial scale of every DynOPool."),
