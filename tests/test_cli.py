@@ -231,6 +231,32 @@ def test_pickled_code_checkpoint_is_refused(tmp_path):
     assert not marker.exists()
 
 
+def test_refusal_of_a_plain_pickle_is_the_only_line_on_stderr(tmp_path):
+    import pickle
+
+    marker = tmp_path / "marker"
+
+    class WritesMarker:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    ckpt = tmp_path / "evil.pkl"
+    ckpt.write_bytes(pickle.dumps({"fc.bias": WritesMarker()}, protocol=4))  # torch warns about protocol 4
+    # A real process: in-process runners route warnings to pytest instead of stderr.
+    proc = subprocess.run(
+        [sys.executable, "-m", "dynoswap", "convert", *SMALL, "--weights", str(ckpt)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **ENV},
+        timeout=300,
+    )
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: refused") and "pickled code" in lines[0], proc.stderr
+    assert not marker.exists()
+
+
 def test_key_mismatch_table_and_exit_1(tmp_path):
     from dynoswap.models import build_model
 
