@@ -313,7 +313,7 @@ def test_config_first_init_scale_becomes_an_override(tmp_path):
 
 
 def test_round_trip_weights_through_convert_and_load(tmp_path):
-    saving = pytest.importorskip("dynoswap.io.saving")
+    from dynoswap.io import saving
     from dynoswap.models import build_model
 
     torch.manual_seed(3)

@@ -10,11 +10,17 @@ import pytest
 import torch
 import torchvision
 
-from dynoswap.cost import MACS_PER_OUTPUT, count_gmacs, gmacs_loss, resolution_graph, stage_sizes
+from dynoswap.cost import (
+    MACS_PER_OUTPUT,
+    count_gmacs,
+    gmacs_loss,
+    original_stage_sizes,
+    resolution_graph,
+    stage_sizes,
+)
+from dynoswap.engine import convert
 from dynoswap.layers import DynOPool2d
 from tests.relaxation import central_difference
-
-convert = pytest.importorskip("dynoswap.engine").convert
 
 SIZE = (224, 224)
 IMAGENET_STAGES = [(224, 224), (112, 112), (56, 56), (28, 28), (14, 14), (7, 7)]
@@ -121,7 +127,8 @@ def test_stage_sizes_of_unconverted_models_convert_a_copy(originals):
 
 @pytest.mark.parametrize("name", ["mobilenetv3_small_100", "convnext_atto"])
 def test_timm_converted_loss_equals_count_after_moving(name):
-    timm = pytest.importorskip("timm")
+    import timm
+
     gm, _ = convert(timm.create_model(name, pretrained=False, num_classes=10), input_size=(64, 64))
     assert gmacs_loss(gm).item() == pytest.approx(count_gmacs(gm, (64, 64)).total, rel=1e-9)
     pools = [m for _, m in dynopools(gm)]
@@ -130,3 +137,24 @@ def test_timm_converted_loss_equals_count_after_moving(name):
     moved = count_gmacs(gm, (64, 64))
     assert {m.last_out_size for m in pools} == set(stage_sizes(gm)[1:])  # predicted = what the forward produced
     assert gmacs_loss(gm).item() == pytest.approx(moved.total, rel=1e-9)
+
+
+def test_plain_model_stages_are_what_the_original_layers_output_at_odd_sizes():
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    size = (97, 131)  # pools floor where DynOPool rounds: the converted stem would give 24x33, not 25x33
+    outputs = []
+    hooks = [
+        getattr(model, f"layer{i}").register_forward_hook(lambda _m, _i, out: outputs.append(tuple(out.shape[-2:])))
+        for i in range(1, 5)
+    ]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, *size))
+    for hook in hooks:
+        hook.remove()
+    assert outputs[0] == (25, 33)
+    assert stage_sizes(model, size) == [size, *outputs]
+    gm, report = convert(model, size)
+    assert stage_sizes(gm)[1] == (24, 33)
+    assert original_stage_sizes(gm, report) == [size, *outputs]

@@ -48,16 +48,6 @@ class ConvertPlan:
     overrides: dict[str, Any] | None
     sizes: list[tuple[int, int]] | None
 
-    def is_default(self) -> bool:
-        """Whether the conversion keeps every resizer's own scale (no scale, size or placement option)."""
-        return (
-            self.placement == "post"
-            and self.init_scale is None
-            and self.first_init_scale is None
-            and not self.overrides
-            and not self.sizes
-        )
-
 
 def _load_preset(preset: str | None, config: Path | None) -> Preset | None:
     from ..presets import load_preset, load_preset_file
@@ -166,6 +156,7 @@ def convert_cmd(
     debug: bool = DebugOption,
 ) -> None:
     """Replace a model's resizers (pooling, strided convs) by DynOPools and report the result."""
+    from ..cost import original_stage_sizes
     from ..io.checkpoint import check_output
     from .render import compare_table, dynopool_table, mismatch_table, replacement_table, skipped_table
     from .summary import summarize
@@ -176,14 +167,11 @@ def convert_cmd(
     loaded = load_model(model, plan.num_classes, model_kwargs, weights, allow_missing)
     if loaded.is_saved:
         raise UsageError(f"{model} is already a converted dynoswap model; use `dynoswap inspect {model}`")
-    # A plain model's stages are by definition those of its conversion at its own scales
-    # (dynoswap.cost.stage_sizes): with default options, reuse the converted model's.
-    same_stages = plan.is_default()
-    before = summarize(loaded.model, plan.input_size, model, loaded.source.library, stages=[] if same_stages else None)
     gm, report = run_conversion(loaded.model, plan, loaded.source)
+    # Row for row with the converted model's stages: what the original resizers produced there.
+    before_stages = original_stage_sizes(gm, report)
+    before = summarize(loaded.model, plan.input_size, model, loaded.source.library, stages=before_stages)
     after = summarize(gm, plan.input_size, model, loaded.source.library)
-    if same_stages:
-        before.stages = list(after.stages)
     report_dict = report.to_dict()
     if output is not None:
         _save(gm, output, force)

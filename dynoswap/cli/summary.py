@@ -8,7 +8,7 @@ The JSON form is the CLI's machine-readable contract::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -63,89 +63,21 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _leader_names(model: nn.Module) -> dict[int, str]:
-    names: dict[int, str] = {}
-    for name, m in model.named_modules():
-        names.setdefault(id(m), name)
-    return names
+def dynopool_rows(model: nn.Module, input_size: tuple[int, int]) -> list[dict[str, Any]]:
+    """One JSON row per DynOPool (name, alpha, scale, in, out, group), from ``dynoswap.alphas``."""
+    from ..cost import alphas
 
-
-def _dynopools_during(model: nn.Module, input_size: tuple[int, int], run: Callable[[], Any]) -> tuple[Any, list, list]:
-    """Call ``run`` (one forward pass of ``model``) and read stages and rows off its DynOPools."""
-    from ..layers import DynOPool2d
-
-    pools = {name: m for name, m in model.named_modules() if isinstance(m, DynOPool2d)}
-    order: list[str] = []
-
-    def record(name: str):
-        def hook(_module: nn.Module, _inputs: Any) -> None:
-            order.append(name)
-
-        return hook
-
-    handles = [m.register_forward_pre_hook(record(name)) for name, m in pools.items()]
-    try:
-        result = run()
-    finally:
-        for h in handles:
-            h.remove()
-    names = _leader_names(model)
-    rows, stages, seen = [], [tuple(input_size)], set()
-    for name in dict.fromkeys(order):  # first call of each layer, in execution order
-        m = pools[name]
-        in_size, out_size = tuple(m.last_in_size), tuple(m.last_out_size)
-        rows.append(
-            {
-                "name": name,
-                "alpha": [float(a) for a in m.alpha.detach().tolist()],
-                "scale": [float(r) for r in m.scale],
-                "in": [int(v) for v in in_size],
-                "out": [int(v) for v in out_size],
-                "group": names.get(id(m.leader), name),
-            }
-        )
-        key = (id(m.leader), in_size)
-        if key not in seen:
-            seen.add(key)
-            stages.append(out_size)
-    return result, [(int(h), int(w)) for h, w in stages], rows
-
-
-def counted_with_dynopools(
-    model: nn.Module, input_size: tuple[int, int]
-) -> tuple[Any, list[tuple[int, int]], list[dict]]:
-    """GMACs count, stage sizes and DynOPool rows of a converted model from one counted forward pass.
-
-    Stages follow ``dynoswap.cost.stage_sizes``: the input, then each DynOPool's output in
-    execution order, once per tie group fed the same resolution (main branch and shortcut).
-    Going through fvcore's single pass instead of recording the resolution graph (three
-    passes) keeps the CLI fast; the test suite checks both give the same stages.
-
-    Returns:
-        (``GmacsCount``, stages, one dict per DynOPool: name, alpha, scale, in, out, group).
-    """
-    from ..cost import count_gmacs
-
-    return _dynopools_during(model, input_size, lambda: count_gmacs(model, input_size))
-
-
-def plain_stage_sizes(model: nn.Module, input_size: tuple[int, int]) -> list[tuple[int, int]]:
-    """Stages of a model without DynOPools: those of its conversion at its own scales (as in ``dynoswap.cost``)."""
-    import copy
-
-    import torch
-
-    from ..cost.count import eval_mode, example_input
-    from ..engine import convert
-
-    gm, _ = convert(copy.deepcopy(model), input_size=input_size)
-    x = example_input(gm, input_size)
-
-    def run() -> None:
-        with eval_mode(gm), torch.no_grad():
-            gm(x)
-
-    return _dynopools_during(gm, input_size, run)[1]
+    return [
+        {
+            "name": row["name"],
+            "alpha": row["alpha"],
+            "scale": [float(r) for r in row["scale"]],
+            "in": [int(v) for v in row["in_size"]],
+            "out": [int(v) for v in row["out_size"]],
+            "group": row["group"],
+        }
+        for row in alphas(model, input_size)
+    ]
 
 
 def _depth_prefix(name: str, depth: int) -> str:
@@ -206,23 +138,25 @@ def summarize(
         depth: Add per-layer rows down to this many dotted name levels.
         stages: Stage sizes when already known (they cost a trace to find).
     """
-    from ..cost import count_gmacs
+    from ..cost import count_gmacs, resolution_graph, stage_sizes
     from ..layers import DynOPool2d
 
     size = (int(input_size[0]), int(input_size[1]))
+    count = count_gmacs(model, size) if depth else None
     if any(isinstance(m, DynOPool2d) for m in model.modules()):
-        count, found, pools = counted_with_dynopools(model, size)
-        stages = stages if stages is not None else found
+        # The recorded resolution graph already holds the count (eq. 7 equals fvcore's total).
+        gmacs = float(resolution_graph(model, size).gmacs(size).detach()) if count is None else count.total
+        pools = dynopool_rows(model, size)
     else:
-        count, pools = count_gmacs(model, size), []
-        stages = stages if stages is not None else plain_stage_sizes(model, size)
+        gmacs = (count or count_gmacs(model, size)).total
+        pools = []
     return ModelSummary(
         model=name,
         source=source,
         input_size=size,
-        gmacs=float(count.total),
+        gmacs=float(gmacs),
         params=count_params(model),
-        stages=stages,
+        stages=stages if stages is not None else stage_sizes(model, size),
         dynopools=pools,
-        layers=layer_rows(model, size, depth, count.by_layer) if depth else [],
+        layers=layer_rows(model, size, depth, count.by_layer) if count is not None else [],
     )

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from torch import fx, nn
 
 from ..layers import DynOPool2d
-from .resolution import resolution_graph, unwrap
+from .resolution import ResolutionGraph, resolution_graph, unwrap
+
+if TYPE_CHECKING:
+    from ..engine.report import ConversionReport
 
 
 def _has_dynopools(model: nn.Module) -> bool:
@@ -27,8 +31,9 @@ def stage_sizes(model: nn.Module, input_size: int | Sequence[int] | None = None)
     For a model with DynOPools, sizes come from the current alphas through the
     resolution graph (no forward pass; recorded once at the model's reference
     input size, then evaluated at ``input_size``). A model without DynOPools is
-    first converted (a copy, at its own scales) with :func:`dynoswap.convert`,
-    so its stages are exactly those of the converted model at init.
+    converted (a copy) with :func:`dynoswap.convert` to find its stages, and each
+    stage reports the size the original resizers really produce (pooling floors,
+    where DynOPool rounds: at odd sizes the two can differ by one).
 
     Args:
         model: A converted or plain model.
@@ -45,15 +50,38 @@ def stage_sizes(model: nn.Module, input_size: int | Sequence[int] | None = None)
             raise ValueError("stage_sizes of a model without DynOPool2d needs input_size=(H, W)")
         from ..engine import convert
 
-        model, _ = convert(copy.deepcopy(model), input_size=tuple(input_size))
-    elif input_size is None and not isinstance(model, fx.GraphModule):
+        converted, report = convert(copy.deepcopy(model), input_size=tuple(input_size))
+        return original_stage_sizes(converted, report)
+    if input_size is None and not isinstance(model, fx.GraphModule):
         raise ValueError(f"stage_sizes of a {type(model).__name__} needs input_size=(H, W)")
     graph = resolution_graph(model, input_size)
     sizes = graph.int_sizes(input_size)
-    stages = [sizes[0]]
-    seen: set[int] = set()
-    for node in graph.dynopools.values():
-        if node not in seen:
-            seen.add(node)
-            stages.append(sizes[node])
-    return stages
+    return [sizes[0], *(sizes[node] for node in _stage_nodes(graph))]
+
+
+def original_stage_sizes(converted: nn.Module, report: ConversionReport) -> list[tuple[int, int]]:
+    """Stages of the model *before* conversion, at the conversion's input size.
+
+    The stages are those of ``converted`` (same grouping and order as
+    :func:`stage_sizes`); each reports what its original resizers produced, as
+    recorded in the conversion report.
+
+    Args:
+        converted: The GraphModule returned by :func:`dynoswap.convert`.
+        report: The ConversionReport returned with it.
+
+    Returns:
+        ``[(H, W), (h1, w1), ...]``.
+    """
+    before = {r.dynopool: r.original_out for r in report.replacements}
+    graph = resolution_graph(unwrap(converted), report.input_size)
+    sizes = graph.int_sizes(report.input_size)
+    return [tuple(report.input_size), *(before[name] or sizes[node] for node, name in _stage_nodes(graph).items())]
+
+
+def _stage_nodes(graph: ResolutionGraph) -> dict[int, str]:
+    """Resolution node -> first DynOPool producing it, in execution order (tied layers fed one tensor share a node)."""
+    nodes: dict[int, str] = {}
+    for name, node in graph.dynopools.items():
+        nodes.setdefault(node, name)
+    return nodes

@@ -266,6 +266,13 @@ def _probe(gm: fx.GraphModule, pools: dict[int, DynOPool2d], groups: list[list[i
             p.alpha.copy_(a)
 
 
+def _original_out(site: Site) -> tuple[int, int] | None:
+    """Spatial size the site's resizers produced in the original model (its last merged op's output)."""
+    last = site.merged[-1] if site.merged else site.primary
+    shape = last.node.meta.get(SHAPE_KEY)
+    return (int(shape[-2]), int(shape[-1])) if shape and len(shape) == 4 else None
+
+
 def _was(r: Resizer) -> dict[str, Any]:
     return {"name": r.name, "op": r.op, "stride": list(r.stride), "kernel": list(r.kernel)}
 
@@ -331,6 +338,7 @@ def convert(
     groups = resolver.uf.groups()
     scales = _resolve_scales(sites, groups, init_scale, overrides)
     pools = {s.index: DynOPool2d(scales[s.index], aggregate=s.aggregate) for s in sites}
+    original_out = {s.index: _original_out(s) for s in sites}  # read before the rewrite drops the nodes
     apply_sites(gm, sites, pools)
     for group in groups:
         for i in group[1:]:
@@ -360,6 +368,7 @@ def convert(
                 group=group_of[s.index],
                 merged=[_was(m) for m in s.merged],
                 cost_note=COST_NOTES.get(s.rule, ""),
+                original_out=original_out[s.index],
             )
         )
     report.skipped = [Skipped(r.name, r.op, reason) for r, reason in kept] + [

@@ -29,6 +29,8 @@ class Replacement:
         group: Tie group index (groups share one alpha).
         merged: Resizers merged into this DynOPool (removed), with what they were.
         cost_note: Extra cost of the rule, if any (e.g. a conv now runs at stride 1).
+        original_out: (h, w) the replaced resizers produced in the original model at the
+            conversion's input size (the last merged one's output): the model's stage before.
     """
 
     name: str
@@ -39,6 +41,7 @@ class Replacement:
     group: int
     merged: list[dict[str, Any]] = field(default_factory=list)
     cost_note: str = ""
+    original_out: tuple[int, int] | None = None
 
 
 @dataclass
@@ -91,6 +94,7 @@ class ConversionReport:
         data["input_size"] = list(self.input_size)
         for rep in data["replacements"]:
             rep["init_scale"] = list(rep["init_scale"])
+            rep["original_out"] = list(rep["original_out"]) if rep["original_out"] else None
         return data
 
     def table(self) -> Table:
