@@ -215,7 +215,7 @@ def test_missing_reference_size_and_untraceable_model_raise():
         gmacs_loss(Dynamic(), (8, 8))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_cuda_model_loss_and_count_match_cpu():
     torch.manual_seed(0)
     cpu = vgg_like(scales=(0.63, 0.5, 0.41))

@@ -370,7 +370,7 @@ def test_deepcopy_keeps_the_tie():
     assert "tied" in repr(clone[1])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("scale", [0.5, 0.47, 1.6])
 def test_cuda_matches_reference(seeded, scale):
     (out, gx, ga), (ref, rx, ra) = layer_and_reference(torch.randn(2, 3, 22, 17, dtype=F64, device="cuda"), scale)
