@@ -216,15 +216,20 @@ def test_wrong_number_of_sizes_is_a_conversion_failure():
     assert "sizes" in error_line(result)
 
 
+class WritesMarker:
+    """Unpickling this would create ``marker``: the code a weights-only load must never run."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
 def test_pickled_code_checkpoint_is_refused(tmp_path):
     marker = tmp_path / "marker"
-
-    class WritesMarker:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
     ckpt = tmp_path / "evil.pth"
-    torch.save({"state_dict": {"fc.bias": torch.zeros(10)}, "payload": WritesMarker()}, ckpt)
+    torch.save({"state_dict": {"fc.bias": torch.zeros(10)}, "payload": WritesMarker(marker)}, ckpt)
     result = invoke("convert", *SMALL, "--weights", ckpt)
     assert result.exit_code == 1
     assert "contains pickled code" in error_line(result)
@@ -235,13 +240,8 @@ def test_refusal_of_a_plain_pickle_is_the_only_line_on_stderr(tmp_path):
     import pickle
 
     marker = tmp_path / "marker"
-
-    class WritesMarker:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
     ckpt = tmp_path / "evil.pkl"
-    ckpt.write_bytes(pickle.dumps({"fc.bias": WritesMarker()}, protocol=4))  # torch warns about protocol 4
+    ckpt.write_bytes(pickle.dumps({"fc.bias": WritesMarker(marker)}, protocol=4))  # torch warns about protocol 4
     # A real process: in-process runners route warnings to pytest instead of stderr.
     proc = subprocess.run(
         [sys.executable, "-m", "dynoswap", "convert", *SMALL, "--weights", str(ckpt)],
