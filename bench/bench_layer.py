@@ -126,27 +126,12 @@ def run() -> list[Row]:
     rows.append(Row("layer", "MaxPool2d(2,2) fwd+bwd", base_t * 1e3, "ms"))
     rows.append(Row("layer", "MaxPool2d(2,2) fwd no_grad", base_i * 1e3, "ms"))
     for key, label, strict in (("half", "r=0.5", True), ("general", "r=0.47", False)):
-        ratio_t, ratio_i = train[key] / base_t, infer[key] / base_i
-        rows.append(
-            Row(
-                "layer",
-                f"{label} fwd+bwd / MaxPool",
-                ratio_t,
-                "x",
-                "<= 2.0" if strict else "",
-                _ok(ratio_t <= 2, strict),
-            )
-        )
-        rows.append(
-            Row(
-                "layer",
-                f"{label} fwd no_grad / MaxPool",
-                ratio_i,
-                "x",
-                "<= 1.5" if strict else "",
-                _ok(ratio_i <= 1.5, strict),
-            )
-        )
+        for what, ratio, bound in (
+            ("fwd+bwd", train[key] / base_t, 2.0),
+            ("fwd no_grad", infer[key] / base_i, 1.5),
+        ):
+            target = f"<= {bound}" if strict else ""
+            rows.append(Row("layer", f"{label} {what} / MaxPool", ratio, "x", target, _ok(ratio <= bound, strict)))
 
     # The straightforward formulations are slow: fewer repeats, DynOPool2d timed alongside.
     contenders = {
