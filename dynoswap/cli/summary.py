@@ -80,10 +80,6 @@ def dynopool_rows(model: nn.Module, input_size: tuple[int, int]) -> list[dict[st
     ]
 
 
-def _depth_prefix(name: str, depth: int) -> str:
-    return ".".join(name.split(".")[:depth])
-
-
 def layer_rows(model: nn.Module, input_size: tuple[int, int], depth: int, by_layer: dict[str, float]) -> list[LayerRow]:
     """Per-module rows down to ``depth`` dotted levels: output shape and GMACs (children summed)."""
     import torch
