@@ -31,6 +31,7 @@ bench: install
 lint: install
 	$(VENV)/bin/ruff check dynoswap tests bench
 	$(VENV)/bin/ruff format --check dynoswap tests bench
+	$(VENV)/bin/mypy
 
 experiment: install
 	$(PY) -m dynoswap.experiment --out docs/experiment

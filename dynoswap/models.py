@@ -16,22 +16,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import ModelError
+
 if TYPE_CHECKING:
     from torch import nn
 
-LIBRARIES = ("torchvision", "timm", "user")
+LIBRARIES = ("torchvision", "timm", "dynoswap", "user")
+#: Library of a saved converted model in a ``ModelSource`` (``name`` is its path).
+SAVED = "saved"
 # Prefixes that force one library; the long names work too.
-PREFIXES = {"tv": "torchvision", "torchvision": "torchvision", "timm": "timm"}
+PREFIXES = {"tv": "torchvision", "torchvision": "torchvision", "timm": "timm", "dynoswap": "dynoswap"}
 # Order in which a bare name is looked up.
-LOOKUP_ORDER = ("torchvision", "timm")
+LOOKUP_ORDER = ("torchvision", "timm", "dynoswap")
 # A saved dynoswap model is a directory holding this file.
 RECIPE_FILE = "recipe.json"
-
-
-class ModelError(ValueError):
-    """A model spec that cannot be resolved or built (bad usage: exit code 2)."""
-
-    exit_code = 2
 
 
 @dataclass
@@ -39,8 +37,9 @@ class ModelSource:
     """Where a model comes from, enough to build it again with random weights.
 
     Attributes:
-        library: ``"torchvision"``, ``"timm"``, ``"user"`` (``"pkg.module:factory"``) or
-            ``"dynoswap"`` for a saved converted model (``name`` is then its path).
+        library: ``"torchvision"``, ``"timm"``, ``"dynoswap"`` (the zoo: ``vgg-tiny``,
+            ``paper:vgg16``, ...), ``"user"`` (``"pkg.module:factory"``) or ``"saved"`` for a
+            saved converted model (``name`` is then its path).
         name: Model name within the library.
         kwargs: Keyword arguments of the builder (e.g. ``num_classes``).
     """
@@ -81,7 +80,17 @@ def _timm_names() -> tuple[str, ...]:
     return tuple(timm.list_models())
 
 
-NAME_LISTS: dict[str, Callable[[], tuple[str, ...]]] = {"torchvision": _torchvision_names, "timm": _timm_names}
+def _zoo_names() -> tuple[str, ...]:
+    from .zoo import zoo_names
+
+    return zoo_names()
+
+
+NAME_LISTS: dict[str, Callable[[], tuple[str, ...]]] = {
+    "torchvision": _torchvision_names,
+    "timm": _timm_names,
+    "dynoswap": _zoo_names,
+}
 
 
 def _is_timm_name(name: str) -> bool:
@@ -94,6 +103,7 @@ def _is_timm_name(name: str) -> bool:
 KNOWN: dict[str, Callable[[str], bool]] = {
     "torchvision": lambda name: name in _torchvision_names(),
     "timm": _is_timm_name,
+    "dynoswap": lambda name: name in _zoo_names(),
 }
 
 
@@ -146,9 +156,16 @@ def _build_user(name: str, kwargs: dict[str, Any]) -> nn.Module:
     return model
 
 
+def _build_zoo(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    from .zoo import build
+
+    return build(name, kwargs)
+
+
 BUILDERS: dict[str, Callable[[str, dict[str, Any]], nn.Module]] = {
     "torchvision": _build_torchvision,
     "timm": _build_timm,
+    "dynoswap": _build_zoo,
     "user": _build_user,
 }
 
@@ -184,12 +201,12 @@ def is_saved_model(spec: str | Path) -> bool:
 
 
 def suggest(name: str, count: int = 5) -> list[str]:
-    """Closest known names across torchvision and timm, prefixed with their library."""
+    """Closest known names across torchvision, timm and the zoo, as they are typed (``tv:NAME``)."""
     candidates: dict[str, str] = {}
     for library in reversed(LOOKUP_ORDER):  # torchvision wins a tie of names
-        prefix = "tv" if library == "torchvision" else library
+        prefix = {"torchvision": "tv:", "dynoswap": ""}.get(library, f"{library}:")
         for known in NAME_LISTS[library]():
-            candidates[known] = f"{prefix}:{known}"
+            candidates[known] = f"{prefix}{known}"
     close = difflib.get_close_matches(name.lower(), list(candidates), n=count, cutoff=0.6)
     return [candidates[c] for c in close]
 
@@ -202,6 +219,8 @@ def _unknown(spec: str, name: str, where: tuple[str, ...]) -> ModelError:
 
 def _split_spec(spec: str) -> tuple[tuple[str, ...], str]:
     """Libraries to try and the bare name, from a spec like ``tv:resnet50``."""
+    if spec in _zoo_names():  # zoo names may contain a colon (paper:vgg16)
+        return ("dynoswap",), spec
     prefix, sep, rest = spec.partition(":")
     if sep and prefix in PREFIXES:
         return (PREFIXES[prefix],), rest
@@ -245,7 +264,7 @@ def resolve(
 
     Returns:
         The model (random weights unless loaded from a saved model) and its source;
-        a saved model has source library ``"dynoswap"`` and its path as name.
+        a saved model has source library ``"saved"`` and its path as name.
     """
     spec = str(spec)
     if is_saved_model(spec):
@@ -253,7 +272,7 @@ def resolve(
             raise ModelError(f"{spec} is a saved dynoswap model: --num-classes/--model-kwargs do not apply")
         from .io.saving import load
 
-        return load(spec), ModelSource("dynoswap", spec, {})
+        return load(spec), ModelSource(SAVED, spec, {})
     try:
         source = resolve_source(spec, num_classes, model_kwargs)
     except ModelError:

@@ -12,18 +12,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .errors import PresetError
+
 ENV_VAR = "DYNOSWAP_CONFIGS"
 # In a checkout dynoswap/configs links to the top-level configs/; a wheel carries the files themselves.
 BUILTIN_DIR = Path(__file__).resolve().parent / "configs"
 PLACEMENTS = ("post", "pre")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("cosine", "step", "constant", "poly")
-
-
-class PresetError(ValueError):
-    """A preset that cannot be found or is malformed (bad usage: exit code 2)."""
-
-    exit_code = 2
 
 
 @dataclass

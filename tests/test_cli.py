@@ -55,7 +55,7 @@ def assert_pair(value, kind) -> None:
 def assert_summary_schema(data: dict) -> None:
     assert SUMMARY_KEYS <= set(data)
     assert isinstance(data["model"], str)
-    assert data["source"] in ("torchvision", "timm", "user", "dynoswap")
+    assert data["source"] in ("torchvision", "timm", "dynoswap", "user", "saved")
     assert_pair(data["input_size"], int)
     assert isinstance(data["gmacs"], float) and data["gmacs"] > 0
     assert isinstance(data["params"], int) and data["params"] > 0
@@ -340,7 +340,7 @@ def test_round_trip_weights_through_convert_and_load(tmp_path):
     inspected = invoke("inspect", out, "--json")
     assert inspected.exit_code == 0, inspected.output
     data = json.loads(inspected.stdout)
-    assert data["source"] == "dynoswap" and data["input_size"] == [64, 64]
+    assert data["source"] == "saved" and data["input_size"] == [64, 64]
     assert len(data["dynopools"]) == 7
 
     twice = invoke("convert", out)

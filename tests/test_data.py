@@ -3,6 +3,7 @@ import sys
 import pytest
 import torch
 
+from dynoswap.cli.common import exit_code_of
 from dynoswap.train import DataError, load_data, make_loaders
 from dynoswap.train.datasets import barcode_codes, digits, load_digit_images, make_barcodes
 
@@ -107,7 +108,7 @@ def test_digits_without_sklearn_says_how_to_install(monkeypatch):
 def test_bad_specs(spec, match):
     with pytest.raises(DataError, match=match) as info:
         load_data(spec, (40, 40) if spec == "digits-stretch" else None)
-    assert info.value.exit_code == 2
+    assert exit_code_of(info.value) == 2
 
 
 def test_cifar_never_downloads_and_says_where_files_go(tmp_path):

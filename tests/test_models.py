@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from dynoswap.cli.common import exit_code_of
 from dynoswap.models import ModelError, ModelSource, build_model, list_models, resolve, resolve_source, suggest
 
 
@@ -102,7 +103,7 @@ def test_unknown_name_suggests_close_names_from_both_libraries():
         resolve("resnet5o")
     message = str(info.value)
     assert "did you mean" in message and "tv:resnet50" in message and "timm:" in message
-    assert info.value.exit_code == 2
+    assert exit_code_of(info.value) == 2
     assert suggest("mobilenetv2_100")[0] == "timm:mobilenetv2_100"
 
 

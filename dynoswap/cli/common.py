@@ -86,18 +86,33 @@ def _details_registry() -> dict[type, Callable[[BaseException, Console], None]]:
     return {KeyMismatchError: _mismatch_details}
 
 
-# Exit codes of exception types that carry no ``exit_code`` attribute.
-EXIT_CODES: dict[type, int] = {FileNotFoundError: EXIT_USAGE, IsADirectoryError: EXIT_USAGE}
+def _exit_codes() -> dict[type, int]:
+    """The one table from exception types to exit codes, most specific first (first match wins)."""
+    from .. import errors
+
+    return {
+        CliError: -1,  # carries its own code
+        errors.UntrustedCodeError: EXIT_USAGE,
+        errors.ModelError: EXIT_USAGE,
+        errors.RecipeError: EXIT_USAGE,
+        errors.PresetError: EXIT_USAGE,
+        errors.DataError: EXIT_USAGE,
+        errors.OutputExistsError: EXIT_USAGE,
+        errors.ConversionError: EXIT_FAILURE,
+        errors.CheckpointError: EXIT_FAILURE,
+        errors.SaveError: EXIT_FAILURE,
+        errors.TrainingError: EXIT_FAILURE,
+        errors.ExportError: EXIT_FAILURE,
+        FileNotFoundError: EXIT_USAGE,
+        IsADirectoryError: EXIT_USAGE,
+    }
 
 
 def exit_code_of(exc: BaseException) -> int:
-    """Exit code for an exception: its ``exit_code``, the registry, else 1."""
-    code = getattr(exc, "exit_code", None)
-    if isinstance(code, int):
-        return code
-    for kind, value in EXIT_CODES.items():
+    """Exit code for an exception, from :func:`_exit_codes`; anything unexpected is a failure (1)."""
+    for kind, value in _exit_codes().items():
         if isinstance(exc, kind):
-            return value
+            return exc.exit_code if isinstance(exc, CliError) else value
     return EXIT_FAILURE
 
 
@@ -260,7 +275,9 @@ class LoadedModel:
     @property
     def is_saved(self) -> bool:
         """Whether the model is a saved (converted) dynoswap model."""
-        return self.source.library == "dynoswap"
+        from ..models import SAVED
+
+        return self.source.library == SAVED
 
 
 def load_model(

@@ -9,7 +9,7 @@ import typer
 from .common import DebugOption, UsageError, err_console, handle_errors
 
 # CLI spelling of each library, as accepted by the model resolver.
-SPELLING = {"torchvision": "tv", "timm": "timm"}
+SPELLING = {"torchvision": "tv:", "timm": "timm:", "dynoswap": ""}  # zoo names are typed bare
 
 
 @handle_errors
@@ -28,7 +28,7 @@ def list_cmd(
     if not rows:
         err_console().print(f"no model matches {pattern!r}")
         raise typer.Exit(1)
-    sys.stdout.write("".join(f"{SPELLING[library]}:{name}\n" for library, name in rows))
+    sys.stdout.write("".join(f"{SPELLING[library]}{name}\n" for library, name in rows))
 
 
 def register(app: typer.Typer) -> None:

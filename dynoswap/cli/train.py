@@ -77,7 +77,6 @@ def build_model(
     init_scale: float | None,
 ) -> nn.Module:
     """Build a converted model ready to train: a saved dynoswap model continues, a name is converted first."""
-    from ..train.models import BUILTIN_MODELS
     from .common import load_model
     from .convert import make_plan, run_conversion
 
@@ -86,7 +85,7 @@ def build_model(
             raise UsageError(f"{spec} is already converted: --model-kwargs/--placement/--init-scale do not apply")
         return load_model(spec).model
     kwargs = parse_kwargs(model_kwargs)
-    loaded = load_model(BUILTIN_MODELS.get(spec, spec), num_classes, kwargs)
+    loaded = load_model(spec, num_classes, kwargs)
     plan = make_plan(preset, input_size, num_classes, placement, init_scale, None, None)
     gm, _ = run_conversion(loaded.model, plan, loaded.source)
     return gm

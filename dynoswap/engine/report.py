@@ -5,15 +5,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..errors import ConversionError
+
 if TYPE_CHECKING:
     from rich.table import Table
 
 CONVERTED = "converted"
 NOTHING = "nothing to convert"
-
-
-class ConversionError(ValueError):
-    """A model that cannot be converted; the message says why and what to do."""
 
 
 @dataclass

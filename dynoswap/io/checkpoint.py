@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import CheckpointError, OutputExistsError
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -26,18 +28,6 @@ if TYPE_CHECKING:
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "network")
 # Prefixes added by wrappers: DistributedDataParallel/DataParallel, torch.compile.
 STRIP_PREFIXES = ("module.", "_orig_mod.")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or does not fit the model (exit code 1)."""
-
-    exit_code = 1
-
-
-class OutputExistsError(FileExistsError):
-    """The output path exists and overwriting was not allowed (bad usage: exit code 2)."""
-
-    exit_code = 2
 
 
 @dataclass

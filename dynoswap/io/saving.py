@@ -16,16 +16,13 @@ import torch
 from torch import nn
 
 from ..engine.convert import RECIPE_KEY, convert, leaf_from_json
-from .checkpoint import OutputExistsError, atomic_output
+from ..errors import OutputExistsError, SaveError
+from .checkpoint import atomic_output
 
 RECIPE_FILE = "recipe.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "dynoswap-saved-model"
 FORMAT_VERSION = 1
-
-
-class SaveError(ValueError):
-    """A model that cannot be saved or a directory that cannot be loaded."""
 
 
 def recipe_of(model: nn.Module) -> dict[str, Any]:

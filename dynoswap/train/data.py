@@ -13,13 +13,8 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader, Dataset
 
+from ..errors import DataError
 from . import datasets
-
-
-class DataError(ValueError):
-    """A DATA spec that cannot be read; the message says what to do (bad usage: exit code 2)."""
-
-    exit_code = 2
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """A small CIFAR-style VGG: the human-designed baseline of the built-in experiments.
 
-Importable as the user factory ``dynoswap.train.models:small_vgg`` so that saved
-models can be rebuilt by the model resolver.
+Registered in the zoo as ``vgg-tiny`` (:mod:`dynoswap.zoo`), so saved models name it
+without naming any code.
 """
 
 from __future__ import annotations
@@ -36,6 +36,3 @@ def small_vgg(
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)]
     return nn.Sequential(*layers)
 
-
-#: Short names the CLI accepts for the built-in model.
-BUILTIN_MODELS = {"vgg-tiny": "dynoswap.train.models:small_vgg"}
