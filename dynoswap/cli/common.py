@@ -87,7 +87,7 @@ def _details_registry() -> dict[type, Callable[[BaseException, Console], None]]:
 
 
 def _exit_codes() -> dict[type, int]:
-    """The one table from exception types to exit codes, most specific first (first match wins)."""
+    """Map exception types to exit codes: the one table, most specific first (first match wins)."""
     from .. import errors
 
     return {

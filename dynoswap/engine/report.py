@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConversionError
+from ..errors import ConversionError  # noqa: F401  (re-exported: the engine's error type)
 
 if TYPE_CHECKING:
     from rich.table import Table

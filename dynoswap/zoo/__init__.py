@@ -78,7 +78,7 @@ def is_zoo_model(name: str) -> bool:
 
 
 def get_entry(name: str) -> ZooEntry:
-    """The entry registered as ``name``."""
+    """Return the entry registered as ``name``."""
     _register_builtin()
     if name not in _ZOO:
         raise ModelError(f"unknown dynoswap model {name!r}; known: {', '.join(sorted(_ZOO))}")
@@ -86,7 +86,7 @@ def get_entry(name: str) -> ZooEntry:
 
 
 def zoo_names() -> tuple[str, ...]:
-    """Registered names, sorted."""
+    """Return the registered names, sorted."""
     _register_builtin()
     return tuple(sorted(_ZOO))
 
