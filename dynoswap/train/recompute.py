@@ -64,7 +64,7 @@ class RecomputeSegment(nn.Module):
     def __init__(self, segment: fx.GraphModule, names: list[str]) -> None:
         super().__init__()
         object.__setattr__(self, "_segment", segment)  # not a child: no second copy of its parameters
-        self.names = names
+        self.names: list[str] = names
         self._norms = [m for m in segment.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     def forward(self, *args: Any) -> Any:
@@ -180,10 +180,10 @@ def recompute_view(model: nn.Module) -> fx.GraphModule:
         root.update(_owned(model, [node]))
         env[node] = graph.node_copy(node, lambda a: env[a])
     view = fx.GraphModule(root, graph, class_name=type(model).__name__)
-    for segment, _ in segments:
+    for wrapper, _ in segments:
         # Register the recomputed modules at their own paths too, so the view's parameters,
         # buffers and state-dict keys are the model's (DDP and optimisers see every weight).
-        for name in segment.names:
+        for name in wrapper.names:
             if name not in dict(view.named_modules()):
                 view.add_submodule(name, model.get_submodule(name))
     view.training = model.training  # the view's own flag only: each module keeps its own
