@@ -175,12 +175,23 @@ def run() -> list[Row]:
         if name in gmacs:
             rows.append(Row("step", f"{name} / original GMACs", gmacs[name] / gmacs["original"], "x"))
         rows.append(Row("step", f"{name} / original kept for backward", memory[name] / memory["original"], "x"))
-    rows.append(Row("step", "recompute / post step time (the price of the memory)", times["recompute"] / times["post"], "x"))
+    rows.append(
+        Row("step", "recompute / post step time (the price of the memory)", times["recompute"] / times["post"], "x")
+    )
     rows.append(Row("step", "original kept for backward", memory["original"] / 2**20, "MiB"))
     for cat in CATEGORIES:
         rows.append(Row("step profile", f"post step share: {cat}", 100 * shares[cat], "%"))
     own = shares["dynopool"] + shares["gmacs_loss"]
-    rows.append(Row("step profile", "post step share: dynoswap's own (DynOPool + GMACs loss)", 100 * own, "%", "<= 10%", own <= 0.10))
+    rows.append(
+        Row(
+            "step profile",
+            "post step share: dynoswap's own (DynOPool + GMACs loss)",
+            100 * own,
+            "%",
+            "<= 10%",
+            own <= 0.10,
+        )
+    )
     return rows
 
 
