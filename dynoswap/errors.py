@@ -38,7 +38,15 @@ class DataError(DynoswapError, ValueError):
 
 
 class OutputExistsError(DynoswapError, FileExistsError):
-    """The output path is occupied by something that may not be replaced."""
+    """The output path is occupied by something that may not be replaced.
+
+    Attributes:
+        replaceable: The path holds a dynoswap output of the same kind, which forcing would replace.
+    """
+
+    def __init__(self, message: str, *, replaceable: bool = False) -> None:
+        super().__init__(message)
+        self.replaceable = replaceable
 
 
 class OutputLockedError(OutputExistsError):

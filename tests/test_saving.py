@@ -10,7 +10,7 @@ import torch
 
 from dynoswap.engine import convert
 from dynoswap.io import SaveError, load, read_recipe, save
-from dynoswap.io.checkpoint import OutputExistsError
+from dynoswap.errors import OutputExistsError, RecipeError
 from dynoswap.layers import DynOPool2d
 from dynoswap.models import ModelSource, build_model
 
@@ -101,10 +101,10 @@ def test_overwrite_is_atomic_and_limited_to_saved_models(tmp_path: Path) -> None
 
 
 def test_load_rejects_foreign_directories(tmp_path: Path) -> None:
-    with pytest.raises(SaveError, match="no recipe.json"):
+    with pytest.raises(RecipeError, match="no recipe.json"):
         load(tmp_path)
     (tmp_path / "recipe.json").write_text(json.dumps({"format": "other"}))
-    with pytest.raises(SaveError, match="not a dynoswap recipe"):
+    with pytest.raises(RecipeError, match="not a dynoswap recipe"):
         load(tmp_path)
 
 

@@ -91,6 +91,12 @@ def zoo_names() -> tuple[str, ...]:
     return tuple(sorted(_ZOO))
 
 
+def name_of_factory(factory: str) -> str | None:
+    """Return the name registered for ``factory`` (``"dynoswap.<module>:<function>"``), if any."""
+    _register_builtin()
+    return next((entry.name for entry in _ZOO.values() if entry.factory == factory), None)
+
+
 def build(name: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
     """Build a zoo model with random weights; keyword arguments outside its allow-list are refused."""
     entry = get_entry(name)
