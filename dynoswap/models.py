@@ -75,6 +75,11 @@ def _split_spec(spec: str) -> tuple[tuple[str, ...], str]:
     return LOOKUP_ORDER, spec
 
 
+def names_user_code(spec: str) -> bool:
+    """Whether a spec names a user factory (``pkg.module:factory``) rather than a library's model."""
+    return _split_spec(spec)[0] == ("user",)
+
+
 def resolve_source(
     spec: str, num_classes: int | None = None, model_kwargs: dict[str, Any] | None = None
 ) -> ModelSource:

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from dynoswap.engine import convert
-from dynoswap.io import SaveError, load, read_recipe, save
 from dynoswap.errors import OutputExistsError, RecipeError
+from dynoswap.io import SaveError, load, read_recipe, save
 from dynoswap.layers import DynOPool2d
 from dynoswap.models import ModelSource, build_model
 

@@ -54,15 +54,15 @@ class ConvertPlan:
     sizes: list[tuple[int, int]] | None
 
 
-def _load_preset(preset: str | None, config: Path | None) -> Preset | None:
+def _load_preset(preset: str | None, config: Path | None, trust_code: bool = False) -> Preset | None:
     from ..presets import load_preset, load_preset_file
 
     if preset and config:
         raise UsageError("give either --preset or --config, not both")
     if preset:
-        return load_preset(preset)
+        return load_preset(preset, trust_code)
     if config:
-        return load_preset_file(config)
+        return load_preset_file(config, trust_code)
     return None
 
 
@@ -180,7 +180,9 @@ def convert_cmd(
     from .render import compare_table, dynopool_table, mismatch_table, replacement_table, skipped_table
     from .summary import summarize
 
-    plan = make_plan(_load_preset(preset, config), input_size, num_classes, placement, init_scale, override, sizes)
+    plan = make_plan(
+        _load_preset(preset, config, trust_code), input_size, num_classes, placement, init_scale, override, sizes
+    )
     with contextlib.ExitStack() as stack:
         # -o is locked and checked before any slow work, and held until the model is written.
         work = stack.enter_context(replace_output(output, SAVED_MODEL, force)) if output is not None else None

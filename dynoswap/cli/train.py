@@ -166,7 +166,7 @@ def train_cmd(
     from .common import err_console, out_console
     from .convert import _load_preset
 
-    preset_obj = _load_preset(preset, None)
+    preset_obj = _load_preset(preset, None, trust_code)
     hyper = merge_hyper(
         preset_obj,
         {
