@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ModelError
+from .io.output import repair_if_needed
 from .io.recipe import RECIPE_FILE, is_saved_model
 from .sources import (
     KNOWN,
@@ -125,6 +126,8 @@ def resolve(
         a saved model has source library ``"saved"`` and its path as name.
     """
     spec = str(spec)
+    # A writer killed in the middle of replacing a saved model: finish or roll back its swap first.
+    repair_if_needed(spec)
     if is_saved_model(spec):
         if num_classes is not None or model_kwargs:
             raise ModelError(f"{spec} is a saved dynoswap model: num_classes and model kwargs do not apply to it")

@@ -178,7 +178,8 @@ def repair(path: Path) -> str | None:
 
 def pending_repair(path: Path) -> bool:
     """Whether a killed writer left work for :func:`repair` at ``path``."""
-    return any(_exists(_sibling(path, tag)) for tag in ("new", "old", "ready"))
+    # A lock file alone is what a kill after the swap leaves: taking and releasing the lock removes it.
+    return any(_exists(_sibling(path, tag)) for tag in ("new", "old", "ready", "lock"))
 
 
 def repair_if_needed(path: str | os.PathLike[str]) -> str | None:
@@ -202,8 +203,6 @@ def check_output(path: str | os.PathLike[str], kind: str, force: bool = False) -
     """
     target = Path(path)
     if not _exists(target):
-        if _exists(target.parent) and not target.parent.is_dir():
-            raise OutputExistsError(f"cannot write {target}: {target.parent} is {describe(target.parent)}")
         return target
     detected = get_output_kind(kind).detect(target)
     if not detected:
@@ -292,6 +291,9 @@ def replace_output(path: str | os.PathLike[str], kind: str, force: bool = False)
         OutputExistsError: ``path`` is occupied and may not be replaced.
     """
     target = Path(path)
+    blocker = next((p for p in target.parents if _exists(p)), None)
+    if blocker is not None and not blocker.is_dir():
+        raise OutputExistsError(f"cannot write {target}: {blocker} is {describe(blocker)}, not a folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     with output_lock(target):
         repair(target)
