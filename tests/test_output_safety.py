@@ -24,7 +24,7 @@ import dynoswap
 from dynoswap.cli import app
 from dynoswap.errors import OutputExistsError, OutputLockedError
 from dynoswap.io import output
-from dynoswap.io.output import folder_of_only, register_output_kind, replace_output, repair_if_needed
+from dynoswap.io.output import folder_of_only, register_output_kind, repair_if_needed, replace_output
 from dynoswap.models import ModelSource
 
 ENV = {"COLUMNS": "150", "NO_COLOR": "1", "TERM": "dumb"}

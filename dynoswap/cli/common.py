@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,6 +167,19 @@ def report_error(exc: BaseException) -> int:
     return exit_code_of(exc)
 
 
+_default_showwarning = warnings.showwarning
+
+
+def _show_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None
+) -> None:
+    """Print dynoswap's own warnings as one ``warning:`` line; others as Python prints them."""
+    if f"{os.sep}dynoswap{os.sep}" in filename:
+        sys.stderr.write(f"warning: {' '.join(str(message).split())}\n")
+        return
+    _default_showwarning(message, category, filename, lineno, file, line)
+
+
 def handle_errors(fn: F) -> F:
     """Turn exceptions of a command into one stderr line and an exit code.
 
@@ -176,7 +190,9 @@ def handle_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                return fn(*args, **kwargs)
         except (typer.Exit, click.exceptions.ClickException, click.exceptions.Abort):
             raise
         except KeyboardInterrupt:
