@@ -59,6 +59,9 @@ FILE_KWARGS = frozenset(
     }
 )
 
+#: Largest integer an architecture argument may hold (a crafted num_classes must not allocate without bound).
+MAX_ARCH_INT = 1_000_000
+
 #: Architecture arguments accepted per library: sizes, multipliers, drop rates, switches.
 ARCH_KWARGS: dict[str, frozenset[str]] = {
     "torchvision": frozenset(
@@ -220,6 +223,16 @@ def _file_like(value: Any) -> bool:
     return False
 
 
+def _largest_int(value: Any) -> int:
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return abs(value)
+    if isinstance(value, (list, tuple)):
+        return max((_largest_int(v) for v in value), default=0)
+    return 0
+
+
 def _user_target(spec: str) -> tuple[str, str]:
     module, _, attr = spec.partition(":")
     if not module or not attr:
@@ -267,6 +280,12 @@ def check_source(source: ModelSource, *, trust_code: bool = False, where: str = 
         raise UntrustedCodeError(
             f"refused {library}:{name}{at}: {', '.join(f'{k}={kwargs[k]!r}' for k in file_values)} "
             "looks like a path or URL; architecture arguments are numbers, switches and short names"
+        )
+    too_big = sorted(k for k, v in kwargs.items() if _largest_int(v) > MAX_ARCH_INT)
+    if too_big:
+        raise ModelError(
+            f"{library}:{name}{at}: {', '.join(f'{k}={kwargs[k]!r}' for k in too_big)} is out of range "
+            f"(architecture integers are at most {MAX_ARCH_INT})"
         )
     if not KNOWN[library](name):
         raise ModelError(f"unknown {library} model {name!r}{at}")
@@ -380,6 +399,7 @@ def build_model(
         return BUILDERS[library](name, dict(source.kwargs))
     except ModelError:
         raise
-    except (TypeError, ValueError) as exc:
-        # Wrong keyword arguments are a usage error: say which model and which arguments.
-        raise ModelError(f"cannot build {library}:{name} with {kwargs or {}}: {exc}") from exc
+    except Exception as exc:
+        # Wrong keyword arguments or values are a usage error: say which model and which arguments.
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot build {library}:{name} with {kwargs or {}}: {detail}") from exc
