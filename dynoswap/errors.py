@@ -37,6 +37,10 @@ class DataError(DynoswapError, ValueError):
     """A data spec that cannot be read."""
 
 
+class OptionError(DynoswapError, ValueError):
+    """An option value that cannot be used here (a device, a size, a scale)."""
+
+
 class OutputExistsError(DynoswapError, FileExistsError):
     """The output path is occupied by something that may not be replaced.
 

@@ -349,7 +349,7 @@ def _load_factory(spec: str) -> Callable[..., nn.Module]:
             raise ModelError(f"module {module_name!r} has no attribute {attr!r} (user model {spec!r})")
     if not callable(factory):
         raise ModelError(f"user model {spec!r} is not callable")
-    return factory  # type: ignore[no-any-return]
+    return factory
 
 
 def _build_user(name: str, kwargs: dict[str, Any]) -> nn.Module:

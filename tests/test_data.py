@@ -102,7 +102,7 @@ def test_digits_without_sklearn_says_how_to_install(monkeypatch):
         ("mnist", "unknown data 'mnist'"),
         ("imagefolder", "needs a folder"),
         ("imagefolder:/nonexistent/x", "does not exist"),
-        ("digits-stretch", "drop --input-size"),
+        ("digits-stretch", "use that input size or none"),
     ],
 )
 def test_bad_specs(spec, match):

@@ -101,6 +101,7 @@ def _exit_codes() -> dict[type, int]:
         errors.RecipeError: EXIT_USAGE,
         errors.PresetError: EXIT_USAGE,
         errors.DataError: EXIT_USAGE,
+        errors.OptionError: EXIT_USAGE,
         errors.OutputExistsError: EXIT_USAGE,
         errors.ConversionError: EXIT_FAILURE,
         errors.CheckpointError: EXIT_FAILURE,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -300,7 +301,7 @@ class Recipe:
         return reader(document, read)
 
     @classmethod
-    def read(cls, folder: str | Path) -> Recipe:
+    def read(cls, folder: str | os.PathLike[str]) -> Recipe:
         """Read a saved folder's recipe document."""
         file = Path(folder) / RECIPE_FILE
         if not Path(folder).is_dir():

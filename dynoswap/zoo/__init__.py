@@ -45,7 +45,7 @@ class ZooEntry:
         fn: Any = importlib.import_module(module)
         for part in attr.split("."):
             fn = getattr(fn, part)
-        return fn  # type: ignore[no-any-return]
+        return fn
 
 
 _ZOO: dict[str, ZooEntry] = {}
