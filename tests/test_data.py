@@ -141,5 +141,5 @@ def test_loaders_shard_between_ranks():
         shards.append(set(train.sampler))
         assert len(train) == 16 and len(val.sampler) == 256
     assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == 2048
-    with pytest.raises(DataError, match="batch-size"):
+    with pytest.raises(DataError, match="batch_size must be >= 1"):
         make_loaders(bundle, 0)
