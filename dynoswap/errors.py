@@ -22,7 +22,15 @@ class ModelError(DynoswapError, ValueError):
 
 
 class UntrustedCodeError(ModelError):
-    """A recipe, spec or config would import or call code the caller did not opt in to."""
+    """A recipe, spec or config would import or call code the caller did not opt in to, or fetch files.
+
+    Attributes:
+        trustable: Opting in to user code would allow it (False for downloads and file reads, never allowed).
+    """
+
+    def __init__(self, message: str, *, trustable: bool = True) -> None:
+        super().__init__(message)
+        self.trustable = trustable
 
 
 class RecipeError(DynoswapError, ValueError):

@@ -273,13 +273,15 @@ def check_source(source: ModelSource, *, trust_code: bool = False, where: str = 
     if downloads:
         raise UntrustedCodeError(
             f"refused {library}:{name}{at}: {', '.join(downloads)} would download or read files; "
-            "dynoswap builds random weights only (load a checkpoint into the model instead)"
+            "dynoswap builds random weights only (load a checkpoint into the model instead)",
+            trustable=False,
         )
     file_values = sorted(k for k, v in kwargs.items() if _file_like(v))
     if file_values:
         raise UntrustedCodeError(
             f"refused {library}:{name}{at}: {', '.join(f'{k}={kwargs[k]!r}' for k in file_values)} "
-            "looks like a path or URL; architecture arguments are numbers, switches and short names"
+            "looks like a path or URL; architecture arguments are numbers, switches and short names",
+            trustable=False,
         )
     too_big = sorted(k for k, v in kwargs.items() if _largest_int(v) > MAX_ARCH_INT)
     if too_big:

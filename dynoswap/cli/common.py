@@ -120,7 +120,9 @@ def _hints() -> dict[type, Callable[[BaseException], str]]:
 
     return {
         KeyMismatchError: lambda exc: "pass --allow-missing to load what matches",
-        errors.UntrustedCodeError: lambda exc: "pass --trust-code only if you trust where it came from",
+        errors.UntrustedCodeError: lambda exc: (
+            "pass --trust-code only if you trust where it came from" if getattr(exc, "trustable", True) else ""
+        ),
         errors.OutputLockedError: lambda exc: "",
         errors.OutputExistsError: lambda exc: (
             "pass --force to replace it" if getattr(exc, "replaceable", False) else "choose another path"
