@@ -232,3 +232,17 @@ def test_saved_alphas_of_any_value_load_or_are_refused_cleanly(saved, tmp_path, 
         gm.eval()
         with torch.no_grad():
             gm(torch.zeros(1, 3, 32, 28))
+
+
+def test_sizes_recorded_by_the_engine_round_trip(tmp_path):
+    gm, _ = dynoswap.convert(SOURCE.build(), (32, 28), source=SOURCE, sizes=[(20, 13), (9, 7)])
+    loaded = dynoswap.load(dynoswap.save(gm, tmp_path / "m"))
+    assert recipe_of(loaded).options.sizes == [(20, 13), (9, 7)]
+    assert recipe_of(loaded).to_dict() == gm.meta["dynoswap"]
+
+
+def test_a_model_converted_without_source_has_a_recipe_but_cannot_be_saved(tmp_path):
+    gm, _ = dynoswap.convert(SOURCE.build(), (32, 28))
+    assert recipe_of(gm).source is None and recipe_of(gm).input_size == (32, 28)
+    with pytest.raises(dynoswap.io.SaveError, match="pass source= to convert"):
+        dynoswap.save(gm, tmp_path / "m")

@@ -88,6 +88,12 @@ class _Reader:
             raise self.fail(path, f"must be between {low} and {high}, got {value}")
         return value
 
+    def whole(self, value: Any, path: str, low: int, high: int) -> int:
+        """Return an integer, also one written as a float with no fraction (recipes store sizes as 56.0)."""
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        return self.integer(value, path, low, high)
+
     def number(self, value: Any, path: str) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.fail(path, f"must be a number, got {_kind(value)}")
@@ -179,7 +185,7 @@ class RecipeOptions:
         opts.overrides = {str(k): read.pair(v, f"{p}overrides.{k}", read.number) for k, v in overrides.items()}
         if data.get("sizes") is not None:
             limit = MAX_UPSAMPLE * max(input_size)
-            side = lambda v, path: read.integer(v, path, 2, limit)  # noqa: E731 - one bound for both axes
+            side = lambda v, path: read.whole(v, path, 2, limit)  # noqa: E731 - one bound for both axes
             opts.sizes = [
                 read.pair(s, f"{p}sizes[{i}]", side) for i, s in enumerate(read.items(data["sizes"], p + "sizes"))
             ]
@@ -198,7 +204,8 @@ class Recipe:
     """How to rebuild a converted model: its source, input size, conversion options and what was replaced.
 
     Attributes:
-        source: The base model (random weights), checked by the trust policy before it is built.
+        source: The base model (random weights), checked by the trust policy before it is built; None for a
+            model converted without ``source=`` (it cannot be saved).
         input_size: (H, W) the model was converted at.
         options: The conversion options.
         replacements: Report rows of the replaced resizers (informational).
@@ -208,7 +215,7 @@ class Recipe:
         aliases: Weight keys stored once, mapped to the key that holds them (saved folders only).
     """
 
-    source: ModelSource
+    source: ModelSource | None
     input_size: tuple[int, int]
     options: RecipeOptions = field(default_factory=RecipeOptions)
     replacements: list[dict[str, Any]] = field(default_factory=list)
@@ -222,7 +229,7 @@ class Recipe:
         """Return the recipe dict kept in ``gm.meta["dynoswap"]`` (without the saved folder's aliases)."""
         return {
             "version": self.version,
-            "source": self.source.to_dict(),
+            "source": self.source.to_dict() if self.source is not None else None,
             "input_size": list(self.input_size),
             "options": self.options.to_dict(),
             "replacements": list(self.replacements),
@@ -235,12 +242,15 @@ class Recipe:
         """Validate a recipe dict (as in ``gm.meta`` or a document's ``recipe``)."""
         read = _Reader(where)
         data = read.mapping(data, "recipe")
-        src = read.mapping(read.get(data, "source", "recipe."), "recipe.source")
-        library = read.string(read.get(src, "library", "recipe.source."), "recipe.source.library", LIBRARIES)
-        name = read.string(read.get(src, "name", "recipe.source."), "recipe.source.name")
-        if not name:
-            raise read.fail("recipe.source.name", "is empty")
-        kwargs = read.mapping(src.get("kwargs") or {}, "recipe.source.kwargs")
+        source = read.get(data, "source", "recipe.")
+        if source is not None:
+            src = read.mapping(source, "recipe.source")
+            library = read.string(read.get(src, "library", "recipe.source."), "recipe.source.library", LIBRARIES)
+            name = read.string(read.get(src, "name", "recipe.source."), "recipe.source.name")
+            if not name:
+                raise read.fail("recipe.source.name", "is empty")
+            kwargs = read.mapping(src.get("kwargs") or {}, "recipe.source.kwargs")
+            source = ModelSource(library, name, dict(kwargs))
         size = lambda v, path: read.integer(v, path, 1, MAX_INPUT_SIDE)  # noqa: E731
         input_size = read.pair(read.get(data, "input_size", "recipe."), "recipe.input_size", size)
         options = RecipeOptions.parse(read.get(data, "options", "recipe."), read, input_size)
@@ -259,7 +269,7 @@ class Recipe:
             )
         version = data.get("version", "")
         return cls(
-            source=ModelSource(library, name, dict(kwargs)),
+            source=source,
             input_size=input_size,
             options=options,
             replacements=rows["replacements"],
@@ -317,6 +327,8 @@ class Recipe:
 
 def _read_v1(document: dict[str, Any], read: _Reader) -> Recipe:
     recipe = Recipe.from_dict(read.get(document, "recipe", ""), read.where)
+    if recipe.source is None:
+        raise read.fail("recipe.source", "is null: a saved model must name the model it was converted from")
     aliases = read.mapping(document.get("aliases") or {}, "aliases")
     recipe.aliases = {read.string(k, "aliases"): read.string(v, f"aliases.{k}") for k, v in aliases.items()}
     return recipe

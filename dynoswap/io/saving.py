@@ -270,21 +270,22 @@ def load(path: str | os.PathLike[str], *, trust_code: bool = False, strict_value
     weights_file = folder / WEIGHTS_FILE
     if not weights_file.is_file():
         raise CheckpointError(f"{folder} is an incomplete saved model: {WEIGHTS_FILE} is missing")
+    source = recipe.source
+    if source is None:  # Recipe.read refuses it; kept for the type checker
+        raise RecipeError(f"{where}: field 'recipe.source' is null")
     # The source and every leaf module pass the trust policy before anything is imported or built.
-    check_source(recipe.source, trust_code=trust_code, where=where)
+    check_source(source, trust_code=trust_code, where=where)
     for leaf in recipe.options.leaf_modules:
         check_leaf(leaf, trust_code=trust_code, where=where)
     state = read_weights(folder, recipe)
     _check_alphas(state, str(weights_file))
     check_values(state, str(weights_file), strict=strict_values)
-    base = build_model(
-        recipe.source.library, recipe.source.name, recipe.source.kwargs, trust_code=trust_code, where=where
-    )
+    base = build_model(source.library, source.name, source.kwargs, trust_code=trust_code, where=where)
     leaves = [resolve_leaf(s, trust_code=trust_code, where=where) for s in recipe.options.leaf_modules]
     options = recipe.options.convert_kwargs()
     options["leaf_modules"] = leaves
     try:
-        gm, _ = convert(base, recipe.input_size, source=recipe.source, check=False, **options)
+        gm, _ = convert(base, recipe.input_size, source=source, check=False, **options)
     except Exception as exc:  # a validated recipe that does not replay is still the recipe's fault
         raise RecipeError(
             f"{where}: the recorded conversion cannot be replayed: {' '.join(str(exc).split())}"
