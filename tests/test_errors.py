@@ -61,6 +61,7 @@ def test_hints_name_the_flag_only_in_the_cli():
     assert hint_of(errors.OutputExistsError("x")) == "choose another path"
     assert hint_of(errors.OutputLockedError("x")) == ""
     assert "--trust-code" in hint_of(errors.UntrustedCodeError("x"))
+    assert hint_of(errors.UntrustedCodeError("x", trustable=False)) == ""  # downloads are never allowed
 
 
 def test_min_output_side_follows_the_size_rule():
