@@ -310,12 +310,6 @@ def _zoo_entry_for_factory(spec: str) -> str | None:
     return name_of_factory(spec)
 
 
-def describe_user_code(source: ModelSource) -> str:
-    """Say what building ``source`` would import and call."""
-    module, attr = _user_target(source.name)
-    return f"import {module} and call {attr}(**{source.kwargs!r})"
-
-
 # -- builders ---------------------------------------------------------------------------
 def _build_torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
     import torchvision.models

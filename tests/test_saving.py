@@ -120,3 +120,14 @@ def test_leaf_classes_replay(tmp_path: Path) -> None:
         "class:torch.nn.modules.batchnorm:BatchNorm2d"
     ]
     assert list(load(tmp_path / "m").state_dict()) == list(gm.state_dict())
+
+
+def test_a_model_with_nan_weights_saves_verified_and_warns_on_load(tmp_path: Path) -> None:
+    gm = converted()
+    with torch.no_grad():
+        gm.get_submodule("fc").bias[0] = float("nan")
+    with pytest.warns(UserWarning, match=r"1 weight tensor\(s\) hold NaN or infinity \(fc.bias\)"):
+        out = save(gm, tmp_path / "m")  # the read-back sees the same NaN: still identical
+    with pytest.warns(UserWarning, match="NaN or infinity"):
+        loaded = load(out)
+    assert torch.isnan(loaded.state_dict()["fc.bias"][0])
