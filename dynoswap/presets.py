@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PresetError, UntrustedCodeError
+from .io.recipe import MAX_INPUT_SIDE
 
 ENV_VAR = "DYNOSWAP_CONFIGS"
 # In a checkout dynoswap/configs links to the top-level configs/; a wheel carries the files themselves.
@@ -139,8 +140,10 @@ def _parse_convert(data: dict[str, Any], where: str) -> ConvertOptions:
         if not isinstance(size, (list, tuple)) or len(size) != 2:
             raise PresetError(f"{where}: 'input_size' must be [H, W], got {size!r}")
         opts.input_size = (_number(size[0], "input_size", where, int), _number(size[1], "input_size", where, int))
-        if min(opts.input_size) < 1:
-            raise PresetError(f"{where}: 'input_size' must be two positive integers [H, W], got {list(size)}")
+        if min(opts.input_size) < 1 or max(opts.input_size) > MAX_INPUT_SIDE:
+            raise PresetError(
+                f"{where}: 'input_size' must be two positive integers [H, W] up to {MAX_INPUT_SIDE}, got {list(size)}"
+            )
     if data.get("num_classes") is not None:
         opts.num_classes = _number(data["num_classes"], "num_classes", where, int)
         if opts.num_classes < 1:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from typer.testing import CliRunner
 
@@ -17,6 +19,7 @@ from dynoswap.cli import app
 from dynoswap.cli.common import exit_code_of, hint_of
 from dynoswap.layers import sizing
 from dynoswap.models import ModelSource
+from dynoswap.presets import ConvertOptions, TrainOptions, parse_preset
 from dynoswap.validate import MIN_OUTPUT_SIDE, check_convert_args, check_scale, check_size, check_target_sizes
 
 ENV = {"COLUMNS": "150", "NO_COLOR": "1", "TERM": "dumb"}
@@ -128,3 +131,29 @@ def test_cli_messages_say_what_was_wrong(tmp_path, args, code, message):
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.exit_code == code and len(lines) == 1 and message in lines[0], result.stderr
+
+
+PRESET_KEYS = sorted(
+    {"name", "backbone", "dataset", "variant", "convert", "train", "surprise"}
+    | set(ConvertOptions.__dataclass_fields__)
+    | set(TrainOptions.__dataclass_fields__)
+)
+PRESET_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.sampled_from([-1, 0, 2, 10**12, float("nan"), float("inf"), 0.5, "sgd", "post", "pkg.mod:f", "resnet18"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(PRESET_KEYS), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.dictionaries(st.sampled_from(PRESET_KEYS), PRESET_VALUES, max_size=4))
+def test_any_preset_mapping_parses_or_fails_with_one_preset_error(data):
+    try:
+        preset = parse_preset(data, "fuzz.yaml")
+    except (errors.PresetError, errors.UntrustedCodeError) as exc:
+        assert str(exc).startswith("fuzz.yaml") and "\n" not in str(exc)
+    else:
+        assert 1 <= min(preset.convert.input_size) and max(preset.convert.input_size) <= 16384
+        assert preset.convert.init_scale is None or preset.convert.init_scale > 0
