@@ -6,6 +6,7 @@ nccl on GPU, gloo on CPU; only rank 0 prints and saves).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -182,8 +183,8 @@ def train_cmd(
     run_dir = out or Path("runs") / f"{Path(model).name.replace(':', '_')}-{data.split(':')[0]}"
     if resume and force:
         raise UsageError("give either --resume (continue the run) or --force (start it over), not both")
-    if not resume:
-        prepare_run_folder(run_dir, force)  # before any slow work
+    if not resume and os.environ.get("RANK", "0") == "0":
+        prepare_run_folder(run_dir, force)  # before any slow work; only the process that writes the run
     ctx = init_from_env(device)
     try:
         torch.manual_seed(seed)
