@@ -223,6 +223,11 @@ def _file_like(value: Any) -> bool:
     return False
 
 
+def _switched_off(value: Any) -> bool:
+    """Whether a download/file argument asks for nothing (``weights=None``, ``pretrained=False``)."""
+    return value is None or value is False
+
+
 def _largest_int(value: Any) -> int:
     if isinstance(value, bool):
         return 0
@@ -269,7 +274,7 @@ def check_source(source: ModelSource, *, trust_code: bool = False, where: str = 
         raise ModelError(f"unknown model library {library!r}{at}; expected one of {', '.join(LIBRARIES)}")
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise ModelError(f"keyword arguments of {library}:{name}{at} must be a mapping of names to values")
-    downloads = sorted(k for k in kwargs if k in FILE_KWARGS)
+    downloads = sorted(k for k in kwargs if k in FILE_KWARGS and not _switched_off(kwargs[k]))
     if downloads:
         raise UntrustedCodeError(
             f"refused {library}:{name}{at}: {', '.join(downloads)} would download or read files; "
@@ -293,7 +298,7 @@ def check_source(source: ModelSource, *, trust_code: bool = False, where: str = 
         raise ModelError(f"unknown {library} model {name!r}{at}")
     if library == "dynoswap":
         return  # the zoo checks its own allow-list when it builds
-    extra = sorted(set(kwargs) - ARCH_KWARGS[library])
+    extra = sorted(set(kwargs) - ARCH_KWARGS[library] - FILE_KWARGS)
     if extra and not trust_code:
         raise UntrustedCodeError(
             f"refused {library}:{name}{at}: {', '.join(extra)} is not an architecture argument dynoswap "
@@ -391,8 +396,12 @@ def build_model(
     """
     source = ModelSource(library, name, dict(kwargs or {}))
     check_source(source, trust_code=trust_code, where=where)
+    # Download/file arguments that ask for nothing are dropped: the builders pass their own safe values.
+    kwargs = dict(source.kwargs)
+    if library in TRUSTED_LIBRARIES:
+        kwargs = {k: v for k, v in kwargs.items() if k not in FILE_KWARGS}
     try:
-        return BUILDERS[library](name, dict(source.kwargs))
+        return BUILDERS[library](name, kwargs)
     except ModelError:
         raise
     except Exception as exc:

@@ -218,6 +218,13 @@ def test_local_file_kwargs_are_refused_and_the_file_is_never_opened(saved, tmp_p
     assert opened == [] and not no_fetch.exists()
 
 
+def test_download_kwargs_that_ask_for_nothing_are_harmless(no_fetch):
+    model = build_model("torchvision", "resnet18", {"weights": None, "num_classes": 3})
+    assert model.fc.out_features == 3
+    assert build_model("timm", "resnet18", {"pretrained": False, "num_classes": 3}).fc.out_features == 3
+    assert not no_fetch.exists()
+
+
 def test_architecture_kwargs_pass_and_others_need_trust():
     model = build_model("timm", "resnet18", {"num_classes": 4, "drop_rate": 0.1, "in_chans": 1})
     assert model.conv1.in_channels == 1 and model.fc.out_features == 4
