@@ -22,7 +22,15 @@ class ModelError(DynoswapError, ValueError):
 
 
 class UntrustedCodeError(ModelError):
-    """A recipe, spec or config would import or call code the caller did not opt in to."""
+    """A recipe, spec or config would import or call code the caller did not opt in to, or fetch files.
+
+    Attributes:
+        trustable: Opting in to user code would allow it (False for downloads and file reads, never allowed).
+    """
+
+    def __init__(self, message: str, *, trustable: bool = True) -> None:
+        super().__init__(message)
+        self.trustable = trustable
 
 
 class RecipeError(DynoswapError, ValueError):
@@ -37,8 +45,20 @@ class DataError(DynoswapError, ValueError):
     """A data spec that cannot be read."""
 
 
+class OptionError(DynoswapError, ValueError):
+    """An option value that cannot be used here (a device, a size, a scale)."""
+
+
 class OutputExistsError(DynoswapError, FileExistsError):
-    """The output path is occupied by something that may not be replaced."""
+    """The output path is occupied by something that may not be replaced.
+
+    Attributes:
+        replaceable: The path holds a dynoswap output of the same kind, which forcing would replace.
+    """
+
+    def __init__(self, message: str, *, replaceable: bool = False) -> None:
+        super().__init__(message)
+        self.replaceable = replaceable
 
 
 class OutputLockedError(OutputExistsError):

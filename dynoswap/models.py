@@ -1,205 +1,52 @@
-"""One resolver for model names: torchvision, timm, user factories and saved dynoswap models.
+"""One resolver for model names: torchvision, timm, dynoswap's zoo, user factories and saved models.
 
-Models are always built with random weights: nothing is ever downloaded
-(torchvision ``weights=None``, timm ``pretrained=False``).
+Models are always built with random weights: nothing is ever downloaded. What may be
+built without opting in to user code is decided in :mod:`dynoswap.sources`.
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
-import functools
-import importlib
-import inspect
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ModelError
+from .io.output import repair_if_needed
+from .io.recipe import RECIPE_FILE, is_saved_model
+from .sources import (
+    KNOWN,
+    LIBRARIES,
+    NAME_LISTS,
+    SAVED,
+    ModelSource,
+    build_model,
+    zoo_names,
+)
 
 if TYPE_CHECKING:
     from torch import nn
 
-LIBRARIES = ("torchvision", "timm", "dynoswap", "user")
-#: Library of a saved converted model in a ``ModelSource`` (``name`` is its path).
-SAVED = "saved"
+__all__ = [
+    "LIBRARIES",
+    "SAVED",
+    "ModelError",
+    "ModelSource",
+    "build_model",
+    "is_saved_model",
+    "list_models",
+    "resolve",
+    "resolve_source",
+    "suggest",
+]
+
 # Prefixes that force one library; the long names work too.
 PREFIXES = {"tv": "torchvision", "torchvision": "torchvision", "timm": "timm", "dynoswap": "dynoswap"}
 # Order in which a bare name is looked up.
 LOOKUP_ORDER = ("torchvision", "timm", "dynoswap")
-# A saved dynoswap model is a directory holding this file.
-RECIPE_FILE = "recipe.json"
-
-
-@dataclass
-class ModelSource:
-    """Where a model comes from, enough to build it again with random weights.
-
-    Attributes:
-        library: ``"torchvision"``, ``"timm"``, ``"dynoswap"`` (the zoo: ``vgg-tiny``,
-            ``paper:vgg16``, ...), ``"user"`` (``"pkg.module:factory"``) or ``"saved"`` for a
-            saved converted model (``name`` is then its path).
-        name: Model name within the library.
-        kwargs: Keyword arguments of the builder (e.g. ``num_classes``).
-    """
-
-    library: str
-    name: str
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able form."""
-        return {"library": self.library, "name": self.name, "kwargs": dict(self.kwargs)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelSource:
-        """Inverse of ``to_dict``."""
-        return cls(library=str(data["library"]), name=str(data["name"]), kwargs=dict(data.get("kwargs") or {}))
-
-    def build(self) -> nn.Module:
-        """Build the model with random weights."""
-        return build_model(self.library, self.name, self.kwargs)
-
-    def __str__(self) -> str:
-        return f"{self.library}:{self.name}"
-
-
-# -- name lists ---------------------------------------------------------------
-@functools.cache
-def _torchvision_names() -> tuple[str, ...]:
-    import torchvision.models
-
-    return tuple(torchvision.models.list_models())
-
-
-@functools.cache
-def _timm_names() -> tuple[str, ...]:
-    import timm
-
-    return tuple(timm.list_models())
-
-
-def _zoo_names() -> tuple[str, ...]:
-    from .zoo import zoo_names
-
-    return zoo_names()
-
-
-NAME_LISTS: dict[str, Callable[[], tuple[str, ...]]] = {
-    "torchvision": _torchvision_names,
-    "timm": _timm_names,
-    "dynoswap": _zoo_names,
-}
-
-
-def _is_timm_name(name: str) -> bool:
-    import timm
-
-    # timm accepts pretrained tags ("resnet50.a1_in1k"); the architecture decides.
-    return bool(timm.is_model(name.split(".", 1)[0]))
-
-
-KNOWN: dict[str, Callable[[str], bool]] = {
-    "torchvision": lambda name: name in _torchvision_names(),
-    "timm": _is_timm_name,
-    "dynoswap": lambda name: name in _zoo_names(),
-}
-
-
-# -- builders -----------------------------------------------------------------
-def _build_torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
-    import torchvision.models
-
-    builder = torchvision.models.get_model_builder(name)
-    params = inspect.signature(builder).parameters
-    kwargs = dict(kwargs)
-    kwargs["weights"] = None
-    # Detection/segmentation builders default to a pretrained backbone: never download.
-    if "weights_backbone" in params:
-        kwargs.setdefault("weights_backbone", None)
-    return builder(**kwargs)
-
-
-def _build_timm(name: str, kwargs: dict[str, Any]) -> nn.Module:
-    import timm
-
-    kwargs = dict(kwargs)
-    kwargs["pretrained"] = False
-    return timm.create_model(name, **kwargs)
-
-
-def _load_factory(spec: str) -> Callable[..., nn.Module]:
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ModelError(f"user model {spec!r} must look like 'package.module:factory'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelError(f"cannot import module {module_name!r} for user model {spec!r}: {exc}") from exc
-    factory = module
-    for part in attr.split("."):
-        factory = getattr(factory, part, None)
-        if factory is None:
-            raise ModelError(f"module {module_name!r} has no attribute {attr!r} (user model {spec!r})")
-    if not callable(factory):
-        raise ModelError(f"user model {spec!r} is not callable")
-    return factory
-
-
-def _build_user(name: str, kwargs: dict[str, Any]) -> nn.Module:
-    from torch import nn
-
-    model = _load_factory(name)(**kwargs)
-    if not isinstance(model, nn.Module):
-        raise ModelError(f"user factory {name!r} returned {type(model).__name__}, not a torch.nn.Module")
-    return model
-
-
-def _build_zoo(name: str, kwargs: dict[str, Any]) -> nn.Module:
-    from .zoo import build
-
-    return build(name, kwargs)
-
-
-BUILDERS: dict[str, Callable[[str, dict[str, Any]], nn.Module]] = {
-    "torchvision": _build_torchvision,
-    "timm": _build_timm,
-    "dynoswap": _build_zoo,
-    "user": _build_user,
-}
-
-
-def build_model(library: str, name: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
-    """Build a model with random weights (never downloads).
-
-    Args:
-        library: ``"torchvision"``, ``"timm"`` or ``"user"``.
-        name: Model name (``"package.module:factory"`` for ``"user"``).
-        kwargs: Builder keyword arguments, e.g. ``{"num_classes": 10}``.
-
-    Returns:
-        The model, in training mode as the builders leave it.
-    """
-    builder = BUILDERS.get(library)
-    if builder is None:
-        raise ModelError(f"unknown model library {library!r}; expected one of {', '.join(LIBRARIES)}")
-    try:
-        return builder(name, dict(kwargs or {}))
-    except ModelError:
-        raise
-    except TypeError as exc:
-        # Wrong keyword arguments are a usage error: say which model and which arguments.
-        raise ModelError(f"cannot build {library}:{name} with {kwargs or {}}: {exc}") from exc
 
 
 # -- resolution ---------------------------------------------------------------
-def is_saved_model(spec: str | Path) -> bool:
-    """Whether ``spec`` is a directory written by ``dynoswap.save``."""
-    path = Path(spec)
-    return path.is_dir() and (path / RECIPE_FILE).is_file()
-
-
 def suggest(name: str, count: int = 5) -> list[str]:
     """Closest known names across torchvision, timm and the zoo, as they are typed (``tv:NAME``)."""
     candidates: dict[str, str] = {}
@@ -219,7 +66,7 @@ def _unknown(spec: str, name: str, where: tuple[str, ...]) -> ModelError:
 
 def _split_spec(spec: str) -> tuple[tuple[str, ...], str]:
     """Libraries to try and the bare name, from a spec like ``tv:resnet50``."""
-    if spec in _zoo_names():  # zoo names may contain a colon (paper:vgg16)
+    if spec in zoo_names():  # zoo names may contain a colon (paper:vgg16)
         return ("dynoswap",), spec
     prefix, sep, rest = spec.partition(":")
     if sep and prefix in PREFIXES:
@@ -227,6 +74,11 @@ def _split_spec(spec: str) -> tuple[tuple[str, ...], str]:
     if sep:
         return ("user",), spec
     return LOOKUP_ORDER, spec
+
+
+def names_user_code(spec: str) -> bool:
+    """Whether a spec names a user factory (``pkg.module:factory``) rather than a library's model."""
+    return _split_spec(spec)[0] == ("user",)
 
 
 def resolve_source(
@@ -253,7 +105,12 @@ def resolve_source(
 
 
 def resolve(
-    spec: str, num_classes: int | None = None, model_kwargs: dict[str, Any] | None = None
+    spec: str,
+    num_classes: int | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    *,
+    trust_code: bool = False,
+    strict_values: bool = False,
 ) -> tuple[nn.Module, ModelSource]:
     """Build the model a spec names; a saved dynoswap model directory is loaded.
 
@@ -261,18 +118,22 @@ def resolve(
         spec: A model name (see ``resolve_source``) or the path of a saved dynoswap model.
         num_classes: Number of classes (not allowed with a saved model).
         model_kwargs: Further builder keyword arguments (not allowed with a saved model).
+        trust_code: Allow user factories and user leaf modules (see :mod:`dynoswap.sources`).
+        strict_values: Refuse saved weights holding NaN or infinity instead of warning.
 
     Returns:
         The model (random weights unless loaded from a saved model) and its source;
         a saved model has source library ``"saved"`` and its path as name.
     """
     spec = str(spec)
+    # A writer killed in the middle of replacing a saved model: finish or roll back its swap first.
+    repair_if_needed(spec)
     if is_saved_model(spec):
         if num_classes is not None or model_kwargs:
-            raise ModelError(f"{spec} is a saved dynoswap model: --num-classes/--model-kwargs do not apply")
+            raise ModelError(f"{spec} is a saved dynoswap model: num_classes and model kwargs do not apply to it")
         from .io.saving import load
 
-        return load(spec), ModelSource(SAVED, spec, {})
+        return load(spec, trust_code=trust_code, strict_values=strict_values), ModelSource(SAVED, spec, {})
     try:
         source = resolve_source(spec, num_classes, model_kwargs)
     except ModelError:
@@ -280,9 +141,9 @@ def resolve(
         if Path(spec).is_dir():
             raise ModelError(f"{spec} is a directory without {RECIPE_FILE}: not a saved dynoswap model") from None
         if Path(spec).exists():
-            raise ModelError(f"{spec} is a file, not a model name; pass checkpoints with --weights") from None
+            raise ModelError(f"{spec} is a file, not a model name; load checkpoints into a named model") from None
         raise
-    return source.build(), source
+    return source.build(trust_code=trust_code), source
 
 
 def list_models(pattern: str | None = None, source: str | None = None) -> list[tuple[str, str]]:

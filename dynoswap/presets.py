@@ -7,12 +7,14 @@ a path to a YAML file works too.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import PresetError
+from .errors import PresetError, UntrustedCodeError
+from .io.recipe import MAX_INPUT_SIDE
 
 ENV_VAR = "DYNOSWAP_CONFIGS"
 # In a checkout dynoswap/configs links to the top-level configs/; a wheel carries the files themselves.
@@ -138,8 +140,14 @@ def _parse_convert(data: dict[str, Any], where: str) -> ConvertOptions:
         if not isinstance(size, (list, tuple)) or len(size) != 2:
             raise PresetError(f"{where}: 'input_size' must be [H, W], got {size!r}")
         opts.input_size = (_number(size[0], "input_size", where, int), _number(size[1], "input_size", where, int))
+        if min(opts.input_size) < 1 or max(opts.input_size) > MAX_INPUT_SIDE:
+            raise PresetError(
+                f"{where}: 'input_size' must be two positive integers [H, W] up to {MAX_INPUT_SIDE}, got {list(size)}"
+            )
     if data.get("num_classes") is not None:
         opts.num_classes = _number(data["num_classes"], "num_classes", where, int)
+        if opts.num_classes < 1:
+            raise PresetError(f"{where}: 'num_classes' must be >= 1, got {opts.num_classes}")
     if "placement" in data:
         opts.placement = _choice(data["placement"], "placement", PLACEMENTS, where)
     if data.get("init_scale") is not None:
@@ -150,6 +158,8 @@ def _parse_convert(data: dict[str, Any], where: str) -> ConvertOptions:
         value = getattr(opts, key)
         if value is not None and value <= 0:
             raise PresetError(f"{where}: '{key}' must be > 0, got {value}")
+        if value is not None and not math.isfinite(value):
+            raise PresetError(f"{where}: '{key}' must be finite, got {value}")
     return opts
 
 
@@ -172,8 +182,8 @@ def _parse_train(data: dict[str, Any], where: str) -> TrainOptions:
     for key, kind in _TRAIN_KINDS.items():
         if key in data:
             value = _number(data[key], key, where, kind)
-            if value < 0:
-                raise PresetError(f"{where}: '{key}' must be >= 0, got {value}")
+            if not math.isfinite(value) or value < 0:
+                raise PresetError(f"{where}: '{key}' must be a finite number >= 0, got {value}")
             setattr(opts, key, value)
     if "optimizer" in data:
         opts.optimizer = _choice(data["optimizer"], "optimizer", OPTIMIZERS, where)
@@ -189,8 +199,24 @@ def _parse_train(data: dict[str, Any], where: str) -> TrainOptions:
 TOP_KEYS = ("name", "backbone", "dataset", "variant", "convert", "train")
 
 
-def parse_preset(data: Any, where: str = "<preset>", path: Path | None = None) -> Preset:
-    """Validate a preset mapping (as read from YAML) and build a ``Preset``."""
+def _check_backbone(value: Any, where: str, trust_code: bool) -> str | None:
+    """Return the backbone model name; one that names user code (``pkg.module:factory``) needs ``trust_code``."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise PresetError(f"{where}: 'backbone' must be a model name, got {value!r}")
+    from .models import names_user_code
+
+    if names_user_code(value) and not trust_code:
+        raise UntrustedCodeError(
+            f"{where}: backbone {value!r} names user code (it would import {value.partition(':')[0]!r}); "
+            "user code runs only when you trust it (trust_code=True)"
+        )
+    return value
+
+
+def parse_preset(data: Any, where: str = "<preset>", path: Path | None = None, trust_code: bool = False) -> Preset:
+    """Validate a preset mapping (as read from YAML) and build a ``Preset``; imports and calls nothing."""
     if not isinstance(data, dict):
         raise PresetError(
             f"{where}: a preset must be a mapping with 'convert' and/or 'train', got {type(data).__name__}"
@@ -198,13 +224,16 @@ def parse_preset(data: Any, where: str = "<preset>", path: Path | None = None) -
     unknown = sorted(set(data) - set(TOP_KEYS))
     if unknown:
         raise PresetError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(TOP_KEYS)}")
+    for key in ("dataset", "variant"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise PresetError(f"{where}: '{key}' must be a string, got {data[key]!r}")
     for section in ("convert", "train"):
         if not isinstance(data.get(section) or {}, dict):
             raise PresetError(f"{where}: '{section}' must be a mapping")
     name = str(data.get("name") or (path.stem if path else where))
     return Preset(
         name=name,
-        backbone=data.get("backbone"),
+        backbone=_check_backbone(data.get("backbone"), where, trust_code),
         dataset=data.get("dataset"),
         variant=data.get("variant"),
         convert=_parse_convert(data.get("convert") or {}, where),
@@ -230,21 +259,24 @@ def available_presets() -> dict[str, Path]:
     return dict(sorted(found.items()))
 
 
-def load_preset_file(path: str | Path) -> Preset:
-    """Read and validate one YAML preset file."""
+def load_preset_file(path: str | Path, trust_code: bool = False) -> Preset:
+    """Read and validate one YAML preset file (YAML's safe loader: no objects are built)."""
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise PresetError(f"config file {path} is a folder, not a YAML file")
     if not path.is_file():
         raise PresetError(f"config file {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise PresetError(f"{path}: not valid YAML: {exc}") from exc
-    return parse_preset(data, str(path), path)
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        detail = " ".join(str(exc).split())
+        raise PresetError(f"{path}: not valid YAML ({detail})") from None
+    return parse_preset(data, str(path), path, trust_code)
 
 
-def load_preset(name_or_path: str | Path) -> Preset:
+def load_preset(name_or_path: str | Path, trust_code: bool = False) -> Preset:
     """Load a preset by name (``resnet50-imagenet-s``) or from a YAML file path.
 
     Raises:
@@ -252,7 +284,7 @@ def load_preset(name_or_path: str | Path) -> Preset:
     """
     text = str(name_or_path)
     if text.endswith((".yaml", ".yml")) or os.sep in text or Path(text).is_file():
-        return load_preset_file(text)
+        return load_preset_file(text, trust_code)
     presets = available_presets()
     if text not in presets:
         import difflib
@@ -260,4 +292,4 @@ def load_preset(name_or_path: str | Path) -> Preset:
         close = difflib.get_close_matches(text, list(presets), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; available: {', '.join(presets) or 'none'}"
         raise PresetError(f"unknown preset {text!r}{hint}")
-    return load_preset_file(presets[text])
+    return load_preset_file(presets[text], trust_code)

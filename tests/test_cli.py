@@ -199,7 +199,11 @@ def test_debug_shows_the_exception():
         (["--placement", "middle"], "--placement must be one of post, pre"),
         (["--override", "conv1"], "must look like NODE=R"),
         (["--override", "conv1=-2"], "not a scale factor"),
-        (["--init-scale", "0"], "--init-scale must be > 0"),
+        (["--init-scale", "0"], "--init-scale must be a finite number > 0"),
+        (["--init-scale", "nan"], "--init-scale must be a finite number > 0"),
+        (["--sizes", "1x1,8x8,4x4,2x2,2x2"], "'1x1' cannot be hit exactly"),
+        (["--sizes", "32x32,16x16"], "sizes has 2 entries"),
+        (["--override", "conv1=nan"], "not a scale factor"),
         (["--preset", "resnet50-imagenet-q"], "did you mean resnet50-imagenet-s"),
         (["--model-kwargs", "noequals"], "must look like KEY=VALUE"),
     ],
@@ -210,10 +214,11 @@ def test_bad_usage_exits_2(args, message):
     assert message in error_line(result)
 
 
-def test_wrong_number_of_sizes_is_a_conversion_failure():
+def test_wrong_number_of_sizes_is_bad_usage():
+    # The README's contract: bad usage exits 2 (a count that cannot match the tie groups is usage, not a failure).
     result = invoke("convert", *SMALL, "--sizes", "16x16,8x8")
-    assert result.exit_code == 1, result.output
-    assert "sizes" in error_line(result)
+    assert result.exit_code == 2, result.output
+    assert "sizes has 2 entries but the model has 4 tie groups" in error_line(result)
 
 
 class WritesMarker:
@@ -274,13 +279,13 @@ def test_key_mismatch_table_and_exit_1(tmp_path):
     assert json.loads(allowed.stdout)["checkpoint"] == {"missing": ["fc.bias"], "unexpected": ["extra.weight"]}
 
 
-def test_existing_output_needs_force(tmp_path):
+def test_existing_foreign_output_is_refused(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     result = invoke("convert", *SMALL, "-o", out)
     assert result.exit_code == 2
-    assert "already exists; pass --force" in error_line(result)
+    assert "holds a folder with 1 entry (keep.txt), not a dynoswap saved model" in error_line(result)
     assert (out / "keep.txt").read_text() == "mine"
 
 

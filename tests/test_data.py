@@ -102,7 +102,7 @@ def test_digits_without_sklearn_says_how_to_install(monkeypatch):
         ("mnist", "unknown data 'mnist'"),
         ("imagefolder", "needs a folder"),
         ("imagefolder:/nonexistent/x", "does not exist"),
-        ("digits-stretch", "drop --input-size"),
+        ("digits-stretch", "use that input size or none"),
     ],
 )
 def test_bad_specs(spec, match):
@@ -141,5 +141,5 @@ def test_loaders_shard_between_ranks():
         shards.append(set(train.sampler))
         assert len(train) == 16 and len(val.sampler) == 256
     assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == 2048
-    with pytest.raises(DataError, match="batch-size"):
+    with pytest.raises(DataError, match="batch_size must be >= 1"):
         make_loaders(bundle, 0)

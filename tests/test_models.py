@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from dynoswap.cli.common import exit_code_of
+from dynoswap.errors import UntrustedCodeError
 from dynoswap.models import ModelError, ModelSource, build_model, list_models, resolve, resolve_source, suggest
 
 
@@ -80,7 +81,7 @@ def test_detection_builder_gets_no_pretrained_backbone(no_downloads):
 
 
 def test_user_factory():
-    model, source = resolve("tests.test_models:tiny_factory", num_classes=5, model_kwargs={"width": 6})
+    model, source = resolve("tests.test_models:tiny_factory", num_classes=5, model_kwargs={"width": 6}, trust_code=True)
     assert source == ModelSource("user", "tests.test_models:tiny_factory", {"width": 6, "num_classes": 5})
     assert model[-1].out_features == 5 and model[0].out_channels == 6
 
@@ -95,7 +96,16 @@ def test_user_factory():
 )
 def test_user_factory_errors(spec, message):
     with pytest.raises(ModelError, match=message):
-        resolve(spec)
+        resolve(spec, trust_code=True)
+
+
+def test_user_factory_needs_trust_code_and_is_not_imported_without_it():
+    import sys
+
+    sys.modules.pop("tests.never_imported_factory", None)
+    with pytest.raises(UntrustedCodeError, match=r"import module 'tests.never_imported_factory' and call make"):
+        resolve("tests.never_imported_factory:make", num_classes=3)
+    assert "tests.never_imported_factory" not in sys.modules
 
 
 def test_unknown_name_suggests_close_names_from_both_libraries():
@@ -108,8 +118,10 @@ def test_unknown_name_suggests_close_names_from_both_libraries():
 
 
 def test_bad_kwargs_are_a_model_error():
-    with pytest.raises(ModelError, match="cannot build torchvision:resnet18"):
+    with pytest.raises(UntrustedCodeError, match="no_such_argument is not an architecture argument"):
         build_model("torchvision", "resnet18", {"no_such_argument": 1})
+    with pytest.raises(ModelError, match="cannot build torchvision:resnet18"):
+        build_model("torchvision", "resnet18", {"no_such_argument": 1}, trust_code=True)
     with pytest.raises(ModelError, match="unknown model library"):
         build_model("keras", "resnet18", {})
 
@@ -117,7 +129,7 @@ def test_bad_kwargs_are_a_model_error():
 def test_paths_that_are_not_saved_models(tmp_path):
     file = tmp_path / "weights.pth"
     file.write_bytes(b"x")
-    with pytest.raises(ModelError, match="pass checkpoints with --weights"):
+    with pytest.raises(ModelError, match="load checkpoints into a named model"):
         resolve(str(file))
     with pytest.raises(ModelError, match="not a saved dynoswap model"):
         resolve(str(tmp_path))

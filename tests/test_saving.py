@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from dynoswap.engine import convert
+from dynoswap.errors import OutputExistsError, RecipeError
 from dynoswap.io import SaveError, load, read_recipe, save
-from dynoswap.io.checkpoint import OutputExistsError
 from dynoswap.layers import DynOPool2d
 from dynoswap.models import ModelSource, build_model
 
@@ -101,10 +101,10 @@ def test_overwrite_is_atomic_and_limited_to_saved_models(tmp_path: Path) -> None
 
 
 def test_load_rejects_foreign_directories(tmp_path: Path) -> None:
-    with pytest.raises(SaveError, match="no recipe.json"):
+    with pytest.raises(RecipeError, match="no recipe.json"):
         load(tmp_path)
     (tmp_path / "recipe.json").write_text(json.dumps({"format": "other"}))
-    with pytest.raises(SaveError, match="not a dynoswap recipe"):
+    with pytest.raises(RecipeError, match="not a dynoswap recipe"):
         load(tmp_path)
 
 
@@ -120,3 +120,14 @@ def test_leaf_classes_replay(tmp_path: Path) -> None:
         "class:torch.nn.modules.batchnorm:BatchNorm2d"
     ]
     assert list(load(tmp_path / "m").state_dict()) == list(gm.state_dict())
+
+
+def test_a_model_with_nan_weights_saves_verified_and_warns_on_load(tmp_path: Path) -> None:
+    gm = converted()
+    with torch.no_grad():
+        gm.get_submodule("fc").bias[0] = float("nan")
+    with pytest.warns(UserWarning, match=r"1 weight tensor\(s\) hold NaN or infinity \(fc.bias\)"):
+        out = save(gm, tmp_path / "m")  # the read-back sees the same NaN: still identical
+    with pytest.warns(UserWarning, match="NaN or infinity"):
+        loaded = load(out)
+    assert torch.isnan(loaded.state_dict()["fc.bias"][0])

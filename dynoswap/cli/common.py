@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 import typer
 from rich.console import Console
+
+from ..validate import MIN_OUTPUT_SIDE
 
 if TYPE_CHECKING:
     from torch import nn
@@ -97,6 +101,7 @@ def _exit_codes() -> dict[type, int]:
         errors.RecipeError: EXIT_USAGE,
         errors.PresetError: EXIT_USAGE,
         errors.DataError: EXIT_USAGE,
+        errors.OptionError: EXIT_USAGE,
         errors.OutputExistsError: EXIT_USAGE,
         errors.ConversionError: EXIT_FAILURE,
         errors.CheckpointError: EXIT_FAILURE,
@@ -106,6 +111,31 @@ def _exit_codes() -> dict[type, int]:
         FileNotFoundError: EXIT_USAGE,
         IsADirectoryError: EXIT_USAGE,
     }
+
+
+def _hints() -> dict[type, Callable[[BaseException], str]]:
+    """Map library exception types to what to type instead exception type (the library's messages never name flags)."""
+    from .. import errors
+    from ..io.checkpoint import KeyMismatchError
+
+    return {
+        KeyMismatchError: lambda exc: "pass --allow-missing to load what matches",
+        errors.UntrustedCodeError: lambda exc: (
+            "pass --trust-code only if you trust where it came from" if getattr(exc, "trustable", True) else ""
+        ),
+        errors.OutputLockedError: lambda exc: "",
+        errors.OutputExistsError: lambda exc: (
+            "pass --force to replace it" if getattr(exc, "replaceable", False) else "choose another path"
+        ),
+    }
+
+
+def hint_of(exc: BaseException) -> str:
+    """Return the command-line advice for an exception ('' when there is none)."""
+    for kind, hint in _hints().items():
+        if isinstance(exc, kind):
+            return hint(exc)
+    return ""
 
 
 def exit_code_of(exc: BaseException) -> int:
@@ -134,9 +164,23 @@ def report_error(exc: BaseException) -> int:
     for kind, show in registry.items():
         if isinstance(exc, kind):
             show(exc, console)
-    sys.stderr.write(f"error: {one_line(exc)}\n")
+    hint = hint_of(exc)
+    sys.stderr.write(f"error: {one_line(exc)}{'; ' + hint if hint else ''}\n")
     sys.stderr.flush()
     return exit_code_of(exc)
+
+
+_default_showwarning = warnings.showwarning
+
+
+def _show_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None
+) -> None:
+    """Print dynoswap's own warnings as one ``warning:`` line; others as Python prints them."""
+    if f"{os.sep}dynoswap{os.sep}" in filename:
+        sys.stderr.write(f"warning: {' '.join(str(message).split())}\n")
+        return
+    _default_showwarning(message, category, filename, lineno, file, line)
 
 
 def handle_errors(fn: F) -> F:
@@ -149,7 +193,9 @@ def handle_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                return fn(*args, **kwargs)
         except (typer.Exit, click.exceptions.ClickException, click.exceptions.Abort):
             raise
         except KeyboardInterrupt:
@@ -174,6 +220,14 @@ WeightsOption = typer.Option(
     None, "--weights", metavar="CKPT", help="Checkpoint of the original model (.pth/.pt/.bin or .safetensors)."
 )
 AllowMissingOption = typer.Option(False, "--allow-missing", help="Load a checkpoint whose keys do not all match.")
+TrustCodeOption = typer.Option(
+    False,
+    "--trust-code",
+    help="Allow importing and calling user code (pkg.module:factory, leaf modules) named by the spec or a recipe.",
+)
+StrictValuesOption = typer.Option(
+    False, "--strict-values", help="Refuse weights holding NaN or infinity (default: warn)."
+)
 InputSizeOption = typer.Option(None, "--input-size", metavar="H W", help="Input height and width (default 224 224).")
 
 DEFAULT_INPUT_SIZE = (224, 224)
@@ -201,6 +255,10 @@ def parse_size(text: str, option: str = "--sizes") -> tuple[int, int]:
         values = values * 2
     if len(values) != 2 or min(values) < 1:
         raise UsageError(f"{option}: {text!r} is not a size; write HxW with positive integers, e.g. 100x96")
+    if min(values) < MIN_OUTPUT_SIDE:
+        raise UsageError(
+            f"{option}: {text!r} cannot be hit exactly: a DynOPool's output is at least {MIN_OUTPUT_SIDE} on each side"
+        )
     return values[0], values[1]
 
 
@@ -221,7 +279,7 @@ def parse_scale(text: str, option: str) -> float | tuple[float, float]:
         values = [float(p) for p in parts]
     except ValueError:
         values = []
-    if len(values) not in (1, 2) or min(values) <= 0:
+    if len(values) not in (1, 2) or not all(math.isfinite(v) and v > 0 for v in values):
         raise UsageError(f"{option}: {text!r} is not a scale factor; write R or RHxRW with numbers > 0")
     return values[0] if len(values) == 1 else (values[0], values[1])
 
@@ -286,6 +344,8 @@ def load_model(
     model_kwargs: list[str] | dict[str, Any] | None = None,
     weights: Path | None = None,
     allow_missing: bool = False,
+    trust_code: bool = False,
+    strict_values: bool = False,
 ) -> LoadedModel:
     """Resolve a model spec and load ``--weights`` into it.
 
@@ -295,14 +355,21 @@ def load_model(
         model_kwargs: ``KEY=VALUE`` strings or a ready dict.
         weights: Checkpoint to load (of the same architecture as the resolved model).
         allow_missing: Load only the matching keys instead of failing on a mismatch.
+        trust_code: Allow user factories and user leaf modules (``--trust-code``).
+        strict_values: Refuse weights holding NaN or infinity instead of warning (``--strict-values``).
     """
     from ..io.checkpoint import apply_state_dict, load_state_dict_file
+    from ..io.saving import check_values
     from ..models import resolve
 
     kwargs = model_kwargs if isinstance(model_kwargs, dict) else parse_kwargs(model_kwargs)
     # Read the checkpoint first: a bad file fails before the (slower) model build.
     state = load_state_dict_file(weights) if weights is not None else None
-    model, source = resolve(spec, num_classes=num_classes, model_kwargs=kwargs or None)
+    if state is not None:
+        check_values(state, str(weights), strict=strict_values)
+    model, source = resolve(
+        spec, num_classes=num_classes, model_kwargs=kwargs or None, trust_code=trust_code, strict_values=strict_values
+    )
     mismatch = apply_state_dict(model, state, allow_missing=allow_missing) if state is not None else None
     model.eval()
     return LoadedModel(model=model, source=source, spec=spec, mismatch=mismatch)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
 
+from ..errors import DynoswapError
 from .common import (
     AllowMissingOption,
     DebugOption,
@@ -16,6 +19,8 @@ from .common import (
     JsonOption,
     ModelKwargsOption,
     NumClassesOption,
+    StrictValuesOption,
+    TrustCodeOption,
     UsageError,
     WeightsOption,
     err_console,
@@ -49,15 +54,15 @@ class ConvertPlan:
     sizes: list[tuple[int, int]] | None
 
 
-def _load_preset(preset: str | None, config: Path | None) -> Preset | None:
+def _load_preset(preset: str | None, config: Path | None, trust_code: bool = False) -> Preset | None:
     from ..presets import load_preset, load_preset_file
 
     if preset and config:
         raise UsageError("give either --preset or --config, not both")
     if preset:
-        return load_preset(preset)
+        return load_preset(preset, trust_code)
     if config:
-        return load_preset_file(config)
+        return load_preset_file(config, trust_code)
     return None
 
 
@@ -75,8 +80,8 @@ def make_plan(
     chosen = placement or (opts.placement if opts else "post")
     if chosen not in PLACEMENTS:
         raise UsageError(f"--placement must be one of {', '.join(PLACEMENTS)}, got {chosen!r}")
-    if init_scale is not None and init_scale <= 0:
-        raise UsageError(f"--init-scale must be > 0, got {init_scale}")
+    if init_scale is not None and not (math.isfinite(init_scale) and init_scale > 0):
+        raise UsageError(f"--init-scale must be a finite number > 0, got {init_scale}")
     return ConvertPlan(
         input_size=parse_input_size(input_size, opts.input_size if opts else (224, 224)),
         num_classes=num_classes if num_classes is not None else (opts.num_classes if opts else None),
@@ -102,15 +107,21 @@ def run_conversion(model: nn.Module, plan: ConvertPlan, source: Any) -> tuple[nn
     from .. import engine
 
     def once(overrides: dict[str, Any] | None, target: nn.Module) -> tuple[nn.Module, Any]:
-        return engine.convert(
-            target,
-            input_size=plan.input_size,
-            placement=plan.placement,
-            init_scale=plan.init_scale,
-            overrides=overrides,
-            sizes=plan.sizes,
-            source=source,
-        )
+        try:
+            return engine.convert(
+                target,
+                input_size=plan.input_size,
+                placement=plan.placement,
+                init_scale=plan.init_scale,
+                overrides=overrides,
+                sizes=plan.sizes,
+                source=source,
+            )
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, DynoswapError):
+                raise
+            # The engine's own argument checks (sizes per tie group, override names) are bad usage.
+            raise UsageError(str(exc)) from exc
 
     first = plan.first_init_scale
     if first is None or plan.sizes:
@@ -124,12 +135,17 @@ def run_conversion(model: nn.Module, plan: ConvertPlan, source: Any) -> tuple[nn
     return once(overrides or None, model)
 
 
-def _save(model: nn.Module, output: Path, force: bool) -> None:
-    from ..io.checkpoint import atomic_output
-    from ..io.saving import save
+def upsampling_notes(model: nn.Module) -> list[str]:
+    """One line per DynOPool whose output is larger than its input (after a forward)."""
+    from ..layers import DynOPool2d
 
-    with atomic_output(output, force) as tmp:
-        save(model, tmp)
+    notes = []
+    for name, module in model.named_modules():
+        if isinstance(module, DynOPool2d) and module.last_in_size and module.last_out_size:
+            (hi, wi), (ho, wo) = module.last_in_size, module.last_out_size
+            if ho > hi or wo > wi:
+                notes.append(f"note: {name} upsamples {hi}x{wi} -> {ho}x{wo} (its target is larger than its input)")
+    return notes
 
 
 @handle_errors
@@ -150,31 +166,40 @@ def convert_cmd(
         None, "--sizes", metavar="HxW,...", help="Target size per stage at the input size, e.g. 100x96,52x50."
     ),
     output: Path | None = typer.Option(None, "-o", "--output", help="Save the converted model to this directory."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing saved model at -o (nothing else)."),
+    trust_code: bool = TrustCodeOption,
+    strict_values: bool = StrictValuesOption,
     json_out: bool = JsonOption,
     allow_missing: bool = AllowMissingOption,
     debug: bool = DebugOption,
 ) -> None:
     """Replace a model's resizers (pooling, strided convs) by DynOPools and report the result."""
     from ..cost import original_stage_sizes
-    from ..io.checkpoint import check_output
+    from ..io.output import replace_output
+    from ..io.saving import SAVED_MODEL, verify_saved, write_saved
     from .render import compare_table, dynopool_table, mismatch_table, replacement_table, skipped_table
     from .summary import summarize
 
-    if output is not None:
-        check_output(output, force)  # fail before any slow work
-    plan = make_plan(_load_preset(preset, config), input_size, num_classes, placement, init_scale, override, sizes)
-    loaded = load_model(model, plan.num_classes, model_kwargs, weights, allow_missing)
-    if loaded.is_saved:
-        raise UsageError(f"{model} is already a converted dynoswap model; use `dynoswap inspect {model}`")
-    gm, report = run_conversion(loaded.model, plan, loaded.source)
-    # Row for row with the converted model's stages: what the original resizers produced there.
-    before_stages = original_stage_sizes(gm, report)
-    before = summarize(loaded.model, plan.input_size, model, loaded.source.library, stages=before_stages)
-    after = summarize(gm, plan.input_size, model, loaded.source.library)
-    report_dict = report.to_dict()
-    if output is not None:
-        _save(gm, output, force)
+    plan = make_plan(
+        _load_preset(preset, config, trust_code), input_size, num_classes, placement, init_scale, override, sizes
+    )
+    with contextlib.ExitStack() as stack:
+        # -o is locked and checked before any slow work, and held until the model is written.
+        work = stack.enter_context(replace_output(output, SAVED_MODEL, force)) if output is not None else None
+        loaded = load_model(model, plan.num_classes, model_kwargs, weights, allow_missing, trust_code, strict_values)
+        if loaded.is_saved:
+            raise UsageError(f"{model} is already a converted dynoswap model; use `dynoswap inspect {model}`")
+        gm, report = run_conversion(loaded.model, plan, loaded.source)
+        # Row for row with the converted model's stages: what the original resizers produced there.
+        before_stages = original_stage_sizes(gm, report)
+        before = summarize(loaded.model, plan.input_size, model, loaded.source.library, stages=before_stages)
+        after = summarize(gm, plan.input_size, model, loaded.source.library)
+        report_dict = report.to_dict()
+        if work is not None:
+            write_saved(gm, work)
+            verify_saved(gm, work)
+    for note in upsampling_notes(gm):
+        err_console().print(note)
 
     if json_out:
         data = after.to_dict()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import typer
 
@@ -14,6 +13,8 @@ from .common import (
     JsonOption,
     ModelKwargsOption,
     NumClassesOption,
+    StrictValuesOption,
+    TrustCodeOption,
     WeightsOption,
     err_console,
     handle_errors,
@@ -24,13 +25,6 @@ from .common import (
 )
 
 
-def saved_input_size(model: Any) -> tuple[int, int] | None:
-    """Return the input size a saved model was converted at (from its recipe), if known."""
-    meta = getattr(model, "meta", None) or {}
-    size = (meta.get("dynoswap") or {}).get("input_size")
-    return (int(size[0]), int(size[1])) if size else None
-
-
 @handle_errors
 def inspect_cmd(
     model: str = typer.Argument(..., help="Model name (resnet50, tv:NAME, timm:NAME, pkg.mod:factory) or saved model."),
@@ -39,12 +33,15 @@ def inspect_cmd(
     model_kwargs: list[str] | None = ModelKwargsOption,
     weights: Path | None = WeightsOption,
     allow_missing: bool = AllowMissingOption,
+    trust_code: bool = TrustCodeOption,
+    strict_values: bool = StrictValuesOption,
     depth: int | None = typer.Option(None, "--depth", min=1, help="Per-layer table down to N dotted name levels."),
     plot: Path | None = typer.Option(None, "--plot", metavar="FILE.png", help="Draw the stages to scale (matplotlib)."),
     json_out: bool = JsonOption,
     debug: bool = DebugOption,
 ) -> None:
     """Show a model's GMACs, params, stage sizes and, for converted models, every DynOPool."""
+    from ..io.recipe import input_size_of
     from .render import dynopool_table, layer_table, mismatch_table, summary_table
     from .summary import summarize
 
@@ -52,8 +49,8 @@ def inspect_cmd(
         from .plot import require_matplotlib
 
         require_matplotlib()
-    loaded = load_model(model, num_classes, model_kwargs, weights, allow_missing)
-    size = parse_input_size(input_size, saved_input_size(loaded.model) or (224, 224))
+    loaded = load_model(model, num_classes, model_kwargs, weights, allow_missing, trust_code, strict_values)
+    size = parse_input_size(input_size, input_size_of(loaded.model) or (224, 224))
     summary = summarize(loaded.model, size, model, loaded.source.library, depth=depth)
     if plot is not None:
         from .plot import plot_stages

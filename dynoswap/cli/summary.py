@@ -154,5 +154,5 @@ def summarize(
         params=count_params(model),
         stages=stages if stages is not None else stage_sizes(model, size),
         dynopools=pools,
-        layers=layer_rows(model, size, depth, count.by_layer) if count is not None else [],
+        layers=layer_rows(model, size, depth, count.by_layer) if count is not None and depth is not None else [],
     )

@@ -6,13 +6,14 @@ nccl on GPU, gloo on CPU; only rank 0 prints and saves).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
 
-from .common import DebugOption, ModelKwargsOption, UsageError, handle_errors, parse_kwargs
+from .common import DebugOption, ModelKwargsOption, TrustCodeOption, UsageError, handle_errors, parse_kwargs
 
 if TYPE_CHECKING:
     from torch import nn
@@ -75,6 +76,7 @@ def build_model(
     model_kwargs: list[str] | None,
     placement: str | None,
     init_scale: float | None,
+    trust_code: bool = False,
 ) -> nn.Module:
     """Build a converted model ready to train: a saved dynoswap model continues, a name is converted first."""
     from .common import load_model
@@ -83,9 +85,9 @@ def build_model(
     if _is_saved(spec):
         if model_kwargs or placement or init_scale is not None:
             raise UsageError(f"{spec} is already converted: --model-kwargs/--placement/--init-scale do not apply")
-        return load_model(spec).model
+        return load_model(spec, trust_code=trust_code).model
     kwargs = parse_kwargs(model_kwargs)
-    loaded = load_model(spec, num_classes, kwargs)
+    loaded = load_model(spec, num_classes, kwargs, trust_code=trust_code)
     plan = make_plan(preset, input_size, num_classes, placement, init_scale, None, None)
     gm, _ = run_conversion(loaded.model, plan, loaded.source)
     return gm
@@ -147,6 +149,8 @@ def train_cmd(
     init_scale: float | None = typer.Option(None, "--init-scale", metavar="R", help="Initial scale of every DynOPool."),
     out: Path | None = typer.Option(None, "--out", help="Run folder: log.jsonl and checkpoint/ (default runs/...)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out."),
+    force: bool = typer.Option(False, "--force", help="Start over in an existing run folder (its log and checkpoint)."),
+    trust_code: bool = TrustCodeOption,
     plot: Path | None = typer.Option(None, "--plot", metavar="FILE.png", help="Plot sizes, accuracy and GMACs."),
     max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="At most this many steps per epoch."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile (recompiles whenever a size changes)."),
@@ -156,13 +160,14 @@ def train_cmd(
     """Train a model's DynOPool scales and weights with the paper's loss: task + lambda * GMACs."""
     import torch
 
+    from ..train.checkpointing import prepare_run_folder
     from ..train.data import load_data, make_loaders
     from ..train.distributed import init_from_env
     from ..train.loop import fit, read_log
     from .common import err_console, out_console
     from .convert import _load_preset
 
-    preset_obj = _load_preset(preset, None)
+    preset_obj = _load_preset(preset, None, trust_code)
     hyper = merge_hyper(
         preset_obj,
         {
@@ -175,16 +180,22 @@ def train_cmd(
             "amp": amp,
         },
     )
+    run_dir = out or Path("runs") / f"{Path(model).name.replace(':', '_')}-{data.split(':')[0]}"
+    if resume and force:
+        raise UsageError("give either --resume (continue the run) or --force (start it over), not both")
+    if not resume and os.environ.get("RANK", "0") == "0":
+        prepare_run_folder(run_dir, force)  # before any slow work; only the process that writes the run
     ctx = init_from_env(device)
     try:
         torch.manual_seed(seed)
         # New sizes appear while alphas train; benchmark mode would re-tune for each of them.
         torch.backends.cudnn.benchmark = False
         bundle = load_data(data, input_size, seed)
-        net = build_model(model, bundle.num_classes, bundle.input_size, preset_obj, model_kwargs, placement, init_scale)
+        net = build_model(
+            model, bundle.num_classes, bundle.input_size, preset_obj, model_kwargs, placement, init_scale, trust_code
+        )
         if _is_saved(model):
             _check_saved_model(net, model, bundle.input_size, bundle.num_classes)
-        run_dir = out or Path("runs") / f"{Path(model).name.replace(':', '_')}-{data.split(':')[0]}"
         train_loader, val_loader = make_loaders(
             bundle,
             hyper.batch_size,

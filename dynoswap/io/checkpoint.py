@@ -7,18 +7,15 @@ its code never runs.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
-import shutil
-import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CheckpointError, OutputExistsError
+from ..errors import CheckpointError
 
 if TYPE_CHECKING:
     import torch
@@ -74,7 +71,29 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
     try:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises its own SafetensorError
-        raise CheckpointError(f"cannot read {path} as safetensors: {exc}") from exc
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise CheckpointError(f"cannot read {path} as safetensors (damaged or another format: {detail})") from None
+
+
+# Pickle opcodes that import or call something: a file using them holds code, not only data.
+CODE_OPCODES = frozenset({"GLOBAL", "STACK_GLOBAL", "REDUCE", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "BUILD"})
+
+
+def _pickle_calls_code(path: Path) -> bool:
+    """Whether the file's pickle stream uses opcodes that import or call (read with pickletools: nothing runs)."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                data = archive.read(name) if name else b""
+        else:
+            data = path.read_bytes()
+        return any(op.name in CODE_OPCODES for op, _, _ in pickletools.genops(data))
+    except Exception:  # not a pickle stream at all: random bytes, another format
+        return False
 
 
 def _read_pickle(path: Path) -> Any:
@@ -86,18 +105,25 @@ def _read_pickle(path: Path) -> Any:
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        code = next((line for line in lines if "GLOBAL" in line or "Unsupported global" in line), "")
+        if not code and _pickle_calls_code(path):
+            code = "it would import or call objects while loading"
+        if not code:
+            raise CheckpointError(
+                f"cannot read {path}: it is neither a PyTorch checkpoint nor a safetensors file (damaged or another "
+                "format)"
+            ) from None
         # weights_only refuses globals before any of them is called: the code never ran.
-        first = str(exc).strip().splitlines()
-        detail = next((line for line in first if "Unsupported global" in line or "GLOBAL" in line), "")
         raise CheckpointError(
-            f"refused {path}: it contains pickled code or objects, not only tensors"
-            f"{' (' + detail.strip() + ')' if detail else ''}; re-save it as a plain state_dict "
-            "(torch.save(model.state_dict(), ...)) or as .safetensors"
-        ) from exc
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: {str(exc).splitlines()[0] if str(exc) else exc}"
-        ) from exc
+            f"refused {path}: it contains pickled code or objects, not only tensors ({code}); re-save it as a plain "
+            "state_dict (torch.save(model.state_dict(), ...)) or as .safetensors"
+        ) from None
+    except EOFError:
+        raise CheckpointError(f"cannot read {path}: the file ends early (truncated or damaged)") from None
+    except (RuntimeError, OSError, ValueError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read {path}: not a readable PyTorch checkpoint ({detail})") from None
 
 
 READERS = {".safetensors": _read_safetensors}
@@ -154,8 +180,15 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         CheckpointError: Missing file, unreadable file, or a pickle that carries code.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} is a folder, not a file; "
+            "a saved dynoswap model folder is opened by naming it as the model"
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
     reader = READERS.get(path.suffix.lower(), _read_pickle)
     return unwrap_state_dict(reader(path), str(path))
 
@@ -188,7 +221,7 @@ def apply_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], allow_
     mismatch = compare_keys(model, state)
     if mismatch and not allow_missing:
         raise KeyMismatchError(
-            f"checkpoint does not match the model ({mismatch.summary()}); pass --allow-missing to load what matches",
+            f"checkpoint does not match the model ({mismatch.summary()}); allow_missing=True loads what matches",
             mismatch,
         )
     bad = {k for k, _, _ in mismatch.shape}
@@ -196,43 +229,3 @@ def apply_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], allow_
         {k: v for k, v in state.items() if k not in bad and k not in mismatch.unexpected}, strict=False
     )
     return mismatch
-
-
-# -- writing ------------------------------------------------------------------
-def check_output(path: str | os.PathLike, force: bool = False) -> Path:
-    """Refuse an existing output unless ``force``; returns the path."""
-    path = Path(path)
-    if (path.exists() or path.is_symlink()) and not force:
-        raise OutputExistsError(f"output {path} already exists; pass --force to overwrite it")
-    return path
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Write a file or directory to a temporary sibling, then rename it into place.
-
-    A crash or error while writing leaves any previous output untouched and no partial
-    output behind.
-
-    Args:
-        path: Final path.
-        force: Replace an existing output.
-
-    Yields:
-        The temporary path to write (it does not exist yet).
-    """
-    path = check_output(path, force)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    tmp = work / path.name
-    try:
-        yield tmp
-        if not tmp.exists():
-            raise CheckpointError(f"nothing was written for {path}")
-        if path.exists() or path.is_symlink():
-            # Move the old output aside first so the rename below cannot fail on a non-empty dir.
-            old = work / (path.name + ".old")
-            os.replace(path, old)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)

@@ -1,43 +1,70 @@
-"""save()/load(): a directory with a JSON recipe and safetensors weights.
+"""save()/load(): a folder with a JSON recipe and safetensors weights.
 
-Nothing is pickled: ``load`` rebuilds the base model from the recipe's source (random
-init, never downloads), replays the conversion with the recorded options and loads
-the weights strictly.
+Nothing is pickled and nothing named by the file runs without the caller's consent:
+``load`` checks the recipe's source against the trust policy
+(:mod:`dynoswap.sources`), rebuilds the base model (random init, never downloads),
+replays the conversion with the recorded options and loads the weights strictly.
+``save`` writes through :func:`dynoswap.io.output.replace_output` (locked, crash-safe)
+and reads what it wrote back before reporting success.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import os
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ..engine.convert import RECIPE_KEY, convert, leaf_from_json
-from ..errors import OutputExistsError, SaveError
-from .checkpoint import atomic_output
+from ..errors import CheckpointError, OutputExistsError, RecipeError, SaveError
+from ..sources import SAVED, build_model, check_source
+from .output import folder_of_only, register_output_kind, replace_output
+from .recipe import (
+    FORMAT,
+    FORMAT_VERSION,
+    RECIPE_FILE,
+    RECIPE_KEY,
+    WEIGHTS_FILE,
+    Recipe,
+    check_leaf,
+    raw_recipe_of,
+    recipe_of,
+    resolve_leaf,
+)
 
-RECIPE_FILE = "recipe.json"
-WEIGHTS_FILE = "model.safetensors"
-FORMAT = "dynoswap-saved-model"
-FORMAT_VERSION = 1
+if TYPE_CHECKING:
+    from torch import fx
 
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "RECIPE_FILE",
+    "RECIPE_KEY",
+    "WEIGHTS_FILE",
+    "OutputExistsError",
+    "SaveError",
+    "check_values",
+    "load",
+    "read_recipe",
+    "read_weights",
+    "save",
+    "verify_saved",
+    "write_saved",
+]
 
-def recipe_of(model: nn.Module) -> dict[str, Any]:
-    """Return the conversion recipe stored in a converted model's ``meta``."""
-    recipe = getattr(model, "meta", {}).get(RECIPE_KEY)
-    if recipe is None:
-        raise SaveError("not a converted model: dynoswap.save needs the output of dynoswap.convert")
-    return recipe
+#: The output kind ``save(..., overwrite=True)`` and ``convert -o --force`` may replace.
+SAVED_MODEL = "saved model"
+register_output_kind(SAVED_MODEL, folder_of_only({RECIPE_FILE, WEIGHTS_FILE}, RECIPE_FILE))
 
 
 def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Contiguous CPU tensors, each storage once; aliases map repeated keys to the kept one."""
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
+    seen: dict[tuple[Any, ...], str] = {}
     for key, t in state.items():
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
         if t.numel() and ident in seen:
@@ -48,70 +75,218 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     return tensors, aliases
 
 
-def save(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
-    """Write ``path/recipe.json`` and ``path/model.safetensors`` atomically.
-
-    Args:
-        model: A GraphModule returned by ``dynoswap.convert`` (with ``source=`` given).
-        path: Output directory.
-        overwrite: Replace an existing saved model at ``path`` (other existing paths are refused).
-
-    Returns:
-        The output directory.
-    """
-    from safetensors.torch import save_file
-
-    recipe = recipe_of(model)
-    if not recipe.get("source"):
+def _savable_recipe(model: nn.Module) -> Recipe:
+    if raw_recipe_of(model) is None:
+        raise SaveError("not a converted model: dynoswap.save needs the output of dynoswap.convert")
+    data = raw_recipe_of(model) or {}
+    if not data.get("source"):
         raise SaveError(
             "the model's source is unknown, so load() could not rebuild it: pass source= to convert, e.g. "
             "convert(model, ..., source=ModelSource('torchvision', 'resnet50', {'num_classes': 10}))"
         )
-    path = Path(path)
-    exists = path.exists() or path.is_symlink()
-    if exists and not (overwrite and (path / RECIPE_FILE).is_file()):
-        raise OutputExistsError(f"{path} exists and is not a saved dynoswap model to overwrite; choose another path")
+    if isinstance(data["source"], dict) and data["source"].get("library") == SAVED:
+        raise SaveError("the model's source is a saved model: convert the original model, not a loaded one")
+    try:
+        return recipe_of(model)
+    except RecipeError as exc:
+        raise SaveError(f"cannot save: {exc}") from None
+
+
+def write_saved(model: nn.Module, folder: Path) -> None:
+    """Write the recipe and weights of ``model`` into a new folder (no checks, no swap)."""
+    from safetensors.torch import save_file
+
+    recipe = _savable_recipe(model)
     tensors, aliases = _dedupe(model.state_dict())
-    document = {"format": FORMAT, "format_version": FORMAT_VERSION, "recipe": recipe, "aliases": aliases}
-    with atomic_output(path, force=exists) as tmp:
-        tmp.mkdir()
-        (tmp / RECIPE_FILE).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
-    return path
+    recipe.aliases = aliases
+    folder.mkdir()
+    (folder / RECIPE_FILE).write_text(recipe.to_json())
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT})
 
 
-def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
-    """Read the recipe document of a saved model directory."""
-    file = Path(path) / RECIPE_FILE
-    if not file.is_file():
-        raise SaveError(f"{path} is not a saved dynoswap model (no {RECIPE_FILE})")
-    document = json.loads(file.read_text())
-    if document.get("format") != FORMAT:
-        raise SaveError(f"{file} is not a dynoswap recipe (format {document.get('format')!r})")
-    return document
+def verify_saved(model: nn.Module, folder: Path) -> None:
+    """Load ``folder`` back and compare its state dict and one forward with ``model``.
+
+    Raises:
+        SaveError: The folder does not load, or loads as a different model.
+    """
+    recipe = _savable_recipe(model)
+    try:
+        loaded = load(folder, trust_code=True)  # the code was already trusted to build ``model``
+    except Exception as exc:
+        raise SaveError(f"the saved model does not load back: {exc}") from exc
+    own, back = model.state_dict(), loaded.state_dict()
+    if list(own) != list(back):
+        raise SaveError("the saved model loads back with other weight names than the model")
+    for key, value in own.items():
+        if not torch.equal(value.detach().cpu(), back[key]) and not _both_nan(value, back[key]):
+            raise SaveError(f"the saved model loads back with other values for {key}")
+    example = _example(model, recipe)
+    outputs = []
+    for m in (model, loaded):
+        was = m.training
+        m.eval()
+        try:
+            with torch.no_grad():
+                outputs.append(m(example.to(_device(m))))
+        finally:
+            m.train(was)
+    if not _same_outputs(outputs[0], outputs[1]):
+        raise SaveError("the saved model loads back but computes other outputs than the model")
 
 
-def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read the full state dict of a saved model directory, keys stored once expanded to every alias."""
+def _both_nan(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a = a.detach().cpu()
+    return a.dtype.is_floating_point and torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))
+
+
+def _device(model: nn.Module) -> torch.device:
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _example(model: nn.Module, recipe: Recipe) -> torch.Tensor:
+    """Return a fixed random batch of one at the recipe's input size."""
+    from ..engine.convert import _in_channels
+
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(1, _in_channels(model), *recipe.input_size, generator=gen)
+
+
+def _same_outputs(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        # Bit-identical, NaN where the model itself gives NaN.
+        return a.shape == b.shape and bool(torch.allclose(a, b, rtol=0, atol=0, equal_nan=True))
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_outputs(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_outputs(a[k], b[k]) for k in a)
+    return bool(a == b)
+
+
+def save(model: nn.Module, path: str | os.PathLike[str], *, overwrite: bool = True) -> Path:
+    """Write ``path/recipe.json`` and ``path/model.safetensors``, verified, crash-safe.
+
+    The folder is written next to ``path``, loaded back and compared with ``model``
+    (state dict and one forward), then swapped in; another process writing ``path``
+    at the same time makes this call fail instead of racing it.
+
+    Args:
+        model: A GraphModule returned by ``dynoswap.convert`` (with ``source=`` given).
+        path: Output folder.
+        overwrite: Replace an existing saved model at ``path`` (anything else there is refused).
+
+    Returns:
+        The output folder.
+
+    Raises:
+        SaveError: Not a converted model, an unknown source, or a save that does not read back.
+        OutputExistsError: ``path`` holds something else, or a saved model and ``overwrite`` is False.
+        OutputLockedError: Another process is writing ``path``.
+    """
+    _savable_recipe(model)
+    with replace_output(path, SAVED_MODEL, force=overwrite) as work:
+        write_saved(model, work)
+        verify_saved(model, work)
+    return Path(path)
+
+
+def read_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and validate the recipe document of a saved model folder (as a dict)."""
+    recipe = Recipe.read(path)
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "recipe": recipe.to_dict(), "aliases": recipe.aliases}
+
+
+def read_weights(path: str | os.PathLike[str], recipe: Recipe | None = None) -> dict[str, torch.Tensor]:
+    """Read the full state dict of a saved model folder, keys stored once expanded to every alias."""
     from safetensors.torch import load_file
 
-    document = read_recipe(path)
-    state = load_file(str(Path(path) / WEIGHTS_FILE))
-    for alias, key in document.get("aliases", {}).items():
+    recipe = recipe or Recipe.read(path)
+    file = Path(path) / WEIGHTS_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{path} is an incomplete saved model: {WEIGHTS_FILE} is missing")
+    try:
+        state = load_file(str(file))
+    except Exception as exc:  # safetensors raises its own SafetensorError
+        raise CheckpointError(f"cannot read {file}: {' '.join(str(exc).split()) or type(exc).__name__}") from None
+    for alias, key in recipe.aliases.items():
+        if key not in state:
+            raise RecipeError(f"{Path(path) / RECIPE_FILE}: alias {alias!r} names {key!r}, which {WEIGHTS_FILE} lacks")
         state[alias] = state[key]
     return state
 
 
-def load(path: str | os.PathLike) -> nn.Module:
-    """Rebuild a saved converted model: base model from its source, conversion replayed, weights loaded strictly."""
-    from ..models import ModelSource, build_model
+def check_values(state: dict[str, torch.Tensor], where: str, strict: bool = False) -> list[str]:
+    """Report weights holding NaN or infinity: a warning, or a ``CheckpointError`` when ``strict``.
 
-    document = read_recipe(path)
-    recipe = document["recipe"]
-    source = ModelSource.from_dict(recipe["source"])
-    options = dict(recipe["options"])
-    options["leaf_modules"] = [leaf_from_json(s) for s in options.get("leaf_modules", [])]
-    base = build_model(source.library, source.name, source.kwargs)
-    gm, _ = convert(base, tuple(recipe["input_size"]), source=source, check=False, **options)
-    gm.load_state_dict(read_weights(path), strict=True)
+    Returns:
+        The keys of the non-finite tensors.
+    """
+    bad = [k for k, v in state.items() if v.dtype.is_floating_point and not bool(torch.isfinite(v).all())]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        message = f"{where}: {len(bad)} weight tensor(s) hold NaN or infinity ({shown})"
+        if strict:
+            raise CheckpointError(message)
+        warnings.warn(message, stacklevel=3)
+    return bad
+
+
+def _check_alphas(state: dict[str, torch.Tensor], where: str) -> None:
+    """DynOPool alphas must be finite and > 0 or the model cannot run: always an error."""
+    for key, value in state.items():
+        if key.endswith("alpha") and value.dtype.is_floating_point:
+            values = value.detach().flatten().tolist()
+            if not all(math.isfinite(v) and v > 0 for v in values):
+                raise CheckpointError(
+                    f"{where}: {key} is {values}, but a DynOPool's alpha must be finite and > 0; the file is damaged"
+                )
+
+
+def load(path: str | os.PathLike[str], *, trust_code: bool = False, strict_values: bool = False) -> fx.GraphModule:
+    """Rebuild a saved converted model: source checked and built, conversion replayed, weights loaded strictly.
+
+    Args:
+        path: A folder written by :func:`save`.
+        trust_code: Allow a recipe that names a user factory or user leaf modules (they are imported and called).
+        strict_values: Refuse weights holding NaN or infinity (by default they are reported with a warning).
+
+    Raises:
+        RecipeError: The folder is not a saved model, or its recipe is malformed or of an unknown version.
+        UntrustedCodeError: The recipe would import or call code and ``trust_code`` is False.
+        CheckpointError: The weights cannot be read, are damaged, or do not fit the recipe's model.
+    """
+    from ..engine.convert import convert
+
+    folder = Path(path)
+    recipe = Recipe.read(folder)
+    where = str(folder / RECIPE_FILE)
+    weights_file = folder / WEIGHTS_FILE
+    if not weights_file.is_file():
+        raise CheckpointError(f"{folder} is an incomplete saved model: {WEIGHTS_FILE} is missing")
+    source = recipe.source
+    if source is None:  # Recipe.read refuses it; kept for the type checker
+        raise RecipeError(f"{where}: field 'recipe.source' is null")
+    # The source and every leaf module pass the trust policy before anything is imported or built.
+    check_source(source, trust_code=trust_code, where=where)
+    for leaf in recipe.options.leaf_modules:
+        check_leaf(leaf, trust_code=trust_code, where=where)
+    state = read_weights(folder, recipe)
+    _check_alphas(state, str(weights_file))
+    check_values(state, str(weights_file), strict=strict_values)
+    base = build_model(source.library, source.name, source.kwargs, trust_code=trust_code, where=where)
+    leaves = [resolve_leaf(s, trust_code=trust_code, where=where) for s in recipe.options.leaf_modules]
+    options = recipe.options.convert_kwargs()
+    options["leaf_modules"] = leaves
+    try:
+        gm, _ = convert(base, recipe.input_size, source=source, check=False, **options)
+    except Exception as exc:  # a validated recipe that does not replay is still the recipe's fault
+        raise RecipeError(
+            f"{where}: the recorded conversion cannot be replayed: {' '.join(str(exc).split())}"
+        ) from None
+    try:
+        gm.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(f"{weights_file} does not fit the model its recipe describes ({first})") from None
     return gm

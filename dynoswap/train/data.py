@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
 
@@ -41,7 +42,7 @@ _CIFAR_STATS = {
 def _barcodes(path: str, input_size: tuple[int, int] | None, seed: int) -> DataBundle:
     size = input_size[1] if input_size else 32
     if input_size and input_size[0] != input_size[1]:
-        raise DataError(f"barcodes are square; got --input-size {input_size}")
+        raise DataError(f"barcodes are square; got input size {input_size}")
     train = datasets.barcodes(True, size=size, seed=seed)
     val = datasets.barcodes(False, size=size, seed=seed)
     return DataBundle("barcodes", train, val, 10, (size, size))
@@ -53,7 +54,7 @@ def _digits(variant: str) -> Handler:
         val = datasets.digits(variant, False, seed=seed)
         size = tuple(train[0][0].shape[-2:])
         if input_size and tuple(input_size) != size:
-            raise DataError(f"digits-{variant} images are {size[0]}x{size[1]}; drop --input-size or set it to that")
+            raise DataError(f"digits-{variant} images are {size[0]}x{size[1]}; use that input size or none")
         return DataBundle(f"digits-{variant}", train, val, 10, size)  # type: ignore[arg-type]
 
     return handler
@@ -61,7 +62,7 @@ def _digits(variant: str) -> Handler:
 
 def _need_path(kind: str, path: str) -> Path:
     if not path:
-        raise DataError(f"{kind} needs a folder: --data {kind}:PATH")
+        raise DataError(f"{kind} needs a folder: write {kind}:PATH")
     root = Path(path).expanduser()
     if not root.is_dir():
         raise DataError(f"{kind}: folder {root} does not exist")
@@ -159,15 +160,15 @@ def make_loaders(
     sample) unless the set is smaller than one batch.
     """
     if batch_size < 1:
-        raise DataError(f"--batch-size must be >= 1, got {batch_size}")
-    common = {"num_workers": workers, "pin_memory": pin_memory, "persistent_workers": False}
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    common: dict[str, Any] = {"num_workers": workers, "pin_memory": pin_memory, "persistent_workers": False}
     drop_last = len(bundle.train) > batch_size * world_size  # type: ignore[arg-type]
     if world_size > 1:
         from torch.utils.data.distributed import DistributedSampler
 
-        sampler = DistributedSampler(bundle.train, world_size, rank, shuffle=True, seed=seed, drop_last=drop_last)
+        sampler: Any = DistributedSampler(bundle.train, world_size, rank, shuffle=True, seed=seed, drop_last=drop_last)
         train = DataLoader(bundle.train, batch_size, sampler=sampler, drop_last=drop_last, **common)
-        val_sampler = (
+        val_sampler: Any = (
             DistributedSampler(bundle.val, world_size, rank, shuffle=False) if bundle.val is not None else None
         )
     else:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import OptionError
 from ..layers import DynOPool2d
 
 
@@ -45,7 +46,7 @@ def pick_device(device: str | None, local_rank: int = 0) -> torch.device:
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu")
+        raise OptionError(f"device {device!r}: CUDA is not available here; use cpu")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank)
     return dev

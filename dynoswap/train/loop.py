@@ -247,10 +247,9 @@ def fit(
         log_path.parent.mkdir(parents=True, exist_ok=True)
         if not resume and log_path.exists():
             log_path.unlink()
-        elif resume and log_path.exists():
-            # Drop epochs logged after the checkpoint (a crash between the two writes), so none repeats.
-            kept = [r for r in read_log(log_path) if r["epoch"] <= start_epoch]
-            log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        elif resume:
+            # The log committed with the checkpoint: no epoch lost or repeated by a crash between writes.
+            checkpointing.restore_log(folder, out)  # type: ignore[arg-type]
     records: list[dict[str, Any]] = []
     bar = _progress(main and progress, console)
     net.train()
@@ -326,9 +325,7 @@ def fit(
                     "step": step,
                     "rng": checkpointing.rng_state(),
                 }
-                checkpointing.save_checkpoint(out, raw, state)
-                with open(log_path, "a") as fh:  # type: ignore[arg-type]
-                    fh.write(json.dumps(record) + "\n")
+                checkpointing.save_checkpoint(out, raw, state, log_record=record)
             if main and console is not None:
                 acc = record.get("val_acc", record["train_acc"])
                 console.print(

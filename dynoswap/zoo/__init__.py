@@ -45,7 +45,7 @@ class ZooEntry:
         fn: Any = importlib.import_module(module)
         for part in attr.split("."):
             fn = getattr(fn, part)
-        return fn  # type: ignore[no-any-return]
+        return fn
 
 
 _ZOO: dict[str, ZooEntry] = {}
@@ -89,6 +89,12 @@ def zoo_names() -> tuple[str, ...]:
     """Return the registered names, sorted."""
     _register_builtin()
     return tuple(sorted(_ZOO))
+
+
+def name_of_factory(factory: str) -> str | None:
+    """Return the name registered for ``factory`` (``"dynoswap.<module>:<function>"``), if any."""
+    _register_builtin()
+    return next((entry.name for entry in _ZOO.values() if entry.factory == factory), None)
 
 
 def build(name: str, kwargs: dict[str, Any] | None = None) -> nn.Module:

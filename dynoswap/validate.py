@@ -1,0 +1,105 @@
+"""Argument checks shared by the library's entry points: a misuse is one clear TypeError or ValueError.
+
+Imports no heavy library at import time, so the CLI can check its options cheaply.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+#: Smallest output side a DynOPool produces: its size rule rounds ``max(n / alpha, 1.5)`` half up
+#: (``dynoswap.layers.sizing.MIN_SIZE``), so 2 is the smallest size a target can hit exactly.
+MIN_OUTPUT_SIDE = 2
+
+
+def _is_int(value: Any) -> bool:
+    # bool is an int subclass but never a size; numpy integers are Integral too.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_size(value: Any, what: str, low: int = 1) -> tuple[int, int]:
+    """Return ``value`` as an (h, w) pair of integers >= ``low``.
+
+    Raises:
+        TypeError: Not a pair of integers (floats such as 64.5 and booleans included).
+        ValueError: A side below ``low``.
+    """
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{what} must be a pair of integers (h, w), got {value!r}")
+    values = tuple(value)
+    if len(values) != 2:
+        raise ValueError(f"{what} must be a pair of integers (h, w), got {len(values)} values: {value!r}")
+    if not all(_is_int(v) for v in values):
+        raise TypeError(f"{what} must be a pair of integers (h, w), got {value!r}")
+    h, w = (int(v) for v in values)
+    if min(h, w) < low:
+        raise ValueError(f"{what} must be at least {low} on each side, got {(h, w)}")
+    return h, w
+
+
+def check_target_sizes(sizes: Any) -> list[tuple[int, int]]:
+    """Validate ``sizes=``: one (h, w) per tie group, each at least :data:`MIN_OUTPUT_SIDE`.
+
+    Raises:
+        TypeError: Not a sequence of integer pairs.
+        ValueError: A target below :data:`MIN_OUTPUT_SIDE`, which no DynOPool can produce exactly.
+    """
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence):
+        raise TypeError(f"sizes must be a list of (h, w) pairs, got {type(sizes).__name__}")
+    out = []
+    for i, size in enumerate(sizes):
+        pair = check_size(size, f"sizes[{i}]")
+        if min(pair) < MIN_OUTPUT_SIDE:
+            raise ValueError(
+                f"sizes[{i}] = {pair} cannot be hit exactly: a DynOPool's output is at least {MIN_OUTPUT_SIDE} "
+                "on each side"
+            )
+        out.append(pair)
+    return out
+
+
+def check_scale(value: Any, what: str) -> tuple[float, float]:
+    """Return a scale (r or (r_h, r_w)) as a finite, positive pair.
+
+    Raises:
+        TypeError: Not a number or a pair of numbers.
+        ValueError: NaN, infinite or not > 0.
+    """
+    values = (value, value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    if isinstance(values, (str, bytes, bool)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{what} must be a number or an (h, w) pair of numbers, got {value!r}")
+    pair = tuple(values)
+    if len(pair) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair):
+        raise TypeError(f"{what} must be a number or an (h, w) pair of numbers, got {value!r}")
+    if not all(math.isfinite(v) and v > 0 for v in pair):
+        raise ValueError(f"{what} must be finite and > 0, got {value!r}")
+    return float(pair[0]), float(pair[1])
+
+
+def check_convert_args(model: Any, input_size: Any, sizes: Any = None) -> tuple[int, int]:
+    """Check ``dynoswap.convert``'s model and input size before any work; returns (H, W).
+
+    Raises:
+        TypeError: ``model`` is not a ``torch.nn.Module`` (e.g. a model name), or ``input_size``
+            is not a pair of integers.
+        ValueError: ``model`` was already converted, a side is below 1, or a target size is below 2.
+    """
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        hint = " (build it first, e.g. dynoswap.models.resolve(name)[0])" if isinstance(model, str) else ""
+        raise TypeError(f"convert needs a torch.nn.Module, got {type(model).__name__} {model!r:.60}{hint}")
+    meta = getattr(model, "meta", None)
+    if isinstance(meta, dict) and "dynoswap" in meta:
+        raise ValueError("the model is already converted (it carries a dynoswap recipe); convert the original model")
+    from .layers import DynOPool2d
+
+    if any(isinstance(m, DynOPool2d) for m in model.modules()):
+        raise ValueError("the model already contains DynOPool2d layers; convert the original model")
+    size = check_size(input_size, "input_size")
+    if sizes is not None:
+        check_target_sizes(sizes)
+    return size
