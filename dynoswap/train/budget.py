@@ -84,6 +84,53 @@ class BudgetController:
                 setattr(self, key, float(state[key]))
 
 
+def relaxed_gmacs(model: Any, cost: Any = None) -> float:
+    """GMACs without rounding the sizes: the budget steers the continuous cost, which moves smoothly.
+
+    Steering the rounded cost dithers between neighbouring integer sizes (a pixel of a 2x2 map is
+    25% of its stage); the continuous cost converges, and :func:`land_on_budget` deals with the
+    rounding. Falls back to ``cost`` (or ``gmacs_loss``) for models without a resolution graph.
+    """
+    import torch
+
+    from ..cost import gmacs_loss, resolution_graph
+
+    with torch.no_grad():
+        try:
+            return float(resolution_graph(model).gmacs(relaxed=True))
+        except (TypeError, ValueError, RuntimeError, AttributeError):
+            return float(cost.detach()) if cost is not None else float(gmacs_loss(model))
+
+
+def _match_continuous(model: Any, leaders: list[Any], target: float) -> None:
+    """Scale every alpha by one common factor so the continuous GMACs equal ``target`` (bisection).
+
+    Keeps the shapes and the split of the budget between stages that training learned; only
+    their common scale moves, in case the controller has not converged yet.
+    """
+    import torch
+
+    saved = [m.alpha.detach().clone() for m in leaders]
+
+    def cost_at(factor: float) -> float:
+        with torch.no_grad():
+            for m, a in zip(leaders, saved, strict=True):
+                m.alpha.copy_(a * factor)
+        return relaxed_gmacs(model)
+
+    low, high = 0.25, 4.0  # larger alphas: smaller maps, lower cost
+    if not cost_at(high) <= target <= cost_at(low):
+        cost_at(1.0)
+        return
+    for _ in range(40):
+        mid = math.sqrt(low * high)
+        if cost_at(mid) > target:
+            low = mid
+        else:
+            high = mid
+    cost_at(math.sqrt(low * high))
+
+
 def scale_bounds(min_scale: float | None, max_scale: float | None) -> tuple[float, float] | None:
     """Alpha bounds ``(1 / max_scale, 1 / min_scale)`` for the scale bounds (None: unbounded).
 
@@ -112,10 +159,11 @@ def land_on_budget(model: Any, target: float) -> list[tuple[int, int]] | None:
     """Round each tie group's size down or up, whichever combination's GMACs is closest to ``target``.
 
     The controller steers the continuous cost, whose rounding can still miss a small model's
-    budget by a pixel of its smallest map. Among the integer sizes within one pixel of the
-    continuous ones (per axis, per tie group), this keeps the combination whose GMACs is
-    closest to ``target`` (ties: the one closest to the continuous sizes) and sets the alphas
-    to produce it exactly.
+    budget by a pixel of its smallest map. First every alpha is scaled by one common factor so
+    that the continuous cost is the target (a no-op once the controller has converged); then,
+    among the integer sizes within one pixel of the continuous ones (per axis, per tie group),
+    the combination whose GMACs is closest to ``target`` is kept (ties: the one closest to the
+    continuous sizes) and the alphas are set to produce it exactly.
 
     Args:
         model: A converted model (its alphas are changed in place).
@@ -138,6 +186,8 @@ def land_on_budget(model: Any, target: float) -> list[tuple[int, int]] | None:
     order = list(leaders)
     if 4 ** len(order) > MAX_COMBINATIONS:
         return None
+    _match_continuous(model, [leaders[g] for g in order], target)
+    rows = alphas(model)
     saved = [leaders[g].alpha.detach().clone() for g in order]
     first_in: dict[str, list[int]] = {}
     for row in rows:

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from ..layers import DynOPool2d
 from . import checkpointing
-from .budget import LAND_AT, BudgetController, land_on_budget, scale_bounds
+from .budget import LAND_AT, BudgetController, land_on_budget, relaxed_gmacs, scale_bounds
 from .distributed import DistContext, all_reduce_sums, barrier, current_context, pick_device, sync_alphas, wrap_ddp
 
 LOG_FILE = "log.jsonl"
@@ -177,22 +177,6 @@ def _plain_every(enabled: bool, console: Any, steps_per_epoch: int) -> int:
     if not enabled or console is None or getattr(console, "is_terminal", False):
         return 0
     return max(1, steps_per_epoch // 4)
-
-
-def _relaxed_gmacs(model: nn.Module, cost: torch.Tensor) -> float:
-    """GMACs without rounding the sizes: the budget steers the continuous cost, which moves smoothly.
-
-    Steering the rounded cost dithers between neighbouring integer sizes (a pixel of a 2x2 map is
-    25% of its stage); the continuous cost converges, and rounding only adds its own small error.
-    Falls back to ``cost`` (the rounded value) for models without a resolution graph.
-    """
-    from ..cost import resolution_graph
-
-    try:
-        with torch.no_grad():
-            return float(resolution_graph(model).gmacs(relaxed=True))
-    except (TypeError, ValueError, RuntimeError, AttributeError):
-        return float(cost.detach())
 
 
 def _clamp_alphas(model: nn.Module, bounds: tuple[float, float] | None) -> None:
@@ -372,9 +356,7 @@ def fit(
                     lam = 0.0  # sizes are final: the weights train on at them
                 elif budget is not None:
                     # Every rank computes the same GMACs (alphas are synced), hence the same lambda.
-                    lam = budget.update(
-                        _relaxed_gmacs(raw, cost), float(scheduler.get_last_lr()[0]) / lr if lr else 1.0
-                    )
+                    lam = budget.update(relaxed_gmacs(raw, cost), float(scheduler.get_last_lr()[0]) / lr if lr else 1.0)
                 loss = task + lam * cost
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss became {float(loss)} at step {step}; lower --lr or --alpha-lr")
