@@ -121,3 +121,39 @@ def test_sizes_are_one_per_tie_group_in_execution_order():
     assert [orig for _, orig in group_sizes(pools, key="original")] == [[16, 16], [8, 8], [4, 4], [2, 2]]
     record = {"epoch": 1, "loss": 1.0, "train_acc": 0.5, "val_acc": 0.25, "gmacs": 0.1, "pools": pools}
     assert epoch_line(record, 3).endswith("sizes 16x16 8x8 4x4 2x2")
+
+
+def test_train_cli_target_gmacs_reports_final_cost_and_plots(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from dynoswap.cli import app
+
+    runner = CliRunner()
+    env = {"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
+    out = tmp_path / "run"
+    args = ["train", "vgg-tiny", "--data", "barcodes", "--epochs", "2", "--max-steps", "6", "--batch-size", "32"]
+    args += ["--target-gmacs", "0.002", "--max-scale", "0.6", "--out", str(out), "--plot", str(tmp_path / "p.png")]
+    result = runner.invoke(app, args, env=env)
+    assert result.exit_code == 0, result.output
+    assert "target 0.002 GMACs (lambda adapted per step)" in result.stdout
+    assert "final GMACs" in result.stdout and "train_acc" in result.stdout and "val_acc" in result.stdout
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [len(r["lambda_steps"]) for r in log] == [6, 6]
+    assert [p["out"] for p in log[0]["initial_pools"]] == [[16, 16], [8, 8], [4, 4]]
+    assert all(s <= 0.6 + 1e-6 for p in log[-1]["pools"] for s in p["scale"])
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+    help_text = runner.invoke(app, ["train", "--help"], env=env).stdout
+    assert "--target-gmacs" in help_text and "2.2e-4" in help_text
+
+    bad = runner.invoke(app, ["train", "vgg-tiny", "--data", "barcodes", "--target-gmacs", "-1"], env=env)
+    assert bad.exit_code == 2 and "--target-gmacs must be > 0" in bad.output
+    bad = runner.invoke(app, ["train", "vgg-tiny", "--data", "barcodes", "--min-scale", "0.8", "--max-scale", "0.5"])
+    assert bad.exit_code == 2 and "larger than --max-scale" in bad.output
+    no_weights = runner.invoke(
+        app, ["train", "vgg-tiny", "--data", "barcodes", "--pretrained", "--out", str(tmp_path / "x")]
+    )
+    assert no_weights.exit_code != 0 and "no pretrained weights for dynoswap:vgg-tiny" in no_weights.output
+    assert "Traceback" not in no_weights.output
