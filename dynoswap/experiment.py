@@ -361,6 +361,64 @@ def run_tradeoff(args: argparse.Namespace, out: Path) -> None:
     print(table)
 
 
+# -- budget against a hand-tuned lambda ---------------------------------------------------------------
+def run_budget_vs_lambda(args: argparse.Namespace, out: Path) -> None:
+    """DynOPool with a fixed lambda, then with ``--target-gmacs`` set to the cost that lambda reached.
+
+    Same data, epochs and seeds: does training to a budget give up accuracy against a lambda that
+    happens to land on the same cost? Writes ``budget_vs_lambda.{md,json}``.
+    """
+    from .cost import count_gmacs, gmacs_loss
+    from .train import fit, load_data, make_loaders
+
+    rows = []
+    for seed in args.seeds:
+        bundle = load_data(args.tradeoff_dataset, seed=seed)
+        row: dict[str, Any] = {"seed": seed}
+        target = None
+        for mode in ("lambda", "target"):
+            _, gm = _convert(bundle.input_size, bundle.num_classes, seed)
+            g0 = float(gmacs_loss(gm).detach())
+            torch.manual_seed(seed)
+            train, val = make_loaders(bundle, args.batch_size, seed=seed)
+            records = fit(
+                gm, train, val, epochs=args.epochs, lam=args.lam_share / g0 if mode == "lambda" else 0.0,
+                lr=args.lr, alpha_lr=args.alpha_lr, max_steps=args.max_steps, input_size=bundle.input_size,
+                progress=False, target_gmacs=target if mode == "target" else None,
+            )  # fmt: skip
+            gmacs = count_gmacs(gm, bundle.input_size).total
+            row[mode] = {"val_acc": records[-1]["val_acc"], "gmacs": gmacs}
+            target = gmacs
+        rows.append(row)
+        print(f"budget-vs-lambda seed {seed}: {row}", flush=True)
+    acc_l = _mean_std([r["lambda"]["val_acc"] for r in rows])
+    acc_t = _mean_std([r["target"]["val_acc"] for r in rows])
+    miss = [r["target"]["gmacs"] / r["lambda"]["gmacs"] - 1 for r in rows]
+    lines = [
+        f"# Training to a budget against a hand-tuned lambda ({args.tradeoff_dataset})",
+        "",
+        f"Per seed: DynOPool with lambda = {args.lam_share} / initial GMACs, then DynOPool with `--target-gmacs` "
+        f"set to the GMACs that run ended at; {args.epochs} epochs, seeds {', '.join(map(str, args.seeds))}.",
+        "",
+        "| seed | lambda: acc / GMACs | target: acc / GMACs | GMACs off the target |",
+        "|---:|---|---|---:|",
+    ]
+    for r, m in zip(rows, miss, strict=True):
+        lines.append(
+            f"| {r['seed']} | {r['lambda']['val_acc']:.3f} / {r['lambda']['gmacs']:.5f} | "
+            f"{r['target']['val_acc']:.3f} / {r['target']['gmacs']:.5f} | {m:+.1%} |"
+        )
+    lines += [
+        "",
+        f"Mean val acc: fixed lambda {acc_l[0]:.3f} +- {acc_l[1]:.3f}, target {acc_t[0]:.3f} +- {acc_t[1]:.3f}; "
+        f"largest miss of the target {max(abs(m) for m in miss):.1%}.",
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "budget_vs_lambda.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1) + "\n")
+    (out / "budget_vs_lambda.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the comparison and write results.md, results.json and sizes.png."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -375,7 +433,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
-        "--study", choices=("all", "section3", "tradeoff"), default="all", help="which study to run (default both)"
+        "--study",
+        choices=("all", "section3", "tradeoff", "budget"),
+        default="all",
+        help="which study to run (default all three)",
     )
     parser.add_argument("--tradeoff-dataset", default="digits-stretch", choices=DATASETS)
     parser.add_argument(
@@ -388,7 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if args.study in ("all", "tradeoff"):
         run_tradeoff(args, out)
-    if args.study == "tradeoff":
+    if args.study in ("all", "budget"):
+        run_budget_vs_lambda(args, out)
+    if args.study in ("tradeoff", "budget"):
         return 0
     rows = []
     for dataset in args.datasets:

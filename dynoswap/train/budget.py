@@ -151,27 +151,30 @@ def scale_bounds(min_scale: float | None, max_scale: float | None) -> tuple[floa
 
 #: Fraction of the run after which the sizes land on the budget and stay (the weights train on).
 LAND_AT = 0.8
-#: Most size combinations :func:`land_on_budget` tries (2 per axis per tie group).
+#: Most round-down/round-up combinations :func:`land_on_budget` tries (2 per axis per tie group).
 MAX_COMBINATIONS = 1024
+#: Most single-pixel steps :func:`land_on_budget` takes after the rounding.
+MAX_STEPS = 100
 
 
-def land_on_budget(model: Any, target: float) -> list[tuple[int, int]] | None:
-    """Round each tie group's size down or up, whichever combination's GMACs is closest to ``target``.
+def land_on_budget(model: Any, target: float) -> list[tuple[int, int]]:
+    """Set integer sizes per tie group whose GMACs are as close to ``target`` as a local search finds.
 
     The controller steers the continuous cost, whose rounding can still miss a small model's
-    budget by a pixel of its smallest map. First every alpha is scaled by one common factor so
-    that the continuous cost is the target (a no-op once the controller has converged); then,
-    among the integer sizes within one pixel of the continuous ones (per axis, per tie group),
-    the combination whose GMACs is closest to ``target`` is kept (ties: the one closest to the
-    continuous sizes) and the alphas are set to produce it exactly.
+    budget by a pixel of its smallest map (and sizes never go below 2). First every alpha is
+    scaled by one common factor so that the continuous cost is the target (a no-op once the
+    controller has converged: the learned shapes and the split between stages stay). Then
+    every combination of rounding each axis of each group down or up is tried (up to
+    :data:`MAX_COMBINATIONS`; else plain rounding), and from the closest one single-pixel
+    steps (any axis, any group) are taken while they bring the cost closer to ``target``.
+    The alphas are set to produce the result exactly.
 
     Args:
         model: A converted model (its alphas are changed in place).
         target: The GMACs budget.
 
     Returns:
-        The chosen size per tie group in execution order, or None when the model has too many
-        tie groups to try every combination (the alphas are then unchanged).
+        The chosen size per tie group, in execution order.
     """
     import itertools
 
@@ -184,37 +187,46 @@ def land_on_budget(model: Any, target: float) -> list[tuple[int, int]] | None:
     for row in rows:
         leaders.setdefault(row["group"], model.get_submodule(row["group"]))
     order = list(leaders)
-    if 4 ** len(order) > MAX_COMBINATIONS:
-        return None
     _match_continuous(model, [leaders[g] for g in order], target)
-    rows = alphas(model)
-    saved = [leaders[g].alpha.detach().clone() for g in order]
     first_in: dict[str, list[int]] = {}
-    for row in rows:
+    for row in alphas(model):
         first_in.setdefault(row["group"], row["in_size"])
     continuous = [
-        [n / float(a) for n, a in zip(first_in[g], saved[i].tolist(), strict=True)] for i, g in enumerate(order)
+        [n / float(a) for n, a in zip(first_in[g], leaders[g].alpha.detach().tolist(), strict=True)] for g in order
     ]
-    options = [[(max(math.floor(v), 2), max(math.ceil(v), 2)) for v in axes] for axes in continuous]
 
-    def apply(sizes: tuple[tuple[int, int], ...]) -> None:
+    def apply(sizes: tuple[tuple[int, int], ...]) -> float:
         # Group by group in execution order: a group's input size depends on the groups before it.
         with torch.no_grad():
             for g, size in zip(order, sizes, strict=True):
                 in_size = next(r["in_size"] for r in alphas(model) if r["group"] == g)
                 leaders[g].alpha.copy_(torch.tensor([in_size[0] / size[0], in_size[1] / size[1]]))
+            return abs(float(gmacs_loss(model)) / target - 1.0)
 
-    best: tuple[float, float, tuple[tuple[int, int], ...]] | None = None
-    for choice in itertools.product(*[itertools.product(*axes) for axes in options]):
-        sizes = tuple((int(h), int(w)) for h, w in choice)
-        apply(sizes)
-        with torch.no_grad():
-            miss = abs(float(gmacs_loss(model)) / target - 1.0)
-        drift = sum(
+    def drift(sizes: tuple[tuple[int, int], ...]) -> float:
+        return sum(
             abs(s - c) for size, cont in zip(sizes, continuous, strict=True) for s, c in zip(size, cont, strict=True)
         )
-        if best is None or (miss, drift) < best[:2]:
-            best = (miss, drift, sizes)
-    assert best is not None
-    apply(best[2])
-    return list(best[2])
+
+    if 4 ** len(order) <= MAX_COMBINATIONS:
+        options = [[sorted({max(math.floor(v), 2), max(math.ceil(v), 2)}) for v in axes] for axes in continuous]
+        candidates = [
+            tuple((int(h), int(w)) for h, w in choice)
+            for choice in itertools.product(*[itertools.product(*axes) for axes in options])
+        ]
+    else:
+        candidates = [tuple((max(round(h), 2), max(round(w), 2)) for h, w in continuous)]
+    best = min(candidates, key=lambda sizes: (apply(sizes), drift(sizes)))
+    best_miss = apply(best)
+    for _ in range(MAX_STEPS):
+        steps = []
+        for k, (h, w) in enumerate(best):
+            for size in ((h - 1, w), (h + 1, w), (h, w - 1), (h, w + 1)):
+                if min(size) >= 2:
+                    steps.append(best[:k] + (size,) + best[k + 1 :])
+        miss, better = min(((apply(c), c) for c in steps), default=(best_miss, best))
+        if miss >= best_miss - 1e-12:
+            break
+        best, best_miss = better, miss
+    apply(best)
+    return list(best)
