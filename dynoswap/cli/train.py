@@ -139,7 +139,8 @@ def _announce(
 @handle_errors
 def train_cmd(
     model: str = typer.Argument(
-        ..., help="Model name (resnet18, tv:NAME, timm:NAME, pkg.module:factory, vgg-tiny) or a saved model dir."
+        ...,
+        help="Model name (resnet18, tv:NAME, timm:NAME, pkg.module:factory, vgg-tiny, paper:...) or a saved model dir.",
     ),
     data: str = typer.Option(
         ..., "--data", help="barcodes, digits-stretch|tile|large, imagefolder:PATH, cifar10:PATH, cifar100:PATH."
@@ -187,7 +188,9 @@ def train_cmd(
     plot: Path | None = typer.Option(None, "--plot", metavar="FILE.png", help="Plot sizes, accuracy and GMACs."),
     max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="At most this many steps per epoch."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile (recompiles whenever a size changes)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
+    progress: bool = typer.Option(
+        True, "--progress/--no-progress", help="Progress bars on a terminal, plain lines when piped."
+    ),
     debug: bool = DebugOption,
 ) -> None:
     """Train a model's DynOPool scales and weights with the paper's loss: task + lambda * GMACs.
