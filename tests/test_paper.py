@@ -12,6 +12,7 @@ from dynoswap import zoo
 from dynoswap.cli.app import app
 from dynoswap.cost import stage_sizes
 from dynoswap.engine import convert
+from dynoswap.errors import ModelError
 from dynoswap.zoo.paper_tables import TOLERANCE, compute_rows, dynopool_shares, paper_rows
 
 runner = CliRunner()
@@ -41,7 +42,7 @@ def test_paper_networks_are_listed_and_take_num_classes():
     names = result.output.split()
     for name in (*CIFAR, "paper:vgg16", "paper:resnet50", "paper:mobilenet_v2", "paper:hrnet_w48-seg"):
         assert name in names
-    with pytest.raises(Exception, match="does not take"):
+    with pytest.raises(ModelError, match="does not take"):
         zoo.build("paper:vgg16", {"weights": "IMAGENET1K_V1"})
 
 
