@@ -77,17 +77,30 @@ def build_model(
     placement: str | None,
     init_scale: float | None,
     trust_code: bool = False,
+    pretrained: bool = False,
 ) -> nn.Module:
-    """Build a converted model ready to train: a saved dynoswap model continues, a name is converted first."""
-    from .common import load_model
+    """Build a converted model ready to train: a saved dynoswap model continues, a name is converted first.
+
+    With ``pretrained`` the model starts from its library's pretrained weights (torchvision's
+    weights enums, timm's ``pretrained=True``; the paper's networks take their torchvision twin's).
+    """
+    from .common import err_console, load_model
     from .convert import make_plan, run_conversion
 
     if _is_saved(spec):
-        if model_kwargs or placement or init_scale is not None:
-            raise UsageError(f"{spec} is already converted: --model-kwargs/--placement/--init-scale do not apply")
+        if model_kwargs or placement or init_scale is not None or pretrained:
+            raise UsageError(
+                f"{spec} is already converted: --model-kwargs/--placement/--init-scale/--pretrained do not apply"
+            )
         return load_model(spec, trust_code=trust_code).model
     kwargs = parse_kwargs(model_kwargs)
     loaded = load_model(spec, num_classes, kwargs, trust_code=trust_code)
+    if pretrained:
+        from ..pretrained import apply_pretrained
+
+        report = apply_pretrained(loaded.model, loaded.source)
+        kept = f"; kept their own values: {', '.join(report.kept)}" if report.kept else ""
+        err_console().print(f"pretrained: {report.loaded} tensors from {report.source}{kept}")
     plan = make_plan(preset, input_size, num_classes, placement, init_scale, None, None)
     gm, _ = run_conversion(loaded.model, plan, loaded.source)
     return gm
@@ -111,21 +124,25 @@ def _check_saved_model(model: nn.Module, spec: str, input_size: tuple[int, int],
         raise UsageError(f"{spec} has {out.shape[-1]} outputs but the data has {num_classes} classes")
 
 
-def _announce(ctx: DistContext, console: Any, model_spec: str, data: Any, hyper: Hyper, out: Path) -> None:
+def _announce(
+    ctx: DistContext, console: Any, model_spec: str, data: Any, hyper: Hyper, out: Path, target: float | None
+) -> None:
     if not ctx.is_main:
         return
     world = f", {ctx.world_size} processes" if ctx.enabled else ""
+    cost = f"target {target:g} GMACs (lambda adapted per step)" if target is not None else f"lambda {hyper.lam:g}"
     console.print(
         f"training {model_spec} on {data.name} ({len(data.train)} images, {data.num_classes} classes, "
         f"{data.input_size[0]}x{data.input_size[1]}) on {ctx.device}{world}: {hyper.epochs} epochs, "
-        f"batch {hyper.batch_size}, lr {hyper.lr:g}, alpha lr {hyper.alpha_lr:g}, lambda {hyper.lam:g} -> {out}"
+        f"batch {hyper.batch_size}, lr {hyper.lr:g}, alpha lr {hyper.alpha_lr:g}, {cost} -> {out}"
     )
 
 
 @handle_errors
 def train_cmd(
     model: str = typer.Argument(
-        ..., help="Model name (resnet18, tv:NAME, timm:NAME, pkg.module:factory, vgg-tiny) or a saved model dir."
+        ...,
+        help="Model name (resnet18, tv:NAME, timm:NAME, pkg.module:factory, vgg-tiny, paper:...) or a saved model dir.",
     ),
     data: str = typer.Option(
         ..., "--data", help="barcodes, digits-stretch|tile|large, imagefolder:PATH, cifar10:PATH, cifar100:PATH."
@@ -136,7 +153,28 @@ def train_cmd(
     lr: float | None = typer.Option(None, "--lr", help="Learning rate of the weights."),
     alpha_lr: float | None = typer.Option(None, "--alpha-lr", help="Learning rate of the alphas."),
     weight_decay: float | None = typer.Option(None, "--weight-decay", help="Weight decay (never on alphas)."),
-    lam: float | None = typer.Option(None, "--lam", help="lambda: weight of the GMACs loss (eq. 8)."),
+    lam: float | None = typer.Option(
+        None,
+        "--lam",
+        help=(
+            "lambda: weight of the GMACs loss (eq. 8), per GMAC, default 0. The presets use the paper's "
+            "1e-7 to 2.2e-4 (supplement Table 2, e.g. 2.2e-4 for VGG-16 CIFAR-100 DynOPool-S); `make experiment` "
+            "uses 0.3 / (the model's initial GMACs). For a cost rather than a weight use --target-gmacs."
+        ),
+    ),
+    target_gmacs: float | None = typer.Option(
+        None,
+        "--target-gmacs",
+        metavar="G",
+        help="Train to a GMACs budget: lambda is adapted every step so the final model lands within 3% of G.",
+    ),
+    min_scale: float | None = typer.Option(None, "--min-scale", metavar="R", help="Lower bound on every scale r."),
+    max_scale: float | None = typer.Option(
+        None, "--max-scale", metavar="R", help="Upper bound on every scale r (bounds memory), e.g. 1.0."
+    ),
+    pretrained: bool = typer.Option(
+        False, "--pretrained", help="Start from torchvision's or timm's pretrained weights (their own cache)."
+    ),
     amp: bool | None = typer.Option(None, "--amp/--no-amp", help="Mixed precision."),
     seed: int = typer.Option(0, "--seed", help="Seed of weights, data order and synthetic data."),
     workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes."),
@@ -154,10 +192,17 @@ def train_cmd(
     plot: Path | None = typer.Option(None, "--plot", metavar="FILE.png", help="Plot sizes, accuracy and GMACs."),
     max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="At most this many steps per epoch."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile (recompiles whenever a size changes)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
+    progress: bool = typer.Option(
+        True, "--progress/--no-progress", help="Progress bars on a terminal, plain lines when piped."
+    ),
     debug: bool = DebugOption,
 ) -> None:
-    """Train a model's DynOPool scales and weights with the paper's loss: task + lambda * GMACs."""
+    """Train a model's DynOPool scales and weights with the paper's loss: task + lambda * GMACs.
+
+    lambda is a weight per GMAC, so its useful scale depends on the model (the paper's presets use
+    1e-7 to 2.2e-4). To get a model of a given cost instead, give --target-gmacs G: lambda then
+    adapts every step and the final GMACs land within 3% of G.
+    """
     import torch
 
     from ..train.checkpointing import prepare_run_folder
@@ -167,6 +212,13 @@ def train_cmd(
     from .common import err_console, out_console
     from .convert import _load_preset
 
+    if target_gmacs is not None and target_gmacs <= 0:
+        raise UsageError(f"--target-gmacs must be > 0, got {target_gmacs}")
+    for flag, value in (("--min-scale", min_scale), ("--max-scale", max_scale)):
+        if value is not None and value <= 0:
+            raise UsageError(f"{flag} must be > 0, got {value}")
+    if min_scale is not None and max_scale is not None and min_scale > max_scale:
+        raise UsageError(f"--min-scale {min_scale} is larger than --max-scale {max_scale}")
     preset_obj = _load_preset(preset, None, trust_code)
     hyper = merge_hyper(
         preset_obj,
@@ -192,7 +244,15 @@ def train_cmd(
         torch.backends.cudnn.benchmark = False
         bundle = load_data(data, input_size, seed)
         net = build_model(
-            model, bundle.num_classes, bundle.input_size, preset_obj, model_kwargs, placement, init_scale, trust_code
+            model,
+            bundle.num_classes,
+            bundle.input_size,
+            preset_obj,
+            model_kwargs,
+            placement,
+            init_scale,
+            trust_code,
+            pretrained,
         )
         if _is_saved(model):
             _check_saved_model(net, model, bundle.input_size, bundle.num_classes)
@@ -206,7 +266,7 @@ def train_cmd(
             pin_memory=ctx.device.type == "cuda",
         )
         console = out_console() if ctx.is_main else None
-        _announce(ctx, console or err_console(), model, bundle, hyper, run_dir)
+        _announce(ctx, console or err_console(), model, bundle, hyper, run_dir, target_gmacs)
         fit(
             net,
             train_loader,
@@ -226,6 +286,9 @@ def train_cmd(
             resume=resume,
             progress=progress and ctx.is_main,
             console=console,
+            target_gmacs=target_gmacs,
+            min_scale=min_scale,
+            max_scale=max_scale,
         )
         if ctx.is_main:
             if plot is not None:
@@ -233,6 +296,13 @@ def train_cmd(
 
                 plot_history(read_log(run_dir), plot, title=f"{model} on {bundle.name}")
                 console.print(f"plot: {plot}")  # type: ignore[union-attr]
+            if target_gmacs is not None:
+                from ..cost import count_gmacs
+
+                final = count_gmacs(net, bundle.input_size).total
+                console.print(  # type: ignore[union-attr]
+                    f"final GMACs {final:.4g}, target {target_gmacs:g} ({final / target_gmacs - 1:+.1%})"
+                )
             console.print(f"log: {run_dir / 'log.jsonl'}  checkpoint: {run_dir / 'checkpoint'}")  # type: ignore[union-attr]
     finally:
         if ctx.enabled:

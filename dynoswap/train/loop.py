@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from ..layers import DynOPool2d
 from . import checkpointing
+from .budget import LAND_AT, BudgetController, land_on_budget, relaxed_gmacs, scale_bounds
 from .distributed import DistContext, all_reduce_sums, barrier, current_context, pick_device, sync_alphas, wrap_ddp
 
 LOG_FILE = "log.jsonl"
@@ -62,19 +63,29 @@ def dynopools(model: nn.Module) -> list[tuple[str, DynOPool2d]]:
 
 @torch.no_grad()
 def probe_pools(model: nn.Module, input_size: tuple[int, int], device: torch.device) -> list[dict[str, Any]]:
-    """Alpha, scale and integer in/out size of each DynOPool for one ``input_size`` image.
+    """Alpha, scale and integer in/out size of each DynOPool for one ``input_size`` image, in execution order.
 
     Runs a single zero image in eval mode (BatchNorm statistics and RNGs are untouched).
+    Each row names its tie ``group`` (the layer owning the shared alpha) and, where the
+    conversion recorded it, the ``original`` size the replaced resizer produced.
     """
     inner = unwrap(model)
+    named = dynopools(inner)
+    names = {id(pool): name for name, pool in named}
+    order: list[str] = []
+    hooks = [pool.register_forward_hook(lambda m, i, o: order.append(names[id(m)])) for _, pool in named]
     was_training = inner.training
     inner.eval()
     try:
         inner(torch.zeros(1, _in_channels(inner), *input_size, device=device))
     finally:
         inner.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    original = _original_sizes(inner)
+    rank = {name: i for i, name in enumerate(dict.fromkeys(order))}
     rows = []
-    for name, pool in dynopools(inner):
+    for name, pool in sorted(named, key=lambda item: rank.get(item[0], len(rank))):
         rows.append(
             {
                 "name": name,
@@ -83,9 +94,32 @@ def probe_pools(model: nn.Module, input_size: tuple[int, int], device: torch.dev
                 "in": list(pool.last_in_size or ()),
                 "out": list(pool.last_out_size or ()),
                 "tied": pool.leader is not pool,
+                "group": names.get(id(pool.leader), name),
+                "original": original.get(name),
             }
         )
     return rows
+
+
+def _original_sizes(model: nn.Module) -> dict[str, list[int]]:
+    """DynOPool name -> the size its replaced resizer produced at the conversion's input size."""
+    recipe = getattr(model, "meta", {}).get("dynoswap") or {}
+    found = {}
+    for row in recipe.get("replacements") or []:
+        out = row.get("original_out")
+        if row.get("dynopool") and out:
+            found[str(row["dynopool"])] = [int(v) for v in out]
+    return found
+
+
+def group_sizes(pools: list[dict[str, Any]], key: str = "out") -> list[tuple[str, list[int] | None]]:
+    """One (group, size) per tie group, in execution order (the first DynOPool of each group to run)."""
+    seen: dict[str, list[int] | None] = {}
+    for p in pools:
+        group = p.get("group", p["name"])
+        if group not in seen:
+            seen[group] = p.get(key)
+    return list(seen.items())
 
 
 def _in_channels(model: nn.Module) -> int:
@@ -103,8 +137,8 @@ def _autocast(device: torch.device, amp: bool):
 
 
 def _progress(enabled: bool, console: Any):
-    if not enabled:
-        return None
+    if not enabled or not getattr(console, "is_terminal", False):
+        return None  # piped or logged output gets plain lines instead (see _plain_every)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(
@@ -135,7 +169,23 @@ def _evaluate(model: nn.Module, loader: DataLoader, ctx: DistContext, amp: bool)
 
 
 def _format_sizes(pools: list[dict[str, Any]]) -> str:
-    return " ".join(f"{p['out'][0]}x{p['out'][1]}" for p in pools)
+    return " ".join(f"{size[0]}x{size[1]}" for _, size in group_sizes(pools) if size)
+
+
+def _plain_every(enabled: bool, console: Any, steps_per_epoch: int) -> int:
+    """Return the steps between plain progress lines (0: none) when the console is not a terminal."""
+    if not enabled or console is None or getattr(console, "is_terminal", False):
+        return 0
+    return max(1, steps_per_epoch // 4)
+
+
+def _clamp_alphas(model: nn.Module, bounds: tuple[float, float] | None) -> None:
+    if bounds is None:
+        return
+    with torch.no_grad():
+        for _, pool in dynopools(model):
+            if pool.leader is pool:
+                pool.alpha.clamp_(bounds[0], bounds[1])
 
 
 def fit(
@@ -161,6 +211,9 @@ def fit(
     on_epoch_end: EpochHook | None = None,
     on_step: StepHook | None = None,
     console: Any = None,
+    target_gmacs: float | None = None,
+    min_scale: float | None = None,
+    max_scale: float | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` with the loss of eq. 8: ``task + lam * GMACs loss``.
 
@@ -191,10 +244,18 @@ def fit(
         cost_fn: GMACs loss of a model; default ``dynoswap.gmacs_loss``.
         on_epoch_end: Called on every rank with each epoch's record (after it is checkpointed).
         on_step: Called on every rank with (global step, step metrics).
-        console: A rich Console for the epoch lines (default: a new one).
+        console: A rich Console for the epoch lines (default: a new one). Progress bars
+            when it is a terminal, plain lines (4 per epoch) otherwise.
+        target_gmacs: A GMACs budget: lambda becomes a multiplier adapted every step so that
+            the model's GMACs land on it (:mod:`dynoswap.train.budget`); ``lam`` is then its
+            starting value.
+        min_scale: Lower bound on every DynOPool's scale r (both axes), e.g. 0.1.
+        max_scale: Upper bound on every DynOPool's scale r, e.g. 1.0: bounds memory.
 
     Returns:
-        One record per epoch trained in this call (also appended to ``out/log.jsonl``).
+        One record per epoch trained in this call (also appended to ``out/log.jsonl``);
+        each has ``lambda`` (the last step's) and ``lambda_steps`` (every step's), and the
+        first epoch's has ``initial_pools``, the sizes before any step.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -207,6 +268,11 @@ def fit(
     raw = unwrap(model).to(dev)
     if not dynopools(raw):
         raise ValueError("the model has no DynOPool2d layer: convert it first (dynoswap.convert)")
+    bounds = scale_bounds(min_scale, max_scale)
+    budget = BudgetController(float(target_gmacs)) if target_gmacs is not None else None
+    if budget is not None:
+        budget.lam = lam
+        budget.integral = lam * budget.target
 
     steps_per_epoch = len(train_loader) if max_steps is None else min(len(train_loader), max_steps)
     total_steps = max(steps_per_epoch * epochs, 1)
@@ -228,6 +294,8 @@ def fit(
         scaler.load_state_dict(state["scaler"])
         start_epoch, step = int(state["epoch"]), int(state["step"])
         checkpointing.set_rng_state(state["rng"])
+        if budget is not None and state.get("budget"):
+            budget.load_state_dict(state["budget"])
 
     net = wrap_ddp(raw, ctx)
     if compile:
@@ -252,6 +320,10 @@ def fit(
             checkpointing.restore_log(folder, out)  # type: ignore[arg-type]
     records: list[dict[str, Any]] = []
     bar = _progress(main and progress, console)
+    plain_every = _plain_every(main and progress, console, steps_per_epoch)
+    _clamp_alphas(raw, bounds)
+    landed: list[torch.Tensor] | None = None  # alphas fixed once the sizes landed on the budget
+    initial = probe_pools(raw, input_size, dev) if input_size is not None and start_epoch == 0 else None
     net.train()
     try:
         if bar is not None:
@@ -262,6 +334,7 @@ def fit(
                 sampler.set_epoch(epoch)
             task_id = bar.add_task(f"epoch {epoch + 1}/{epochs}", total=steps_per_epoch, stats="") if bar else None
             sums = {"loss": 0.0, "task": 0.0, "gmacs": 0.0, "correct": 0.0, "count": 0.0, "drift": 0.0}
+            lambda_steps: list[float] = []
             started = time.perf_counter()
             for i, (images, labels) in enumerate(train_loader):
                 if i >= steps_per_epoch:
@@ -269,10 +342,20 @@ def fit(
                 images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
                 if input_size is None:
                     input_size = (int(images.shape[-2]), int(images.shape[-1]))
+                if initial is None and epoch == 0 and i == 0:
+                    initial = probe_pools(raw, input_size, dev)
+                if budget is not None and landed is None and step >= LAND_AT * total_steps:
+                    land_on_budget(raw, budget.target)
+                    landed = [p.alpha.detach().clone() for _, p in dynopools(raw)]
                 with _autocast(dev, amp):
                     logits = net(images)
                 task = F.cross_entropy(logits.float(), labels)
                 cost = cost_fn(raw)
+                if landed is not None:
+                    lam = 0.0  # sizes are final: the weights train on at them
+                elif budget is not None:
+                    # Every rank computes the same GMACs (alphas are synced), hence the same lambda.
+                    lam = budget.update(relaxed_gmacs(raw, cost), float(scheduler.get_last_lr()[0]) / lr if lr else 1.0)
                 loss = task + lam * cost
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss became {float(loss)} at step {step}; lower --lr or --alpha-lr")
@@ -281,10 +364,21 @@ def fit(
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
+                _clamp_alphas(raw, bounds)
+                if landed is not None:
+                    with torch.no_grad():
+                        for (_, pool), alpha in zip(dynopools(raw), landed, strict=True):
+                            pool.alpha.copy_(alpha)
                 drift = sync_alphas(raw, ctx)
                 step += 1
                 n = labels.numel()
-                metrics = {"loss": float(loss.detach()), "task": float(task.detach()), "gmacs": float(cost.detach())}
+                metrics = {
+                    "loss": float(loss.detach()),
+                    "task": float(task.detach()),
+                    "gmacs": float(cost.detach()),
+                    "lambda": float(lam),
+                }
+                lambda_steps.append(float(lam))
                 correct = float((logits.detach().argmax(1) == labels).sum())
                 for key in ("loss", "task"):
                     sums[key] += metrics[key] * n
@@ -294,9 +388,13 @@ def fit(
                 sums["drift"] = max(sums["drift"], drift)
                 if on_step is not None:
                     on_step(step, metrics)
+                stats = f"loss {metrics['loss']:.3f}  train_acc {correct / n:.3f}  GMACs {metrics['gmacs']:.4g}"
+                if budget is not None:
+                    stats += f"  lambda {lam:.3g}"
                 if bar is not None:
-                    stats = f"loss {metrics['loss']:.3f} acc {correct / n:.3f} GMACs {metrics['gmacs']:.4g}"
                     bar.update(task_id, advance=1, stats=stats)  # type: ignore[arg-type]
+                elif plain_every and ((i + 1) % plain_every == 0 or i + 1 == steps_per_epoch):
+                    console.print(f"  epoch {epoch + 1}/{epochs} step {i + 1}/{steps_per_epoch}  {stats}")
             loss_sum, task_sum, correct, count = all_reduce_sums(
                 [sums["loss"], sums["task"], sums["correct"], sums["count"]], ctx
             )
@@ -310,7 +408,13 @@ def fit(
                 "lr": optimizer.param_groups[0]["lr"],
                 "alpha_drift": sums["drift"],
                 "seconds": round(time.perf_counter() - started, 3),
+                "lambda": float(lam),
+                "lambda_steps": lambda_steps,
             }
+            if budget is not None:
+                record["target_gmacs"] = budget.target
+            if epoch == 0 and initial is not None:
+                record["initial_pools"] = initial
             if val_loader is not None:
                 record["val_loss"], record["val_acc"] = _evaluate(net, val_loader, ctx, amp)
             record["pools"] = probe_pools(raw, input_size or (32, 32), dev)
@@ -325,13 +429,11 @@ def fit(
                     "step": step,
                     "rng": checkpointing.rng_state(),
                 }
+                if budget is not None:
+                    state["budget"] = budget.state_dict()
                 checkpointing.save_checkpoint(out, raw, state, log_record=record)
             if main and console is not None:
-                acc = record.get("val_acc", record["train_acc"])
-                console.print(
-                    f"epoch {epoch + 1}/{epochs}  loss {record['loss']:.4f}  acc {acc:.4f}  "
-                    f"GMACs {record['gmacs']:.4g}  sizes {_format_sizes(record['pools'])}"
-                )
+                console.print(epoch_line(record, epochs))
             barrier(ctx)
             if on_epoch_end is not None:
                 on_epoch_end(record)
@@ -339,6 +441,20 @@ def fit(
         if bar is not None:
             bar.stop()
     return records
+
+
+def epoch_line(record: dict[str, Any], epochs: int) -> str:
+    """Format the line printed after each epoch: every accuracy named, sizes one per tie group in execution order."""
+    parts = [f"epoch {record['epoch']}/{epochs}", f"loss {record['loss']:.4f}", f"train_acc {record['train_acc']:.4f}"]
+    if "val_acc" in record:
+        parts.append(f"val_acc {record['val_acc']:.4f}")
+    gmacs = f"GMACs {record['gmacs']:.4g}"
+    if "target_gmacs" in record:
+        gmacs += f" (target {record['target_gmacs']:.4g}, {record['gmacs'] / record['target_gmacs'] - 1:+.1%})"
+        parts.append(f"lambda {record['lambda']:.3g}")
+    parts.append(gmacs)
+    parts.append(f"sizes {_format_sizes(record['pools'])}")
+    return "  ".join(parts)
 
 
 def read_log(out: str | Path) -> list[dict[str, Any]]:

@@ -124,3 +124,6 @@ def _register_builtin() -> None:
         description="small CIFAR-style VGG of the built-in experiments (4 stages, 3 max pools)",
         arch_kwargs=("num_classes", "in_chans", "widths", "convs_per_stage"),
     )
+    from .paper import register_paper_models
+
+    register_paper_models()

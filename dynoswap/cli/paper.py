@@ -1,0 +1,120 @@
+"""``dynoswap paper table1``: the paper's Table 1 and 4 GMACs and supplement Table 3, recomputed."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from .common import DebugOption, JsonOption, UsageError, err_console, handle_errors, out_console, print_json
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from ..zoo.paper_tables import RowResult, ShareResult
+
+#: Data set names accepted by --dataset, as the paper prints them.
+DATASETS = {"aircraft": "FGVC-Aircraft", "cifar100": "CIFAR-100", "imagenet": "ImageNet", "voc": "PascalVOC"}
+
+paper_app = typer.Typer(help="Reproduce the paper's tables with dynoswap's cost model.", no_args_is_help=True)
+
+
+def _sizes(sizes: list[tuple[int, int]] | tuple[tuple[int, int], ...]) -> str:
+    return " ".join(f"{h}x{w}" for h, w in sizes)
+
+
+def rows_table(results: list[RowResult]) -> Table:
+    """Paper GMACs next to dynoswap's, one line per printed row."""
+    from rich.table import Table
+
+    table = Table(title="GMACs at the paper's feature-map sizes (Table 1; Table 4: HRNet-W48)")
+    for column in ("table", "backbone", "data", "model", "sizes (printed)", "paper", "dynoswap", "diff", "status"):
+        table.add_column(column, justify="right" if column in ("paper", "dynoswap", "diff") else "left")
+    for res in results:
+        r = res.row
+        style = {"ok": "green", "rounding": "yellow", "disagrees": "yellow"}.get(res.status, "red")
+        table.add_row(
+            r.table,
+            r.backbone,
+            r.dataset,
+            r.model,
+            _sizes(r.printed_sizes),
+            f"{r.paper_gmacs:.2f}",
+            f"{res.gmacs:.3f}",
+            f"{res.difference:+.1%}",
+            f"[{style}]{res.status}[/]",
+        )
+    return table
+
+
+def shares_table(shares: list[ShareResult]) -> Table:
+    """Supplement Table 3: DynOPool's share of the GMACs, the paper's and dynoswap's per Table 1 row."""
+    from rich.table import Table
+
+    table = Table(title="DynOPool's share of the GMACs (supplement Table 3)")
+    for column in ("backbone", "data", "paper", "Human sizes", "DynOPool-S", "DynOPool-B"):
+        table.add_column(column, justify="left" if column in ("backbone", "data") else "right")
+    for share in shares:
+        values = [share.percent_by_model.get(m) for m in ("Human", "DynOPool-S", "DynOPool-B")]
+        table.add_row(
+            share.backbone,
+            share.dataset,
+            f"{share.paper_percent:.2f} %",
+            *(f"{v:.2f} %" if v is not None else "-" for v in values),
+        )
+    return table
+
+
+@handle_errors
+def table1_cmd(
+    dataset: list[str] | None = typer.Option(
+        None, "--dataset", help="Only these data sets (repeatable): aircraft, cifar100, imagenet, voc."
+    ),
+    json_out: bool = JsonOption,
+    debug: bool = DebugOption,
+) -> None:
+    """Count every row of Table 1 and Table 4 at its printed sizes and compare with the printed GMACs.
+
+    Rows where the paper disagrees with itself are marked with the reason, not tuned away.
+    Supplement Table 3 (DynOPool's share of the GMACs) follows, with the counting convention.
+    """
+    from ..zoo.paper_tables import SHARE_CONVENTION, TOLERANCE, compute_rows, dynopool_shares, paper_rows
+
+    unknown = sorted(set(dataset or ()) - set(DATASETS))
+    if unknown:
+        raise UsageError(f"--dataset {', '.join(unknown)}: not a data set of the paper; use {', '.join(DATASETS)}")
+    chosen = [DATASETS[d] for d in dataset] if dataset else None
+    rows = paper_rows(datasets=chosen)
+    progress = err_console()
+
+    def on_row(res: RowResult) -> None:
+        if not json_out:
+            r = res.row
+            progress.print(f"counted {r.backbone} {r.dataset} {r.model}: {res.gmacs:.3f} GMACs", style="dim")
+
+    results = compute_rows(rows, on_row)
+    shares = dynopool_shares(results)
+    if json_out:
+        data: dict[str, Any] = {
+            "tolerance": TOLERANCE,
+            "rows": [r.to_dict() for r in results],
+            "supplement_table3": [s.to_dict() for s in shares],
+            "share_convention": SHARE_CONVENTION,
+        }
+        print_json(data)
+        return
+    console = out_console()
+    console.print(rows_table(results))
+    for res in results:
+        if res.reason:
+            r = res.row
+            console.print(f"- {r.backbone} {r.dataset} {r.model} ({res.difference:+.1%}): {res.reason}")
+    if shares:
+        console.print(shares_table(shares))
+        console.print(SHARE_CONVENTION)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``paper`` command group."""
+    paper_app.command("table1")(table1_cmd)
+    app.add_typer(paper_app, name="paper")
