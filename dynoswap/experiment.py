@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 DATASETS = ("barcodes", "digits-stretch", "digits-tile", "digits-large")
-MODEL = "dynoswap.train.models:small_vgg"
+MODEL = "vgg-tiny"  # the zoo entry: saved runs name no code
 
 
 def _convert(input_size: tuple[int, int], num_classes: int, seed: int):
@@ -36,7 +36,7 @@ def _convert(input_size: tuple[int, int], num_classes: int, seed: int):
     from .models import ModelSource
 
     torch.manual_seed(seed)
-    source = ModelSource("user", MODEL, {"num_classes": num_classes})
+    source = ModelSource("dynoswap", MODEL, {"num_classes": num_classes})
     original = source.build()
     gm, _ = convert(original, input_size, source=source)
     return original, gm

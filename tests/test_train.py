@@ -25,7 +25,7 @@ from dynoswap.train.checkpointing import load_checkpoint, save_checkpoint
 
 def _model(widths=(8, 16, 32), seed=0):
     torch.manual_seed(seed)
-    source = ModelSource("user", "dynoswap.train.models:small_vgg", {"widths": list(widths)})
+    source = ModelSource("dynoswap", "vgg-tiny", {"widths": list(widths)})
     gm, _ = convert(source.build(), (32, 32), source=source)
     return gm
 
