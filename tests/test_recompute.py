@@ -87,3 +87,40 @@ def test_pre_placement_has_nothing_to_recompute():
 def test_plain_model_is_refused():
     with pytest.raises(ConversionError, match="dynoswap.convert"):
         recompute_view(torchvision.models.resnet18())
+
+
+def _tiny_strided() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    )
+
+
+def test_fit_with_recompute_trains_the_same_run():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dynoswap.train import fit
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(24, 3, 20, 18), torch.randint(0, 3, (24,)))
+    runs = {}
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        gm, _ = convert(_tiny_strided(), (20, 18))
+        assert sum(isinstance(m, RecomputeSegment) for m in recompute_view(gm).modules()) == 2
+        torch.manual_seed(1)
+        loader = DataLoader(data, batch_size=8, shuffle=True)
+        records = fit(gm, loader, epochs=2, lam=0.01, lr=0.05, alpha_lr=0.05, progress=False, recompute=recompute)
+        runs[recompute] = (records, gm.state_dict())
+    (plain, plain_state), (again, again_state) = runs[False], runs[True]
+    for a, b in zip(plain, again, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    for key, value in plain_state.items():
+        torch.testing.assert_close(again_state[key], value, rtol=1e-4, atol=1e-5, msg=key)

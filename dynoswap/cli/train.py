@@ -192,6 +192,11 @@ def train_cmd(
     plot: Path | None = typer.Option(None, "--plot", metavar="FILE.png", help="Plot sizes, accuracy and GMACs."),
     max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="At most this many steps per epoch."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile (recompiles whenever a size changes)."),
+    recompute: bool = typer.Option(
+        False,
+        "--recompute",
+        help="Recompute the high-resolution segments of strided convs in backward: less memory, some more time.",
+    ),
     progress: bool = typer.Option(
         True, "--progress/--no-progress", help="Progress bars on a terminal, plain lines when piped."
     ),
@@ -281,6 +286,7 @@ def train_cmd(
             device=ctx.device,
             amp=hyper.amp,
             compile=compile,
+            recompute=recompute,
             input_size=bundle.input_size,
             out=run_dir,
             resume=resume,

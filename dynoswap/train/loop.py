@@ -25,6 +25,7 @@ from ..layers import DynOPool2d
 from . import checkpointing
 from .budget import LAND_AT, BudgetController, land_on_budget, relaxed_gmacs, scale_bounds
 from .distributed import DistContext, all_reduce_sums, barrier, current_context, pick_device, sync_alphas, wrap_ddp
+from .recompute import recompute_view
 
 LOG_FILE = "log.jsonl"
 
@@ -203,6 +204,7 @@ def fit(
     device: str | torch.device | None = None,
     amp: bool = False,
     compile: bool = False,
+    recompute: bool = False,
     input_size: tuple[int, int] | None = None,
     out: str | Path | None = None,
     resume: bool = False,
@@ -236,6 +238,9 @@ def fit(
         device: ``"cpu"``, ``"cuda"``, ...; default: the GPU if any.
         amp: Mixed precision (fp16 + GradScaler on GPU, bf16 on CPU).
         compile: ``torch.compile`` the model (recompiles whenever a size changes).
+        recompute: Keep only the inputs of rule (2)'s high-resolution conv -> norm -> act -> DynOPool
+            chains and run them again in backward (:func:`dynoswap.train.recompute.recompute_view`):
+            less memory for some extra time; results are unchanged.
         input_size: (H, W) used to report per-DynOPool sizes; default: the first batch's.
         out: Run folder for ``log.jsonl`` and per-epoch checkpoints; ``None`` saves nothing.
         resume: Continue from the checkpoint in ``out`` (exactly: weights, alphas,
@@ -297,7 +302,7 @@ def fit(
         if budget is not None and state.get("budget"):
             budget.load_state_dict(state["budget"])
 
-    net = wrap_ddp(raw, ctx)
+    net = wrap_ddp(recompute_view(raw) if recompute else raw, ctx)
     if compile:
         # Sizes change while alphas train: each new size is a recompile, so keep graphs static and bounded.
         import torch._dynamo as dynamo
