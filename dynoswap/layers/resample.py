@@ -53,8 +53,11 @@ class AxisTable:
         return self.lo.numel()
 
 
-def axis_table(pos: torch.Tensor, n_in: int) -> AxisTable:
-    """Build the interpolation table for pixel coordinates ``pos`` on an axis of length ``n_in``."""
+def _neighbours(pos: torch.Tensor, n_in: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lower and upper neighbour indices, weight of the upper one and the inside mask of coordinates ``pos``.
+
+    Branch-free (no value is read back), so it traces under torch.compile and torch.export.
+    """
     pos = pos.detach()
     last = n_in - 1
     clamped = pos.clamp(0, last)
@@ -63,9 +66,15 @@ def axis_table(pos: torch.Tensor, n_in: int) -> AxisTable:
     lo = lo.long()
     hi = (lo + 1).clamp_max(last)
     inside = (pos > 0) & (pos < last)
+    return lo, hi, frac, inside
+
+
+def axis_table(pos: torch.Tensor, n_in: int) -> AxisTable:
+    """Build the interpolation table for pixel coordinates ``pos`` on an axis of length ``n_in``."""
+    lo, hi, frac, inside = _neighbours(pos, n_in)
     exact = bool((frac == 0).all())
     identity = exact and lo.numel() == n_in and bool((lo == torch.arange(n_in, device=lo.device)).all())
-    return AxisTable(pos, lo, hi, frac, inside, exact, identity)
+    return AxisTable(pos.detach(), lo, hi, frac, inside, exact, identity)
 
 
 def sample_queries(x: torch.Tensor, rows: AxisTable, cols: AxisTable) -> torch.Tensor:
@@ -242,15 +251,14 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
 
 def _differentiable_queries(x: torch.Tensor, pos: torch.Tensor, dim: int) -> torch.Tensor:
     """Autograd-friendly sampling along one axis, with grid_sample's clamp and slope conventions."""
-    n_in = x.shape[dim]
-    table = axis_table(pos, n_in)
+    lo, hi, frac, inside = _neighbours(pos, x.shape[dim])
     # Gradient flows only strictly inside (0, n-1), as grid_sample's border clamp does.
-    frac = torch.where(table.inside, pos - table.lo.to(pos.dtype), table.frac)
+    frac = torch.where(inside, pos - lo.to(pos.dtype), frac)
     shape = [1] * x.dim()
     shape[dim] = -1
     w = frac.to(x.dtype).view(shape)
     index = (slice(None),) * dim
-    return torch.lerp(x[index + (table.lo,)], x[index + (table.hi,)], w)
+    return torch.lerp(x[index + (lo,)], x[index + (hi,)], w)
 
 
 def pool_queries(x: torch.Tensor, pos_h: torch.Tensor, pos_w: torch.Tensor, aggregate: str) -> torch.Tensor:
@@ -274,3 +282,20 @@ def pool_queries(x: torch.Tensor, pos_h: torch.Tensor, pos_w: torch.Tensor, aggr
             return _max_of_blocks(sample_queries(x, rows, cols))
     queries = _differentiable_queries(_differentiable_queries(x, pos_h, 2), pos_w, 3)
     return F.avg_pool2d(queries, 2, 2)
+
+
+def traceable_pool_queries(x: torch.Tensor, pos_h: torch.Tensor, pos_w: torch.Tensor, aggregate: str) -> torch.Tensor:
+    """:func:`pool_queries` without value-dependent branches, for torch.compile and torch.export.
+
+    Same values and the same gradient conventions. Inference samples with one
+    ``F.interpolate`` pass at the integer size ``2 n``; training samples each axis
+    with differentiable gathers so autograd (and the compiler) derives the backward.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        positions_need_grad = torch.is_grad_enabled() and (pos_h.requires_grad or pos_w.requires_grad)
+        if positions_need_grad:
+            queries = _differentiable_queries(_differentiable_queries(x, pos_h, 2), pos_w, 3)
+        else:
+            size = (pos_h.shape[0], pos_w.shape[0])
+            queries = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return F.max_pool2d(queries, 2, 2) if aggregate == "max" else F.avg_pool2d(queries, 2, 2)
