@@ -7,7 +7,7 @@ import importlib
 import typer
 
 # Command modules under dynoswap.cli; a module that is not there (yet) is skipped.
-COMMANDS: tuple[str, ...] = ("convert", "inspect", "list", "train")
+COMMANDS: tuple[str, ...] = ("convert", "inspect", "list", "train", "export")
 
 
 def _version(value: bool) -> None:

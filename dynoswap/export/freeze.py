@@ -213,13 +213,20 @@ def _precision(pool: DynOPool2d) -> str:
     return "float64" if pool.alpha.dtype == torch.float64 else "float32"
 
 
-def _sizes_at(gm: fx.GraphModule, nodes: list[fx.Node], input_size: tuple[int, int]) -> list[tuple[int, int]]:
-    """Input (h, w) of each DynOPool call at ``input_size``, from one forward pass."""
-    first = next((m for m in gm.modules() if isinstance(m, nn.Conv2d)), None)
-    param = next(iter(gm.parameters()), None)
+def example_input(model: nn.Module, input_size: Sequence[int], batch: int = 1, seed: int | None = None) -> torch.Tensor:
+    """Return a random (batch, C, H, W) input for ``model``: C of its first conv, its parameters' device and dtype."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    param = next(iter(model.parameters()), None)
     channels = first.in_channels if first is not None else 3
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    x = torch.randn(batch, channels, *(int(v) for v in input_size), generator=generator, dtype=dtype)
+    return x.to(device)
+
+
+def _sizes_at(gm: fx.GraphModule, nodes: list[fx.Node], input_size: tuple[int, int]) -> list[tuple[int, int]]:
+    """Input (h, w) of each DynOPool call at ``input_size``, from one forward pass."""
     seen: dict[str, list[tuple[int, int]]] = {}
     hooks = []
     for name in {n.target for n in nodes}:
@@ -232,7 +239,7 @@ def _sizes_at(gm: fx.GraphModule, nodes: list[fx.Node], input_size: tuple[int, i
     try:
         gm.eval()
         with torch.no_grad():
-            gm(torch.zeros(1, channels, *input_size, device=device, dtype=dtype))
+            gm(example_input(gm, input_size).zero_())
     except Exception as exc:
         raise ExportError(f"the model does not run at input size {input_size}: {type(exc).__name__}: {exc}") from None
     finally:
