@@ -136,6 +136,7 @@ def test_freeze_leaves_the_model_alone_and_is_not_frozen_twice():
     assert _has_dynopool(gm) and FROZEN_KEY not in gm.meta.get("dynoswap", {})
     assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
     assert is_frozen(frozen) and not is_frozen(gm)
+    assert dynoswap.freeze is freeze
     # A frozen model has nothing left to freeze: freezing again is the same graph.
     again = freeze(frozen, (64, 56))
     assert again.meta["dynoswap"][FROZEN_KEY]["pools"] == []
