@@ -269,3 +269,21 @@ def test_frozen_graph_holds_only_standard_ops():
     functions = {n.target for n in frozen.graph.nodes if n.op == "call_function"}
     assert functions <= POOL_OPS | {torch.flatten, operator.add}
     assert isinstance(frozen, fx.GraphModule)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    h=st.integers(1, 20),
+    w=st.integers(1, 20),
+    r_h=st.floats(min_value=0.1, max_value=3.0, allow_nan=False),
+    r_w=st.floats(min_value=0.1, max_value=3.0, allow_nan=False),
+    aggregate=st.sampled_from(["max", "mean"]),
+)
+def test_freeze_matches_the_layer_at_any_size_and_scale(h, w, r_h, r_w, aggregate):
+    torch.manual_seed(0)
+    model = _Tiny((r_h, r_w), aggregate).eval()
+    x = torch.randn(1, 3, h, w)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(freeze(model, (h, w))(x), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(freeze(model)(x), expected, rtol=0, atol=1e-6)

@@ -280,6 +280,10 @@ def pool_queries(x: torch.Tensor, pos_h: torch.Tensor, pos_w: torch.Tensor, aggr
                 return _MaxQueryPool.apply(x, pos_h, pos_w)
             rows, cols = axis_table(pos_h, x.shape[-2]), axis_table(pos_w, x.shape[-1])
             return _max_of_blocks(sample_queries(x, rows, cols))
+    if not (torch.is_grad_enabled() and (x.requires_grad or pos_h.requires_grad or pos_w.requires_grad)):
+        # Inference: the same interpolation pass as max, so a frozen layer's ops match bit for bit.
+        rows, cols = axis_table(pos_h, x.shape[-2]), axis_table(pos_w, x.shape[-1])
+        return F.avg_pool2d(sample_queries(x, rows, cols), 2, 2)
     queries = _differentiable_queries(_differentiable_queries(x, pos_h, 2), pos_w, 3)
     return F.avg_pool2d(queries, 2, 2)
 
