@@ -199,7 +199,7 @@ class _MaxQueryPool(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, pos_h, pos_w):  # type: ignore[override]
+    def forward(ctx, x, pos_h, pos_w):
         rows = axis_table(pos_h, x.shape[-2])
         cols = axis_table(pos_w, x.shape[-1])
         queries = sample_queries(x, rows, cols)
@@ -211,7 +211,7 @@ class _MaxQueryPool(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(ctx, grad_out):
         x, idx = ctx.saved_tensors
         rows, cols = ctx.tables
         query_shape, fmt = ctx.query_layout
@@ -221,6 +221,9 @@ class _MaxQueryPool(torch.autograd.Function):
             grad_out.contiguous(memory_format=fmt), like, [2, 2], [2, 2], [0, 0], [1, 1], False, idx
         )
         need_x, need_h, need_w = ctx.needs_input_grad
+        grad_x: torch.Tensor | None
+        grad_h: torch.Tensor | None
+        grad_w: torch.Tensor | None
         if not identity and (need_h or need_w):
             grad_x, grad_h, grad_w = _sampler_backward(grad_q, x, rows, cols, need_x)
         else:
@@ -234,9 +237,9 @@ class _MaxQueryPool(torch.autograd.Function):
             grad_h = _identity_slopes(grad_q, x, acc_h, dim=2) if need_h else None
             grad_w = _identity_slopes(grad_q, x, acc_w, dim=3) if need_w else None
         # Zero where a coordinate is clamped or exactly on the border (grid_sample's rule).
-        if need_h:
+        if grad_h is not None:
             grad_h = torch.where(rows.inside, grad_h, 0).to(rows.pos.dtype)
-        if need_w:
+        if grad_w is not None:
             grad_w = torch.where(cols.inside, grad_w, 0).to(cols.pos.dtype)
         return grad_x, grad_h, grad_w
 
