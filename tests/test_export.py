@@ -185,3 +185,10 @@ def test_cli_exports_a_saved_model_with_json(tmp_path):
 def test_cli_rejects_an_unknown_format(tmp_path):
     result = CliRunner().invoke(app, ["export", "resnet18", "-f", "tflite", "-o", str(tmp_path / "m")])
     assert result.exit_code == 2 and "--format must be one of onnx, pt2" in result.stderr
+
+
+def test_a_frozen_size_mismatch_is_bad_usage_for_the_cli():
+    from dynoswap.cli.common import EXIT_USAGE, exit_code_of
+
+    assert exit_code_of(FrozenSizeError("frozen at (64, 56)")) == EXIT_USAGE
+    assert exit_code_of(ExportError("does not match")) == 1

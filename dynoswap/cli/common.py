@@ -98,6 +98,7 @@ def _exit_codes() -> dict[type, int]:
         errors.PresetError: EXIT_USAGE,
         errors.DataError: EXIT_USAGE,
         errors.OutputExistsError: EXIT_USAGE,
+        errors.FrozenSizeError: EXIT_USAGE,
         errors.ConversionError: EXIT_FAILURE,
         errors.CheckpointError: EXIT_FAILURE,
         errors.SaveError: EXIT_FAILURE,
