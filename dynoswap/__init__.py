@@ -31,6 +31,8 @@ _EXPORTS: dict[str, str] = {
     "Preset": "presets",
     "load_preset": "presets",
     "fit": "train",
+    "freeze": "export",
+    "export_model": "export",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -38,6 +40,7 @@ __all__ = ["__version__", *_EXPORTS]
 if TYPE_CHECKING:
     from .cost import alphas, count_gmacs, gmacs_loss, param_groups, stage_sizes  # noqa: F401
     from .engine import ConversionError, ConversionReport, TraceError, convert  # noqa: F401
+    from .export import export_model, freeze  # noqa: F401
     from .io import load, save  # noqa: F401
     from .layers import DynOPool2d  # noqa: F401
     from .models import ModelSource, build_model, resolve  # noqa: F401

@@ -84,3 +84,7 @@ class TrainingError(DynoswapError, RuntimeError):
 
 class ExportError(DynoswapError, RuntimeError):
     """A freeze or export that failed, or an exported file that does not match the eager model."""
+
+
+class FrozenSizeError(DynoswapError, ValueError):
+    """A frozen model called with an input size it was not frozen for."""

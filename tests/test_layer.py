@@ -234,6 +234,18 @@ def test_non_positive_alpha_raises_in_forward():
         layer(torch.randn(1, 1, 8, 8))
 
 
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_loading_a_bad_alpha_raises_and_keeps_the_old_one(bad):
+    model = nn.Sequential(DynOPool2d((0.5, 0.25)), DynOPool2d(0.8))
+    model[1].tie_to(model[0])
+    state = {"0.alpha": torch.tensor([2.0, bad])}
+    with pytest.raises(ValueError, match="alpha must be finite and > 0"):
+        model.load_state_dict(state)
+    assert model[0].alpha.tolist() == [2.0, 4.0]
+    model.load_state_dict({"0.alpha": torch.tensor([3.0, 1.5])})
+    assert model[1].scale == pytest.approx((1 / 3, 1 / 1.5))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("scale", [0.5, 0.47])
 def test_autocast_low_precision(seeded, dtype, scale):

@@ -103,6 +103,7 @@ def _exit_codes() -> dict[type, int]:
         errors.DataError: EXIT_USAGE,
         errors.OptionError: EXIT_USAGE,
         errors.OutputExistsError: EXIT_USAGE,
+        errors.FrozenSizeError: EXIT_USAGE,
         errors.ConversionError: EXIT_FAILURE,
         errors.CheckpointError: EXIT_FAILURE,
         errors.SaveError: EXIT_FAILURE,

@@ -9,7 +9,7 @@ import torch
 from timm.layers import register_notrace_module
 from torch import nn
 
-from .resample import pool_queries
+from .resample import pool_queries, traceable_pool_queries
 from .sizing import output_size, straight_through_size
 
 AGGREGATES = ("max", "mean")
@@ -29,7 +29,12 @@ def _pair_of_scales(init_scale: float | Sequence[float]) -> tuple[float, float]:
     return pair
 
 
-def query_positions(n_in: int, n_out: torch.Tensor) -> torch.Tensor:
+def _check_alpha(alpha: Sequence[float]) -> None:
+    if not all(math.isfinite(a) and a > 0 for a in alpha):
+        raise ValueError(f"DynOPool2d alpha must be finite and > 0, got {list(alpha)}")
+
+
+def query_positions(n_in: int, n_out: torch.Tensor, count: int | None = None) -> torch.Tensor:
     """Pixel coordinates of the two query points per output cell along one axis (eq. 2).
 
     Cell ``k`` of ``n_out`` has centre ``p_k = -1 + (2k+1)/n_out`` in normalised
@@ -39,11 +44,13 @@ def query_positions(n_in: int, n_out: torch.Tensor) -> torch.Tensor:
     Args:
         n_in: Input length of the axis.
         n_out: Straight-through output length (integer value, continuous gradient).
+        count: ``n_out``'s value as an int when the caller already has it (saves a device sync).
 
     Returns:
         Tensor of shape (2 * n_out,), ordered cell by cell.
     """
-    count = int(n_out.detach())
+    if count is None:
+        count = int(n_out.detach())
     odd = torch.arange(1, 4 * count, 2, dtype=n_out.dtype, device=n_out.device)  # 4k+1, 4k+3
     return (n_in * odd) / (4 * n_out) - 0.5
 
@@ -108,6 +115,12 @@ class DynOPool2d(nn.Module):
             del self._parameters["alpha"]
         object.__setattr__(self, "_alpha_owner", leader)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D102 - validate on load
+        alpha = state_dict.get(prefix + "alpha")
+        if isinstance(alpha, torch.Tensor) and alpha.device.type != "meta":
+            _check_alpha(alpha.detach().double().tolist())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     # -- scales -------------------------------------------------------------
     @property
     def scale(self) -> tuple[float, float]:
@@ -149,26 +162,45 @@ class DynOPool2d(nn.Module):
             raise ValueError(f"DynOPool2d expects a 4D (N, C, H, W) input, got shape {tuple(x.shape)}")
         h, w = x.shape[-2:]
         alpha = self.alpha
-        if not torch.isfinite(alpha).all() or (alpha <= 0).any():
-            raise ValueError(f"DynOPool2d alpha must be finite and > 0, got {alpha.detach().tolist()}")
         pos_dtype = torch.promote_types(alpha.dtype, torch.float32)
+        given = in_size_st is not None
         if in_size_st is None:
             in_size_st = torch.tensor((h, w), dtype=pos_dtype, device=alpha.device)
-        elif in_size_st.detach().tolist() != [h, w]:
-            raise ValueError(
-                f"in_size_st {in_size_st.detach().tolist()} does not match the input's spatial size {[h, w]}: "
-                "pass the straight-through size that produced this input (e.g. the upstream layer's last_size_st)"
-            )
         size = straight_through_size(in_size_st.to(pos_dtype), alpha.to(pos_dtype))
-        pos_h = query_positions(h, size[0]).to(x.device)
-        pos_w = query_positions(w, size[1]).to(x.device)
-        out = pool_queries(x, pos_h, pos_w, self.aggregate)
+        tracing = torch.compiler.is_compiling()
+        if tracing:
+            # torch.compile / torch.export: the cell counts are symbolic ints, never branched on.
+            n_h, n_w = size.detach().to(torch.int64).tolist()
+            torch._check(n_h >= 2)
+            torch._check(n_w >= 2)
+        else:
+            n_h, n_w = self._checked_counts(size, in_size_st if given else None, (h, w))
+        pos_h = query_positions(h, size[0], n_h).to(x.device)
+        pos_w = query_positions(w, size[1], n_w).to(x.device)
+        out = (traceable_pool_queries if tracing else pool_queries)(x, pos_h, pos_w, self.aggregate)
         if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             out = out.contiguous(memory_format=torch.channels_last)
-        self.last_in_size = (h, w)
-        self.last_out_size = tuple(out.shape[-2:])  # type: ignore[assignment]
-        self.last_size_st = size
+        if not tracing:  # symbolic sizes must not leak out of a trace into the module
+            self.last_in_size = (h, w)
+            self.last_out_size = tuple(out.shape[-2:])  # type: ignore[assignment]
+            self.last_size_st = size
         return out
+
+    def _checked_counts(
+        self, size: torch.Tensor, in_size_st: torch.Tensor | None, in_size: tuple[int, int]
+    ) -> tuple[int, int]:
+        """Integer cell counts, with alpha and ``in_size_st`` checked on the values read in the same sync."""
+        parts = [size.detach(), self.alpha.detach().to(size.dtype)]
+        if in_size_st is not None:
+            parts.append(in_size_st.detach().to(size.dtype).to(size.device))
+        values = torch.cat(parts).tolist()
+        _check_alpha(values[2:4])
+        if in_size_st is not None and values[4:6] != list(in_size):
+            raise ValueError(
+                f"in_size_st {values[4:6]} does not match the input's spatial size {list(in_size)}: "
+                "pass the straight-through size that produced this input (e.g. the upstream layer's last_size_st)"
+            )
+        return int(values[0]), int(values[1])
 
     def extra_repr(self) -> str:
         """Scale factors, aggregate and whether alpha is borrowed from a leader."""

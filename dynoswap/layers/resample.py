@@ -53,8 +53,11 @@ class AxisTable:
         return self.lo.numel()
 
 
-def axis_table(pos: torch.Tensor, n_in: int) -> AxisTable:
-    """Build the interpolation table for pixel coordinates ``pos`` on an axis of length ``n_in``."""
+def _neighbours(pos: torch.Tensor, n_in: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lower and upper neighbour indices, weight of the upper one and the inside mask of coordinates ``pos``.
+
+    Branch-free (no value is read back), so it traces under torch.compile and torch.export.
+    """
     pos = pos.detach()
     last = n_in - 1
     clamped = pos.clamp(0, last)
@@ -63,9 +66,15 @@ def axis_table(pos: torch.Tensor, n_in: int) -> AxisTable:
     lo = lo.long()
     hi = (lo + 1).clamp_max(last)
     inside = (pos > 0) & (pos < last)
+    return lo, hi, frac, inside
+
+
+def axis_table(pos: torch.Tensor, n_in: int) -> AxisTable:
+    """Build the interpolation table for pixel coordinates ``pos`` on an axis of length ``n_in``."""
+    lo, hi, frac, inside = _neighbours(pos, n_in)
     exact = bool((frac == 0).all())
     identity = exact and lo.numel() == n_in and bool((lo == torch.arange(n_in, device=lo.device)).all())
-    return AxisTable(pos, lo, hi, frac, inside, exact, identity)
+    return AxisTable(pos.detach(), lo, hi, frac, inside, exact, identity)
 
 
 def sample_queries(x: torch.Tensor, rows: AxisTable, cols: AxisTable) -> torch.Tensor:
@@ -190,7 +199,7 @@ class _MaxQueryPool(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, pos_h, pos_w):  # type: ignore[override]
+    def forward(ctx, x, pos_h, pos_w):
         rows = axis_table(pos_h, x.shape[-2])
         cols = axis_table(pos_w, x.shape[-1])
         queries = sample_queries(x, rows, cols)
@@ -202,7 +211,7 @@ class _MaxQueryPool(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(ctx, grad_out):
         x, idx = ctx.saved_tensors
         rows, cols = ctx.tables
         query_shape, fmt = ctx.query_layout
@@ -212,6 +221,9 @@ class _MaxQueryPool(torch.autograd.Function):
             grad_out.contiguous(memory_format=fmt), like, [2, 2], [2, 2], [0, 0], [1, 1], False, idx
         )
         need_x, need_h, need_w = ctx.needs_input_grad
+        grad_x: torch.Tensor | None
+        grad_h: torch.Tensor | None
+        grad_w: torch.Tensor | None
         if not identity and (need_h or need_w):
             grad_x, grad_h, grad_w = _sampler_backward(grad_q, x, rows, cols, need_x)
         else:
@@ -225,9 +237,9 @@ class _MaxQueryPool(torch.autograd.Function):
             grad_h = _identity_slopes(grad_q, x, acc_h, dim=2) if need_h else None
             grad_w = _identity_slopes(grad_q, x, acc_w, dim=3) if need_w else None
         # Zero where a coordinate is clamped or exactly on the border (grid_sample's rule).
-        if need_h:
+        if grad_h is not None:
             grad_h = torch.where(rows.inside, grad_h, 0).to(rows.pos.dtype)
-        if need_w:
+        if grad_w is not None:
             grad_w = torch.where(cols.inside, grad_w, 0).to(cols.pos.dtype)
         return grad_x, grad_h, grad_w
 
@@ -242,15 +254,14 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
 
 def _differentiable_queries(x: torch.Tensor, pos: torch.Tensor, dim: int) -> torch.Tensor:
     """Autograd-friendly sampling along one axis, with grid_sample's clamp and slope conventions."""
-    n_in = x.shape[dim]
-    table = axis_table(pos, n_in)
+    lo, hi, frac, inside = _neighbours(pos, x.shape[dim])
     # Gradient flows only strictly inside (0, n-1), as grid_sample's border clamp does.
-    frac = torch.where(table.inside, pos - table.lo.to(pos.dtype), table.frac)
+    frac = torch.where(inside, pos - lo.to(pos.dtype), frac)
     shape = [1] * x.dim()
     shape[dim] = -1
     w = frac.to(x.dtype).view(shape)
     index = (slice(None),) * dim
-    return torch.lerp(x[index + (table.lo,)], x[index + (table.hi,)], w)
+    return torch.lerp(x[index + (lo,)], x[index + (hi,)], w)
 
 
 def pool_queries(x: torch.Tensor, pos_h: torch.Tensor, pos_w: torch.Tensor, aggregate: str) -> torch.Tensor:
@@ -272,5 +283,26 @@ def pool_queries(x: torch.Tensor, pos_h: torch.Tensor, pos_w: torch.Tensor, aggr
                 return _MaxQueryPool.apply(x, pos_h, pos_w)
             rows, cols = axis_table(pos_h, x.shape[-2]), axis_table(pos_w, x.shape[-1])
             return _max_of_blocks(sample_queries(x, rows, cols))
+    if not (torch.is_grad_enabled() and (x.requires_grad or pos_h.requires_grad or pos_w.requires_grad)):
+        # Inference: the same interpolation pass as max, so a frozen layer's ops match bit for bit.
+        rows, cols = axis_table(pos_h, x.shape[-2]), axis_table(pos_w, x.shape[-1])
+        return F.avg_pool2d(sample_queries(x, rows, cols), 2, 2)
     queries = _differentiable_queries(_differentiable_queries(x, pos_h, 2), pos_w, 3)
     return F.avg_pool2d(queries, 2, 2)
+
+
+def traceable_pool_queries(x: torch.Tensor, pos_h: torch.Tensor, pos_w: torch.Tensor, aggregate: str) -> torch.Tensor:
+    """:func:`pool_queries` without value-dependent branches, for torch.compile and torch.export.
+
+    Same values and the same gradient conventions. Inference samples with one
+    ``F.interpolate`` pass at the integer size ``2 n``; training samples each axis
+    with differentiable gathers so autograd (and the compiler) derives the backward.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        positions_need_grad = torch.is_grad_enabled() and (pos_h.requires_grad or pos_w.requires_grad)
+        if positions_need_grad:
+            queries = _differentiable_queries(_differentiable_queries(x, pos_h, 2), pos_w, 3)
+        else:
+            size = (pos_h.shape[0], pos_w.shape[0])
+            queries = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return F.max_pool2d(queries, 2, 2) if aggregate == "max" else F.avg_pool2d(queries, 2, 2)

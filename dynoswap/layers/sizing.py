@@ -1,10 +1,13 @@
 """The paper's output-size rule (eq. 1, 3, 4 and the size bound of section 5.1).
 
 Every place that needs a DynOPool output size (the layer, the cost model, the
-CLI) goes through these two functions, so integer sizes never disagree.
+CLI, frozen models) goes through these functions, so integer sizes never disagree.
 """
 
 from __future__ import annotations
+
+import math
+import struct
 
 import torch
 
@@ -38,3 +41,25 @@ def output_size(n_in: tuple[int, int], alpha: torch.Tensor) -> tuple[int, int]:
         size = straight_through_size(n, alpha.detach())
     h, w = (int(v) for v in size.tolist())
     return h, w
+
+
+def _round_to_float32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def cells(n_in: int, alpha: float, dtype: torch.dtype = torch.float32) -> int:
+    """:func:`output_size` of one axis in plain Python, rounded step by step as ``dtype`` rounds.
+
+    For code that must not read tensors (a frozen model traced by ``torch.export``).
+    Each step is computed in float64 and rounded to float32 when ``dtype`` is float32:
+    for one division or addition of float32 operands that equals float32 arithmetic,
+    so the result is the layer's size bit for bit.
+
+    Args:
+        n_in: Input length of the axis.
+        alpha: Inverse scale of the axis, as stored (a float32 or float64 value).
+        dtype: The dtype the layer computes sizes in: float32 or float64.
+    """
+    fit = (lambda v: v) if dtype == torch.float64 else _round_to_float32
+    cont = max(fit(n_in / fit(alpha)), MIN_SIZE)
+    return math.floor(fit(cont + 0.5))

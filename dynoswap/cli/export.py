@@ -1,0 +1,86 @@
+"""``dynoswap export MODEL_OR_DIR --format onnx|pt2 -o FILE``: freeze, write, verify against eager."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .common import (
+    AllowMissingOption,
+    DebugOption,
+    InputSizeOption,
+    JsonOption,
+    ModelKwargsOption,
+    NumClassesOption,
+    UsageError,
+    WeightsOption,
+    handle_errors,
+    load_model,
+    out_console,
+    parse_input_size,
+    print_json,
+)
+
+FORMATS = ("onnx", "pt2")
+
+
+@handle_errors
+def export_cmd(
+    model: str = typer.Argument(..., help="Saved model directory (converted or frozen), or a model name."),
+    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx (torch.onnx dynamo exporter) or pt2 (torch.export)."),
+    output: Path = typer.Option(..., "-o", "--output", help="File to write (.onnx or .pt2)."),
+    input_size: tuple[int, int] | None = InputSizeOption,
+    batch: int = typer.Option(1, "--batch", min=1, help="Batch size of the traced input."),
+    dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Accept any batch size."),
+    opset: int = typer.Option(18, "--opset", min=18, help="ONNX opset (>= 18)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+    num_classes: int | None = NumClassesOption,
+    model_kwargs: list[str] | None = ModelKwargsOption,
+    weights: Path | None = WeightsOption,
+    allow_missing: bool = AllowMissingOption,
+    json_out: bool = JsonOption,
+    debug: bool = DebugOption,
+) -> None:
+    """Freeze the learned sizes into standard ops, write ONNX or a torch.export program, verify it."""
+    from ..export import default_input_size, export_model, lookup_format
+    from ..io.checkpoint import check_output
+
+    if fmt not in FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    lookup_format(fmt).check_available()  # a missing extra fails before any slow work
+    check_output(output, force)
+    loaded = load_model(model, num_classes, model_kwargs, weights, allow_missing)
+    size = parse_input_size(input_size, default_input_size(loaded.model) or (224, 224))
+    result = export_model(
+        loaded.model,
+        output,
+        fmt,
+        input_size=size,
+        batch=batch,
+        dynamic_batch=dynamic_batch,
+        opset=opset,
+        overwrite=force,
+    )
+    if json_out:
+        data = result.to_dict()
+        data["model"] = model
+        print_json(data)
+        return
+    h, w = result.input_size
+    batch_dim = "N" if result.dynamic_batch else str(result.batch)
+    opset_note = f", opset {result.opset}" if result.opset is not None else ""
+    console = out_console()
+    console.print(f"wrote {result.path} ({result.format}{opset_note}, {result.file_bytes / 1e6:.1f} MB)")
+    console.print(f"input: ({batch_dim}, C, {h}, {w}); {result.dynopools} DynOPools frozen at their sizes for {h}x{w}")
+    if result.freeze_max_abs_diff is not None:
+        console.print(f"frozen vs converted (eager): max abs diff {result.freeze_max_abs_diff:.3g}")
+    batches = ", ".join(str(b) for b in result.verified_batches)
+    console.print(
+        f"verified with {result.runner} (batch {batches}): max abs diff {result.max_abs_diff:.3g} (limit 1e-4)"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``export`` command."""
+    app.command("export", no_args_is_help=True)(export_cmd)

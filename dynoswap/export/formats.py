@@ -1,0 +1,156 @@
+"""Export formats: a registry of writers and runners (ONNX through the dynamo exporter, torch.export .pt2).
+
+Each format writes a module traced at one example input to a file, and runs a written
+file on an input, so :mod:`dynoswap.export.exporter` can verify what it wrote against
+the eager model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ExportError
+
+#: One line for a missing optional dependency.
+EXTRA_HINT = "pip install 'dynoswap[export]'"
+DEFAULT_OPSET = 18
+
+
+@dataclass(frozen=True)
+class Format:
+    """One export format.
+
+    Attributes:
+        name: What users type (``onnx``, ``pt2``).
+        suffix: The file suffix (``.onnx``).
+        requires: Modules the format needs (from the ``export`` extra).
+        write: ``write(model, example, path, dynamic_batch, opset)`` writes the traced model.
+        run: ``run(path, inputs)`` loads a written file once and returns its outputs (a list of
+            tensors) for each input.
+        runner: What runs the file, for reports.
+    """
+
+    name: str
+    suffix: str
+    requires: tuple[str, ...]
+    write: Callable[[nn.Module, torch.Tensor, Path, bool, int], None]
+    run: Callable[[Path, list[torch.Tensor]], list[list[torch.Tensor]]]
+    runner: str
+
+    def check_available(self) -> None:
+        """Raise ExportError naming the pip install when a required module is missing."""
+        missing = []
+        for module in self.requires:
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                missing.append(module)
+        if missing:
+            raise ExportError(f"{self.name} export needs {', '.join(missing)}: {EXTRA_HINT}")
+
+
+_FORMATS: dict[str, Format] = {}
+
+
+def register_format(fmt: Format) -> Format:
+    """Add (or, with a warning, replace) an export format."""
+    if fmt.name in _FORMATS:
+        warnings.warn(f"export format {fmt.name!r} is registered again; the new one replaces it", stacklevel=2)
+    _FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def lookup_format(name: str) -> Format:
+    """Return the registered format ``name``."""
+    try:
+        return _FORMATS[name]
+    except KeyError:
+        raise ExportError(f"unknown export format {name!r}; known: {', '.join(sorted(_FORMATS))}") from None
+
+
+def format_names() -> list[str]:
+    """Return the names of the registered formats."""
+    return sorted(_FORMATS)
+
+
+def format_of_path(path: str | Path) -> Format:
+    """Return the format whose suffix ``path`` has."""
+    suffix = Path(path).suffix.lower()
+    for fmt in _FORMATS.values():
+        if fmt.suffix == suffix:
+            return fmt
+    raise ExportError(f"cannot tell the export format of {path}: use one of {[f.suffix for f in _FORMATS.values()]}")
+
+
+def leaves(output: Any) -> list[torch.Tensor]:
+    """Return the tensors of a model output (tensor, tuple, dict...), in the order exporters flatten them."""
+    from torch.utils._pytree import tree_leaves
+
+    return [t for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
+
+
+def _dynamic_shapes(dynamic_batch: bool) -> tuple[dict[int, Any]] | None:
+    return ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """Keep exporters' progress prints and warnings off stdout (``--json`` prints one object)."""
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+# -- ONNX -----------------------------------------------------------------------------
+def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, dynamic_batch: bool, opset: int) -> None:
+    with _quiet():
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            opset_version=opset,
+            dynamic_shapes=_dynamic_shapes(dynamic_batch),
+            input_names=["input"],
+            verbose=False,
+        )
+        if program is None:
+            raise ExportError("torch.onnx.export returned no program")
+        program.save(str(path))
+
+
+def _run_onnx(path: Path, inputs: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return [[torch.from_numpy(o) for o in session.run(None, {name: x.detach().cpu().numpy()})] for x in inputs]
+
+
+# -- torch.export ---------------------------------------------------------------------
+def _write_pt2(model: nn.Module, example: torch.Tensor, path: Path, dynamic_batch: bool, opset: int) -> None:
+    with _quiet():
+        program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(dynamic_batch))
+        torch.export.save(program, str(path))
+
+
+def _run_pt2(path: Path, inputs: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    with _quiet():
+        module = torch.export.load(str(path)).module()
+    with torch.no_grad():
+        return [leaves(module(x)) for x in inputs]
+
+
+register_format(Format("onnx", ".onnx", ("onnx", "onnxscript", "onnxruntime"), _write_onnx, _run_onnx, "onnxruntime"))
+register_format(Format("pt2", ".pt2", (), _write_pt2, _run_pt2, "torch.export.load"))

@@ -1,0 +1,377 @@
+"""freeze(): replace every DynOPool2d by the fixed standard ops it computes at its learned scale.
+
+A DynOPool2d with ``n`` output cells per axis samples its input at exactly the grid of
+``F.interpolate(x, size=2n, mode="bilinear", align_corners=False)`` and takes the max (or
+mean) of each 2x2 block. Frozen, that is ``F.interpolate`` to the integer size ``(2 h_out,
+2 w_out)`` followed by ``F.max_pool2d(., 2, 2)`` (``F.avg_pool2d`` for ``aggregate="mean"``);
+when the output is exactly half of an even input the interpolation is the identity and only
+the pool remains. Sizes are integers, never a float ``scale_factor``.
+
+Two input-size contracts:
+
+* **fixed** (``freeze(model, input_size)``): every layer keeps the output size it has at
+  ``input_size``. The graph is plain ``torch.nn.functional`` calls with integer constants,
+  and the model checks its input: another spatial size raises :class:`FrozenSizeError`
+  (the batch size is free). This is what deployment and export want.
+* **ratio** (``freeze(model)``): every layer keeps its learned ratio ``1 / alpha`` and
+  computes its integer output size from its input at run time, by the layer's own rounding
+  rule (:func:`dynoswap.layers.cells`); other input sizes work as they did before freezing.
+  Traced at one input size (``torch.export``, ONNX) it is the fixed graph of that size.
+
+The frozen model records what it was frozen to in ``gm.meta["dynoswap"]["frozen"]`` (JSON-able),
+and :func:`refreeze` rebuilds the same frozen graph from the converted model and that record,
+which is how a saved frozen model loads.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..errors import ExportError, FrozenSizeError, RecipeError
+from ..layers import DynOPool2d, cells
+from ..layers.dynopool import AGGREGATES
+
+RECIPE_KEY = "dynoswap"
+FROZEN_KEY = "frozen"
+FROZEN_VERSION = 1
+MODES = ("fixed", "ratio")
+_PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class FrozenPool:
+    """What one DynOPool2d was frozen to.
+
+    Attributes:
+        name: Module path of the replaced DynOPool2d.
+        aggregate: ``"max"`` or ``"mean"``.
+        alpha: The learned ``(1/r_h, 1/r_w)``, exactly as stored.
+        precision: ``"float32"`` or ``"float64"``: the dtype the layer rounded sizes in.
+        in_size: Input (h, w) at the freeze input size (fixed contract only).
+        out_size: Output (h, w) at the freeze input size (fixed contract only).
+    """
+
+    name: str
+    aggregate: str
+    alpha: tuple[float, float]
+    precision: str
+    in_size: tuple[int, int] | None = None
+    out_size: tuple[int, int] | None = None
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """The learned scale factors (r_h, r_w)."""
+        return 1.0 / self.alpha[0], 1.0 / self.alpha[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (tuples as lists), with the scale for readers."""
+        data = asdict(self)
+        for key in ("alpha", "in_size", "out_size"):
+            data[key] = list(data[key]) if data[key] is not None else None
+        data["scale"] = list(self.scale)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FrozenPool:
+        """Read and validate one record (the inverse of :meth:`to_dict`)."""
+        try:
+            pool = cls(
+                name=str(data["name"]),
+                aggregate=str(data["aggregate"]),
+                alpha=_floats(data["alpha"]),
+                precision=str(data["precision"]),
+                in_size=_ints(data["in_size"]) if data.get("in_size") is not None else None,
+                out_size=_ints(data["out_size"]) if data.get("out_size") is not None else None,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RecipeError(f"frozen layer record {dict(data)!r} is malformed: {exc}") from None
+        if pool.aggregate not in AGGREGATES or pool.precision not in _PRECISIONS:
+            raise RecipeError(f"frozen layer {pool.name!r}: unknown aggregate or precision in {dict(data)!r}")
+        if not all(a > 0 and a < float("inf") for a in pool.alpha):
+            raise RecipeError(f"frozen layer {pool.name!r}: alpha must be finite and > 0, got {list(pool.alpha)}")
+        for size in (pool.in_size, pool.out_size):
+            if size is not None and min(size) < 1:
+                raise RecipeError(f"frozen layer {pool.name!r}: sizes must be positive, got {size}")
+        return pool
+
+
+def _floats(value: Any) -> tuple[float, float]:
+    a, b = (float(v) for v in value)
+    return a, b
+
+
+def _ints(value: Any) -> tuple[int, int]:
+    if any(isinstance(v, bool) or int(v) != v for v in value):
+        raise ValueError(f"{value!r} is not a pair of integers")
+    a, b = (int(v) for v in value)
+    return a, b
+
+
+@dataclass(frozen=True)
+class FrozenSpec:
+    """The ``frozen`` section of a recipe: the contract, the input size and every layer."""
+
+    mode: str
+    input_size: tuple[int, int] | None
+    pools: tuple[FrozenPool, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict, stored at ``gm.meta["dynoswap"]["frozen"]``."""
+        return {
+            "version": FROZEN_VERSION,
+            "mode": self.mode,
+            "input_size": list(self.input_size) if self.input_size is not None else None,
+            "pools": [p.to_dict() for p in self.pools],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FrozenSpec:
+        """Read and validate a ``frozen`` section."""
+        if not isinstance(data, Mapping):
+            raise RecipeError(f"the frozen section must be an object, got {type(data).__name__}")
+        if data.get("version") != FROZEN_VERSION:
+            raise RecipeError(f"frozen section version {data.get('version')!r} is not supported ({FROZEN_VERSION})")
+        mode = data.get("mode")
+        if mode not in MODES:
+            raise RecipeError(f"frozen mode must be one of {MODES}, got {mode!r}")
+        pools = data.get("pools")
+        if not isinstance(pools, list):
+            raise RecipeError("the frozen section has no list of pools")
+        try:
+            input_size = _ints(data["input_size"]) if data.get("input_size") is not None else None
+        except (TypeError, ValueError) as exc:
+            raise RecipeError(f"frozen input_size is malformed: {exc}") from None
+        spec = cls(mode, input_size, tuple(FrozenPool.from_dict(p) for p in pools))
+        if mode == "fixed" and (input_size is None or any(p.out_size is None or p.in_size is None for p in spec.pools)):
+            raise RecipeError("a fixed-size frozen section needs input_size and every layer's in_size and out_size")
+        return spec
+
+
+# -- what the frozen graph calls ------------------------------------------------------
+def check_input_size(x: torch.Tensor, expected: tuple[int, int]) -> torch.Tensor:
+    """Return ``x`` if its spatial size is ``expected``; raise :class:`FrozenSizeError` otherwise."""
+    got = tuple(x.shape[-2:])
+    if x.dim() != 4 or got != tuple(expected):
+        raise FrozenSizeError(
+            f"this frozen model takes (N, C, {expected[0]}, {expected[1]}) inputs, got shape {tuple(x.shape)}: "
+            "resize the input, or freeze the trained model again at this input size "
+            "(or without an input size, to keep the learned ratios)"
+        )
+    return x
+
+
+def _pool_fn(aggregate: str) -> Any:
+    return F.max_pool2d if aggregate == "max" else F.avg_pool2d
+
+
+def resize_pool(x: torch.Tensor, out_size: tuple[int, int], aggregate: str) -> torch.Tensor:
+    """Compute what a DynOPool2d with output size ``out_size`` computes: interpolate to twice it, 2x2 pool."""
+    h, w = x.shape[-2:]
+    if (2 * out_size[0], 2 * out_size[1]) != (h, w):
+        x = F.interpolate(x, size=(2 * out_size[0], 2 * out_size[1]), mode="bilinear", align_corners=False)
+    return _pool_fn(aggregate)(x, 2, 2)
+
+
+def ratio_resize_pool(x: torch.Tensor, alpha: tuple[float, float], precision: str, aggregate: str) -> torch.Tensor:
+    """Apply a DynOPool2d frozen at ``alpha``: the output size follows the input size by the layer's rule."""
+    h, w = x.shape[-2:]
+    dtype = _PRECISIONS[precision]
+    return resize_pool(x, (cells(h, alpha[0], dtype), cells(w, alpha[1], dtype)), aggregate)
+
+
+# -- freezing -------------------------------------------------------------------------
+class _LeafTracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, DynOPool2d) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _as_graph_module(model: nn.Module) -> fx.GraphModule:
+    if isinstance(model, fx.GraphModule):
+        return model
+    try:
+        return fx.GraphModule(model, _LeafTracer().trace(model))
+    except Exception as exc:
+        raise ExportError(
+            f"cannot trace {type(model).__name__} to freeze it ({type(exc).__name__}: {exc}); "
+            "freeze the GraphModule that dynoswap.convert returned"
+        ) from None
+
+
+def _pool_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    modules = dict(gm.named_modules())
+    return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(modules.get(n.target), DynOPool2d)]
+
+
+def _precision(pool: DynOPool2d) -> str:
+    return "float64" if pool.alpha.dtype == torch.float64 else "float32"
+
+
+def example_input(model: nn.Module, input_size: Sequence[int], batch: int = 1, seed: int | None = None) -> torch.Tensor:
+    """Return a random (batch, C, H, W) input for ``model``: C of its first conv, its parameters' device and dtype."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    param = next(iter(model.parameters()), None)
+    channels = first.in_channels if first is not None else 3
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    x = torch.randn(batch, channels, *(int(v) for v in input_size), generator=generator, dtype=dtype)
+    return x.to(device)
+
+
+def _sizes_at(gm: fx.GraphModule, nodes: list[fx.Node], input_size: tuple[int, int]) -> list[tuple[int, int]]:
+    """Input (h, w) of each DynOPool call at ``input_size``, from one forward pass."""
+    seen: dict[str, list[tuple[int, int]]] = {}
+    hooks = []
+    for name in {n.target for n in nodes}:
+
+        def record(module: nn.Module, args: tuple[Any, ...], name: str = str(name)) -> None:
+            seen.setdefault(name, []).append(tuple(args[0].shape[-2:]))
+
+        hooks.append(gm.get_submodule(str(name)).register_forward_pre_hook(record))
+    was_training = gm.training
+    try:
+        gm.eval()
+        with torch.no_grad():
+            gm(example_input(gm, input_size).zero_())
+    except Exception as exc:
+        raise ExportError(f"the model does not run at input size {input_size}: {type(exc).__name__}: {exc}") from None
+    finally:
+        gm.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    calls = {name: iter(sizes) for name, sizes in seen.items()}
+    try:
+        return [next(calls[str(n.target)]) for n in nodes]
+    except (KeyError, StopIteration):
+        raise ExportError("a DynOPool2d of the graph did not run at the freeze input size") from None
+
+
+def describe(model: nn.Module, input_size: Sequence[int] | None = None) -> FrozenSpec:
+    """Describe what :func:`freeze` would freeze ``model`` to, without changing it.
+
+    Args:
+        model: A converted model (GraphModule with DynOPool2d modules).
+        input_size: (H, W) for the fixed contract; None for the ratio contract.
+    """
+    gm = _as_graph_module(model)
+    nodes = _pool_nodes(gm)
+    size = _ints(input_size) if input_size is not None else None
+    in_sizes = _sizes_at(gm, nodes, size) if size is not None else [None] * len(nodes)
+    pools = []
+    for node, in_size in zip(nodes, in_sizes, strict=True):
+        layer = gm.get_submodule(str(node.target))
+        assert isinstance(layer, DynOPool2d)
+        a_h, a_w = layer.alpha.detach().double().tolist()
+        precision = _precision(layer)
+        out = None
+        if in_size is not None:
+            dtype = _PRECISIONS[precision]
+            out = (cells(in_size[0], a_h, dtype), cells(in_size[1], a_w, dtype))
+            if out != layer.output_size(in_size):  # one rule: the layer's own rounding must agree
+                raise ExportError(
+                    f"{node.target}: frozen size {out} differs from the layer's {layer.output_size(in_size)}"
+                )
+        pools.append(FrozenPool(str(node.target), layer.aggregate, (a_h, a_w), precision, in_size, out))
+    return FrozenSpec("fixed" if size is not None else "ratio", size, tuple(pools))
+
+
+def _rewrite(gm: fx.GraphModule, spec: FrozenSpec) -> fx.GraphModule:
+    """Replace the DynOPool nodes of ``gm`` (a copy, modified in place) by the ops of ``spec``."""
+    nodes = _pool_nodes(gm)
+    names = [str(n.target) for n in nodes]
+    if names != [p.name for p in spec.pools]:
+        raise RecipeError(
+            f"the frozen section lists DynOPools {[p.name for p in spec.pools]} but the model has {names}: "
+            "it was frozen from another conversion"
+        )
+    graph = gm.graph
+    for node, pool in zip(nodes, spec.pools, strict=True):
+        x = node.args[0]
+        with graph.inserting_before(node):
+            if spec.mode == "fixed":
+                assert pool.in_size is not None and pool.out_size is not None
+                rows, cols = 2 * pool.out_size[0], 2 * pool.out_size[1]
+                if (rows, cols) != pool.in_size:
+                    kwargs: dict[str, Any] = {"size": (rows, cols), "mode": "bilinear", "align_corners": False}
+                    x = graph.call_function(F.interpolate, (x,), kwargs)
+                    x.meta.update(node.meta)
+                new = graph.call_function(_pool_fn(pool.aggregate), (x, 2, 2))
+            else:
+                new = graph.call_function(ratio_resize_pool, (x, pool.alpha, pool.precision, pool.aggregate))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    if spec.mode == "fixed":
+        assert spec.input_size is not None
+        placeholder = next((n for n in graph.nodes if n.op == "placeholder"), None)
+        if placeholder is not None:
+            with graph.inserting_after(placeholder):
+                checked = graph.call_function(check_input_size, (placeholder, spec.input_size))
+            placeholder.replace_all_uses_with(checked, delete_user_cb=lambda user: user is not checked)
+    for name in dict.fromkeys(names):
+        gm.delete_submodule(name)
+    graph.lint()
+    gm.recompile()
+    leftovers = [n for n, m in gm.named_modules() if isinstance(m, DynOPool2d)]
+    leftovers += [n for n, _ in gm.named_parameters() if n.rsplit(".", 1)[-1] == "alpha"]
+    if leftovers:
+        raise ExportError(f"DynOPool2d modules or alphas outside the graph's calls remain: {leftovers}")
+    recipe = dict(gm.meta.get(RECIPE_KEY) or {})
+    recipe[FROZEN_KEY] = spec.to_dict()
+    gm.meta[RECIPE_KEY] = recipe
+    return gm
+
+
+def freeze(model: nn.Module, input_size: Sequence[int] | None = None) -> fx.GraphModule:
+    """Return a copy of ``model`` in which every DynOPool2d is fixed standard ops.
+
+    The copy has no ``alpha`` parameters and no DynOPool2d; every other parameter and
+    buffer keeps its key. In eval mode its outputs equal the converted model's.
+
+    Args:
+        model: A converted model (the GraphModule of ``dynoswap.convert`` or ``dynoswap.load``).
+        input_size: (H, W): freeze the output sizes at this input size (the fixed contract; other
+            input sizes raise :class:`FrozenSizeError`). None keeps the learned ratios (any input size).
+
+    Returns:
+        The frozen GraphModule; ``gm.meta["dynoswap"]["frozen"]`` records what it was frozen to.
+
+    Raises:
+        ExportError: the model cannot be traced or does not run at ``input_size``.
+    """
+    gm = _as_graph_module(model)
+    spec = describe(gm, input_size)
+    return _rewrite(_copy(gm), spec)
+
+
+def refreeze(converted: nn.Module, frozen: Mapping[str, Any]) -> fx.GraphModule:
+    """Rebuild a frozen model from its converted model and its recorded ``frozen`` section.
+
+    This is how a saved frozen model loads: rebuild the converted model from the recipe,
+    ``refreeze`` it with ``recipe["frozen"]``, then load the weights (which have no alphas).
+    The converted model's alphas are not read: sizes and ratios come from the record.
+
+    Raises:
+        RecipeError: the section is malformed or lists other DynOPools than the model has.
+    """
+    spec = FrozenSpec.from_dict(frozen)
+    return _rewrite(_copy(_as_graph_module(converted)), spec)
+
+
+def is_frozen(model: nn.Module) -> bool:
+    """Whether ``model`` is the output of :func:`freeze` (it records a ``frozen`` section)."""
+    meta = getattr(model, "meta", None) or {}
+    return FROZEN_KEY in (meta.get(RECIPE_KEY) or {})
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    clone = copy.deepcopy(gm)
+    clone.meta = copy.deepcopy(dict(gm.meta))
+    return clone
