@@ -96,7 +96,13 @@ def test_corrupted_export_fails_verification(tmp_path, fmt, corrupt):
 def test_a_file_that_does_not_match_is_never_left_in_place(tmp_path, monkeypatch):
     fmt = lookup_format("pt2")
     wrong = type(fmt)(
-        fmt.name, fmt.suffix, fmt.requires, fmt.write, lambda p, xs: [[x.new_zeros(len(x), 10)] for x in xs], "broken"
+        fmt.name,
+        fmt.suffix,
+        fmt.requires,
+        fmt.write,
+        lambda p, xs: [[x.new_zeros(len(x), 10)] for x in xs],
+        "broken",
+        fmt.detect,
     )
     monkeypatch.setitem(sys.modules["dynoswap.export.formats"]._FORMATS, "pt2", wrong)
     path = tmp_path / "model.pt2"
@@ -114,9 +120,15 @@ def test_export_refuses_what_it_cannot_serve(tmp_path):
     with pytest.raises(ExportError, match="unknown export format 'tflite'"):
         export_model(gm, tmp_path / "m.tflite", "tflite")
     (tmp_path / "taken.pt2").write_text("mine")
-    with pytest.raises(FileExistsError):
-        export_model(gm, tmp_path / "taken.pt2", "pt2")
+    for overwrite in (False, True):  # a file dynoswap did not write is never replaced, not even with force
+        with pytest.raises(FileExistsError, match="not a dynoswap pt2 export"):
+            export_model(gm, tmp_path / "taken.pt2", "pt2", overwrite=overwrite)
     assert (tmp_path / "taken.pt2").read_text() == "mine"
+    first = export_model(gm, tmp_path / "mine.pt2", "pt2")
+    with pytest.raises(FileExistsError, match="already holds a dynoswap pt2 export"):
+        export_model(gm, tmp_path / "mine.pt2", "pt2")
+    again = export_model(gm, tmp_path / "mine.pt2", "pt2", overwrite=True)
+    assert again.max_abs_diff <= 1e-4 and first.path == again.path
 
 
 def test_ratio_frozen_model_exports_at_any_size_and_plain_models_as_they_are(tmp_path):
@@ -175,7 +187,7 @@ def test_cli_exports_a_saved_model_with_json(tmp_path):
     assert data["input_size"] == [48, 40] and data["batch"] == 3 and data["format"] == "pt2"
     assert data["max_abs_diff"] <= 1e-4 and data["dynopools"] == 7 and out.is_file()
     again = runner.invoke(app, ["export", saved, "-f", "pt2", "-o", str(out)])
-    assert again.exit_code == 2 and "already exists" in again.stderr
+    assert again.exit_code == 2 and "already holds a dynoswap pt2 export; pass --force" in again.stderr
     onnx_out = str(tmp_path / "m.onnx")
     human = runner.invoke(app, ["export", saved, "-f", "onnx", "-o", onnx_out, "--input-size", "40", "48"])
     assert human.exit_code == 0, human.output

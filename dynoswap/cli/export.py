@@ -44,12 +44,13 @@ def export_cmd(
 ) -> None:
     """Freeze the learned sizes into standard ops, write ONNX or a torch.export program, verify it."""
     from ..export import default_input_size, export_model, lookup_format
-    from ..io.checkpoint import check_output
+    from ..io.output import check_output
 
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    lookup_format(fmt).check_available()  # a missing extra fails before any slow work
-    check_output(output, force)
+    spec = lookup_format(fmt)
+    spec.check_available()  # a missing extra or an occupied -o fails before any slow work
+    check_output(output, spec.output_kind, force)
     loaded = load_model(model, num_classes, model_kwargs, weights, allow_missing)
     size = parse_input_size(input_size, default_input_size(loaded.model) or (224, 224))
     result = export_model(

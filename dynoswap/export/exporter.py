@@ -181,7 +181,7 @@ def export_model(
         ExportError: a missing export extra, an export that fails, or a file that does not match.
         FrozenSizeError: a fixed-size frozen model asked for another input size.
     """
-    from ..io.checkpoint import atomic_output
+    from ..io.output import replace_output
 
     spec: Format = lookup_format(fmt)
     spec.check_available()
@@ -209,7 +209,7 @@ def export_model(
         freeze_diff = (
             _max_abs_diff(_eager(target, example), _eager(model, example), "the frozen model") if dynopools else None
         )
-        with atomic_output(path, force=overwrite) as tmp:
+        with replace_output(path, spec.output_kind, force=overwrite) as tmp:
             try:
                 spec.write(target, example, tmp, dynamic_batch, opset)
             except ExportError:

@@ -38,6 +38,7 @@ class Format:
         run: ``run(path, inputs)`` loads a written file once and returns its outputs (a list of
             tensors) for each input.
         runner: What runs the file, for reports.
+        detect: Whether an existing file is one this format wrote (what ``--force`` may replace).
     """
 
     name: str
@@ -46,6 +47,12 @@ class Format:
     write: Callable[[nn.Module, torch.Tensor, Path, bool, int], None]
     run: Callable[[Path, list[torch.Tensor]], list[list[torch.Tensor]]]
     runner: str
+    detect: Callable[[Path], bool]
+
+    @property
+    def output_kind(self) -> str:
+        """The output kind of its files (:mod:`dynoswap.io.output`): what ``force`` may replace."""
+        return f"{self.name} export"
 
     def check_available(self) -> None:
         """Raise ExportError naming the pip install when a required module is missing."""
@@ -64,9 +71,12 @@ _FORMATS: dict[str, Format] = {}
 
 def register_format(fmt: Format) -> Format:
     """Add (or, with a warning, replace) an export format."""
+    from ..io.output import register_output_kind
+
     if fmt.name in _FORMATS:
         warnings.warn(f"export format {fmt.name!r} is registered again; the new one replaces it", stacklevel=2)
     _FORMATS[fmt.name] = fmt
+    register_output_kind(fmt.output_kind, fmt.detect)
     return fmt
 
 
@@ -152,5 +162,25 @@ def _run_pt2(path: Path, inputs: list[torch.Tensor]) -> list[list[torch.Tensor]]
         return [leaves(module(x)) for x in inputs]
 
 
-register_format(Format("onnx", ".onnx", ("onnx", "onnxscript", "onnxruntime"), _write_onnx, _run_onnx, "onnxruntime"))
-register_format(Format("pt2", ".pt2", (), _write_pt2, _run_pt2, "torch.export.load"))
+def _is_onnx_file(path: Path) -> bool:
+    # An ONNX model is a protobuf whose first field is ir_version (field 1, varint): byte 0x08.
+    if not path.is_file() or path.suffix.lower() != ".onnx":
+        return False
+    with open(path, "rb") as fh:
+        return fh.read(1) == b"\x08"
+
+
+def _is_pt2_file(path: Path) -> bool:
+    # torch.export.save writes a zip archive with an ``<name>/archive_format`` entry.
+    import zipfile
+
+    if not path.is_file() or path.suffix.lower() != ".pt2" or not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/archive_format") for name in archive.namelist())
+
+
+register_format(
+    Format("onnx", ".onnx", ("onnx", "onnxscript", "onnxruntime"), _write_onnx, _run_onnx, "onnxruntime", _is_onnx_file)
+)
+register_format(Format("pt2", ".pt2", (), _write_pt2, _run_pt2, "torch.export.load", _is_pt2_file))

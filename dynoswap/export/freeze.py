@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import ExportError, FrozenSizeError, RecipeError
+from ..io.recipe import RECIPE_KEY
 from ..layers import DynOPool2d, cells
 from ..layers.dynopool import AGGREGATES
 
-RECIPE_KEY = "dynoswap"
 FROZEN_KEY = "frozen"
 FROZEN_VERSION = 1
 MODES = ("fixed", "ratio")
@@ -157,6 +157,8 @@ class FrozenSpec:
 # -- what the frozen graph calls ------------------------------------------------------
 def check_input_size(x: torch.Tensor, expected: tuple[int, int]) -> torch.Tensor:
     """Return ``x`` if its spatial size is ``expected``; raise :class:`FrozenSizeError` otherwise."""
+    if isinstance(x, fx.Proxy):  # symbolic tracing of a frozen model (cost analysis): sizes are not known
+        return x
     got = tuple(x.shape[-2:])
     if x.dim() != 4 or got != tuple(expected):
         raise FrozenSizeError(

@@ -7,9 +7,9 @@ read: an unknown format version, a missing or mistyped field is one
 never imports or calls anything; what its source or leaf modules would run is
 checked by :func:`dynoswap.sources.check_source` and :func:`resolve_leaf` first.
 
-Format versions: 1 is the converted model. A later version (a frozen model adds a
-``frozen`` section) registers its reader in :data:`READERS`; a reader sees the raw
-mapping and returns a ``Recipe``.
+Format versions: 1 is the converted model; 2 is a frozen model (version 1 plus its
+``frozen`` section, see :func:`dynoswap.freeze`). Each version registers its reader in
+:data:`READERS`; a reader sees the raw mapping and returns a ``Recipe``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ RECIPE_FILE = "recipe.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "dynoswap-saved-model"
 FORMAT_VERSION = 1
+#: Format version of a saved frozen model (a version-1 recipe plus its ``frozen`` section).
+FROZEN_FORMAT_VERSION = 2
 #: Key of the recipe dict in a converted GraphModule's ``meta``.
 RECIPE_KEY = "dynoswap"
 PLACEMENTS = ("post", "pre")
@@ -213,6 +215,8 @@ class Recipe:
         groups: DynOPool names per tie group, in execution order.
         version: dynoswap version that converted the model.
         aliases: Weight keys stored once, mapped to the key that holds them (saved folders only).
+        frozen: A frozen model's record (:class:`dynoswap.export.freeze.FrozenSpec` as a dict): what
+            each DynOPool was fixed to. None for a model whose scales still train.
     """
 
     source: ModelSource | None
@@ -223,11 +227,12 @@ class Recipe:
     groups: list[list[str]] = field(default_factory=list)
     version: str = ""
     aliases: dict[str, str] = field(default_factory=dict)
+    frozen: dict[str, Any] | None = None
 
     # -- the dict in gm.meta ----------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """Return the recipe dict kept in ``gm.meta["dynoswap"]`` (without the saved folder's aliases)."""
-        return {
+        data = {
             "version": self.version,
             "source": self.source.to_dict() if self.source is not None else None,
             "input_size": list(self.input_size),
@@ -236,6 +241,9 @@ class Recipe:
             "skipped": list(self.skipped),
             "groups": [list(g) for g in self.groups],
         }
+        if self.frozen is not None:
+            data["frozen"] = dict(self.frozen)
+        return data
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "recipe") -> Recipe:
@@ -268,6 +276,14 @@ class Recipe:
                 "recipe.options.sizes", f"has {len(options.sizes)} entries for {len(parsed_groups)} tie groups"
             )
         version = data.get("version", "")
+        frozen = data.get("frozen")
+        if frozen is not None:
+            from ..export.freeze import FrozenSpec
+
+            try:
+                frozen = FrozenSpec.from_dict(frozen).to_dict()
+            except RecipeError as exc:
+                raise read.fail("recipe.frozen", str(exc)) from None
         return cls(
             source=source,
             input_size=input_size,
@@ -276,6 +292,7 @@ class Recipe:
             skipped=rows["skipped"],
             groups=parsed_groups,
             version=str(version) if isinstance(version, (str, int, float)) else "",
+            frozen=frozen,
         )
 
     # -- the saved document ----------------------------------------------------------
@@ -283,7 +300,8 @@ class Recipe:
         """Return the saved folder's recipe document."""
         document = {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            # A frozen model is version 2, so a dynoswap that cannot freeze never loads it as a converted one.
+            "format_version": FROZEN_FORMAT_VERSION if self.frozen is not None else FORMAT_VERSION,
             "recipe": self.to_dict(),
             "aliases": dict(self.aliases),
         }
@@ -334,8 +352,15 @@ def _read_v1(document: dict[str, Any], read: _Reader) -> Recipe:
     return recipe
 
 
+def _read_v2(document: dict[str, Any], read: _Reader) -> Recipe:
+    recipe = _read_v1(document, read)
+    if recipe.frozen is None:
+        raise read.fail("recipe.frozen", "is missing: format version 2 is a frozen model")
+    return recipe
+
+
 #: Document readers by format version.
-READERS: dict[int, Callable[[dict[str, Any], _Reader], Recipe]] = {1: _read_v1}
+READERS: dict[int, Callable[[dict[str, Any], _Reader], Recipe]] = {1: _read_v1, 2: _read_v2}
 
 
 # -- accessors ------------------------------------------------------------------------

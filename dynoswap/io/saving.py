@@ -284,6 +284,10 @@ def load(path: str | os.PathLike[str], *, trust_code: bool = False, strict_value
         raise RecipeError(
             f"{where}: the recorded conversion cannot be replayed: {' '.join(str(exc).split())}"
         ) from None
+    if recipe.frozen is not None:
+        from ..export.freeze import refreeze
+
+        gm = refreeze(gm, recipe.frozen)  # sizes/ratios from the record; the weights hold no alphas
     try:
         gm.load_state_dict(state, strict=True)
     except RuntimeError as exc:
