@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -304,11 +304,12 @@ def fit(
 
     net = wrap_ddp(recompute_view(raw) if recompute else raw, ctx)
     if compile:
-        # Sizes change while alphas train: each new size is a recompile, so keep graphs static and bounded.
+        # Sizes change while alphas train. Automatic dynamic shapes compile each piece static once, then
+        # dynamic once, instead of once per size; the cache limit bounds what a backend still guards on.
         import torch._dynamo as dynamo
 
         dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
-        net = torch.compile(net, dynamic=False)
+        net = cast(nn.Module, torch.compile(net))
 
     main = ctx.is_main
     if main and progress and console is None:
@@ -335,7 +336,7 @@ def fit(
             bar.start()
         for epoch in range(start_epoch, epochs):
             sampler = getattr(train_loader, "sampler", None)
-            if hasattr(sampler, "set_epoch"):
+            if sampler is not None and hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
             task_id = bar.add_task(f"epoch {epoch + 1}/{epochs}", total=steps_per_epoch, stats="") if bar else None
             sums = {"loss": 0.0, "task": 0.0, "gmacs": 0.0, "correct": 0.0, "count": 0.0, "drift": 0.0}
@@ -397,7 +398,7 @@ def fit(
                 if budget is not None:
                     stats += f"  lambda {lam:.3g}"
                 if bar is not None:
-                    bar.update(task_id, advance=1, stats=stats)  # type: ignore[arg-type]
+                    bar.update(task_id, advance=1, stats=stats)
                 elif plain_every and ((i + 1) % plain_every == 0 or i + 1 == steps_per_epoch):
                     console.print(f"  epoch {epoch + 1}/{epochs} step {i + 1}/{steps_per_epoch}  {stats}")
             loss_sum, task_sum, correct, count = all_reduce_sums(
