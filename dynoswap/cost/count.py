@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..graph.propagate import eval_mode
 from ..layers import DynOPool2d
 from .handles import HANDLES, opaque_dynopools
 
@@ -85,18 +86,6 @@ def example_input(
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     chans = in_chans if in_chans is not None else infer_in_chans(model)
     return torch.randn(batch, chans, *input_size, device=device, dtype=dtype)
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every module in eval mode; restore each module's own flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 @contextlib.contextmanager

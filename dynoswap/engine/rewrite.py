@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -253,7 +253,7 @@ def _dedupe_names(sites: list[Site]) -> None:
 
 
 # -- applying -----------------------------------------------------------------
-def apply_sites(gm: fx.GraphModule, sites: list[Site], modules_by_site: dict[int, nn.Module]) -> None:
+def apply_sites(gm: fx.GraphModule, sites: list[Site], modules_by_site: Mapping[int, nn.Module]) -> None:
     """Insert each site's DynOPool module into ``gm`` and remove the replaced pools."""
     graph = gm.graph
     for site in sites:
