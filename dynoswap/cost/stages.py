@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 from torch import fx, nn
 
 from ..layers import DynOPool2d
-from .resolution import ResolutionGraph, resolution_graph, unwrap
+from .reference import unwrap
+from .resolution import ResolutionGraph, resolution_graph
 
 if TYPE_CHECKING:
     from ..engine.report import ConversionReport

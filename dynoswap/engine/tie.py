@@ -14,7 +14,6 @@ broadcasting against a ``[N, C, 1, 1]`` gate ties nothing because it does not fa
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -22,7 +21,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import ConversionError
-from ..graph import NodeFailure, Resolution, UnionFind, World, WorldRunner, analyse, describe, node_label, unify
+from ..graph import NodeFailure, Resolution, UnionFind, WorldRunner, analyse, describe, make_worlds, node_label, unify
 from ..graph.resolution import tensor_inputs
 
 #: Refusal categories (ConversionError.category) of models whose sizes cannot move.
@@ -34,10 +33,6 @@ BREAKS = "breaks when scales move"
 NOT_2D = "not a 2-D CNN"
 ALREADY = "already converted"
 
-#: Input-size multipliers (h, w) of the moved worlds: larger, so late maps do not collapse to the minimum.
-WORLD_INPUTS = ((2.0, 1.5), (1.5, 2.0), (2.5, 2.25))
-#: Alpha multipliers: each group is moved up on one axis and down on the other, then both at random.
-UP, DOWN = (1.12, 1.75), (0.55, 0.9)
 MAX_PASSES = 64
 RESHAPES = {"view", "reshape", "unflatten", "flatten", "unfold"}
 
@@ -59,33 +54,6 @@ class TieError(ConversionError):
 
 class _Restart(Exception):
     """The graph was rewritten (an upsampling now follows its partner, a head was adapted): run again."""
-
-
-def make_worlds(input_size: tuple[int, int], groups: Sequence[Hashable], seed: int) -> list[World]:
-    """World 0 at the reference, then worlds moving each group's alpha independently per axis.
-
-    Factors are spread evenly over their interval and shuffled, so no two groups share one.
-    """
-    rng = random.Random(seed)
-    h, w = input_size
-    worlds = [World((h, w))]
-    n = max(len(groups), 1)
-
-    def spread(lo: float, hi: float) -> list[float]:
-        values = [lo + (hi - lo) * (i + 0.5) / n for i in range(n)]
-        rng.shuffle(values)
-        return values
-
-    patterns = [(UP, DOWN), (DOWN, UP), (None, None)]
-    for (mh, mw), (ph, pw) in zip(WORLD_INPUTS, patterns, strict=True):
-        if ph is None or pw is None:
-            fh = [rng.choice((rng.uniform(*UP), rng.uniform(*DOWN))) for _ in groups]
-            fw = [rng.choice((rng.uniform(*UP), rng.uniform(*DOWN))) for _ in groups]
-        else:
-            fh, fw = spread(*ph), spread(*pw)
-        factors = {g: (fh[i], fw[i]) for i, g in enumerate(groups)}
-        worlds.append(World((round(h * mh), round(w * mw)), factors))
-    return worlds
 
 
 def _source_4d(res: Resolution, node: fx.Node) -> tuple[fx.Node, fx.Node] | None:

@@ -3,7 +3,17 @@
 The engine ties DynOPool scales with it; the cost model evaluates feature-map sizes with it.
 """
 
-from .propagate import MetaParams, NodeFailure, World, WorldRunner, pool_size, shape_of, spatial_dims
+from .propagate import (
+    MetaParams,
+    NodeFailure,
+    World,
+    WorldRunner,
+    eval_mode,
+    make_worlds,
+    pool_size,
+    shape_of,
+    spatial_dims,
+)
 from .resolution import IN, Expr, Resolution, UnionFind, analyse, describe, node_label, tensor_inputs, unify
 from .sizes import SIZE_RULES, SizeRule
 
@@ -20,6 +30,8 @@ __all__ = [
     "WorldRunner",
     "analyse",
     "describe",
+    "eval_mode",
+    "make_worlds",
     "node_label",
     "pool_size",
     "shape_of",

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from collections.abc import Callable, Iterator, Sequence
+import random
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,10 @@ SHAPE_KEEPING: tuple[type, ...] = (
 )
 
 Alpha = tuple[float, float]
+#: Input-size multipliers (h, w) of the moved worlds: larger, so late maps do not collapse to the minimum.
+WORLD_INPUTS = ((2.0, 1.5), (1.5, 2.0), (2.5, 2.25))
+#: Alpha multipliers: each group is moved up on one axis and down on the other, then both at random.
+UP, DOWN = (1.12, 1.75), (0.55, 0.9)
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,33 @@ class World:
 
     input_size: tuple[int, int]
     factors: dict[Any, Alpha] = field(default_factory=dict)
+
+
+def make_worlds(input_size: tuple[int, int], groups: Sequence[Hashable], seed: int = 0) -> list[World]:
+    """World 0 at the reference, then worlds moving each group's alpha independently per axis.
+
+    Factors are spread evenly over their interval and shuffled, so no two groups share one.
+    """
+    rng = random.Random(seed)
+    h, w = input_size
+    worlds = [World((h, w))]
+    n = max(len(groups), 1)
+
+    def spread(lo: float, hi: float) -> list[float]:
+        values = [lo + (hi - lo) * (i + 0.5) / n for i in range(n)]
+        rng.shuffle(values)
+        return values
+
+    patterns = [(UP, DOWN), (DOWN, UP), (None, None)]
+    for (mh, mw), (ph, pw) in zip(WORLD_INPUTS, patterns, strict=True):
+        if ph is None or pw is None:
+            fh = [rng.choice((rng.uniform(*UP), rng.uniform(*DOWN))) for _ in groups]
+            fw = [rng.choice((rng.uniform(*UP), rng.uniform(*DOWN))) for _ in groups]
+        else:
+            fh, fw = spread(*ph), spread(*pw)
+        factors = {g: (fh[i], fw[i]) for i, g in enumerate(groups)}
+        worlds.append(World((round(h * mh), round(w * mw)), factors))
+    return worlds
 
 
 class NodeFailure(Exception):
@@ -179,6 +211,8 @@ class WorldRunner:
         self.modules = dict(gm.named_modules())
         self.envs: list[dict[fx.Node, Any]] = [{} for _ in self.worlds]
         self.first_input: fx.Node | None = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
+        param = next((p for p in gm.parameters() if p.is_floating_point()), None)
+        self.dtype = param.dtype if param is not None else torch.float32
         self.meta: MetaParams | None = None
         self.real_nodes: set[fx.Node] = set()
 
@@ -196,7 +230,7 @@ class WorldRunner:
     def input_value(self, world: int) -> torch.Tensor:
         """Return the meta input of one world."""
         h, w = self.worlds[world].input_size
-        return torch.empty(self.batch, self.in_chans, h, w, device="meta")
+        return torch.empty(self.batch, self.in_chans, h, w, device="meta", dtype=self.dtype)
 
     def compute(self, node: fx.Node, world: int, args: tuple, kwargs: dict) -> Any:
         """Evaluate one node in one world from given args (meta first, then for real)."""
