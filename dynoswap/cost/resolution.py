@@ -33,6 +33,7 @@ import torch
 from torch import fx, nn
 
 from ..graph import SIZE_RULES, NodeFailure, Resolution, SizeRule, analyse, eval_mode, make_worlds, tensor_inputs
+from ..graph.modal import graph_for
 from ..layers import MIN_SIZE, DynOPool2d
 from .count import count_gmacs, infer_in_chans
 from .instrument import instrumented
@@ -188,8 +189,9 @@ class _LeafDynOPoolTracer(fx.Tracer):
 
 
 def _graph_of(model: nn.Module) -> fx.Graph:
-    if isinstance(model, fx.GraphModule):
-        return model.graph
+    graph = graph_for(model, training=False)  # costs are counted in eval mode
+    if graph is not None:
+        return graph
     try:
         return _LeafDynOPoolTracer().trace(model)
     except Exception as exc:  # fx raises many kinds; one message says what to do

@@ -6,16 +6,18 @@ import copy
 import importlib
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from ..graph import NodeFailure, World, analyse, node_label, pool_size
+from ..graph import NodeFailure, UnionFind, World, analyse, node_label, pool_size
+from ..graph.modal import ModalGraphModule
 from ..graph.propagate import eval_mode
 from ..layers import DynOPool2d
 from ..version import __version__
-from .find import Resizer, find_resizers
+from .find import Resizer, Skip, find_resizers
 from .report import ConversionError, ConversionReport, Replacement, Skipped
 from .rewrite import Site, apply_sites, plan_sites, resize_to_partner, upsample_factor
 from .tie import ALREADY, NOT_2D, TieError, TieFinder
@@ -248,6 +250,91 @@ def _exact_scale(site: Site, original: tuple[int, int] | None) -> tuple[tuple[fl
     return (1 / alphas[0], 1 / alphas[1]), f"{why}: init alpha {shown} (original output {original[0]}x{original[1]})"
 
 
+@dataclass
+class _Plan:
+    """One traced graph, rewritten: its sites, what it kept, and each site's original geometry."""
+
+    sites: list[Site]
+    kept: list[tuple[Resizer, str]]
+    skips: list[Skip]
+    original_out: dict[str, tuple[int, int] | None]
+    exact: dict[str, tuple[tuple[float, float], str]]
+
+
+def _trace_modes(model: nn.Module, leaf_modules: Sequence[LeafSpec]) -> list[fx.GraphModule]:
+    """Trace in training and in eval mode; one graph when both modes trace alike, else both (training first)."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.train()
+        train = trace(model, leaf_modules)
+        model.eval()
+        evaluation = trace(model, leaf_modules)
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    for view in (train, evaluation):
+        view.training = model.training
+    return [train] if train.code == evaluation.code else [train, evaluation]
+
+
+def _prepare(
+    view: fx.GraphModule,
+    size: tuple[int, int],
+    in_chans: int,
+    device: torch.device,
+    placement: str,
+    patchify: str,
+    pools: dict[str, DynOPool2d],
+    mode: str | None = None,
+) -> _Plan:
+    """Find the resizers of one traced graph and plan their DynOPools (one module per name, shared by graphs)."""
+    with eval_mode(view):
+        try:
+            _reference_shapes(view, size, in_chans, device)
+        except ConversionError as err:
+            if mode is None:
+                raise
+            raise ConversionError(f"in {mode} mode, {err}") from None
+    resizers, skips = find_resizers(view)
+    sites, kept = plan_sites(view, resizers, placement, patchify)
+    original_out = {s.name: _original_out(s) for s in sites}  # read before the rewrite drops the nodes
+    exact = {s.name: _exact_scale(s, original_out[s.name]) for s in sites}
+    for s in sites:
+        if s.name not in pools:
+            pools[s.name] = DynOPool2d(exact[s.name][0], aggregate=s.aggregate)
+    return _Plan(sites, kept, skips, original_out, exact)
+
+
+def _resizer(view: fx.GraphModule) -> Any:
+    def resize(upsample: fx.Node, partner: fx.Node, options: dict[str, Any]) -> None:
+        resize_to_partner(view, upsample, partner, options)
+        view.recompile()
+
+    return resize
+
+
+def _assemble(model: nn.Module, views: list[fx.GraphModule]) -> fx.GraphModule:
+    """Build the converted module: the one graph, or both modes' graphs over one set of submodules."""
+    if len(views) == 1:
+        return views[0]
+    holder: dict[str, Any] = {}
+    for view in views:
+        for node in view.graph.nodes:
+            if node.op in ("call_module", "get_attr"):
+                holder[str(node.target)] = _get_attr(view, str(node.target))
+    gm = ModalGraphModule(holder, views[0].graph, views[1].graph, type(model).__name__)
+    gm.training = model.training
+    gm.meta.update(views[0].meta)
+    return gm
+
+
+def _get_attr(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def _adapt_head(gm: fx.GraphModule) -> Any:
     def adapt(source: fx.Node, child: fx.Node, size: tuple[int, int]) -> None:
         name = f"{node_label(source)}_adapt"
@@ -323,91 +410,117 @@ def convert(
     leaf_modules = tuple(leaf_modules)
     _refuse_unsupported(model)
     model = copy.deepcopy(model)
-    gm = trace(model, leaf_modules)
-    gm.training = model.training
+    views = _trace_modes(model, leaf_modules)
     first = next(iter(model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
     in_chans = _in_channels(model)
-    with eval_mode(gm):
-        _reference_shapes(gm, (h, w), in_chans, device)
-        resizers, skips = find_resizers(gm)
-        sites, kept = plan_sites(gm, resizers, placement, patchify)
-        original_out = {s.index: _original_out(s) for s in sites}  # read before the rewrite drops the nodes
-        exact = {s.index: _exact_scale(s, original_out[s.index]) for s in sites}
-        pools = {s.index: DynOPool2d(exact[s.index][0], aggregate=s.aggregate) for s in sites}
-        apply_sites(gm, sites, pools)
-
-        def resize(upsample: fx.Node, partner: fx.Node, options: dict[str, Any]) -> None:
-            resize_to_partner(gm, upsample, partner, options)
-            gm.recompile()
-
-        finder = TieFinder(
-            gm,
-            [s.name for s in sites],
-            {s.name: (1 / exact[s.index][0][0], 1 / exact[s.index][0][1]) for s in sites},
+    pools: dict[str, DynOPool2d] = {}
+    modes = ["training", "eval"] if len(views) == 2 else [None]
+    plans = [
+        _prepare(view, (h, w), in_chans, device, placement, patchify, pools, mode)
+        for view, mode in zip(views, modes, strict=True)
+    ]
+    for view, plan in zip(views, plans, strict=True):  # after every graph's shapes: the rewrite changes modules
+        apply_sites(view, plan.sites, {s.index: pools[s.name] for s in plan.sites})
+    sites = list(plans[0].sites)
+    for plan in plans[1:]:  # sites only the eval-mode graph has
+        known = {s.name for s in sites}
+        sites += [s for s in plan.sites if s.name not in known]
+    exact = {name: e for plan in reversed(plans) for name, e in plan.exact.items()}
+    original_out = {name: o for plan in reversed(plans) for name, o in plan.original_out.items()}
+    uf = UnionFind([s.name for s in sites])
+    finders = [
+        TieFinder(
+            view,
+            [s.name for s in plan.sites],
+            {s.name: (1 / exact[s.name][0][0], 1 / exact[s.name][0][1]) for s in sites},
             (h, w),
             in_chans,
             device,
-            lambda n: upsample_factor(n, dict(gm.named_modules())),
-            resize,
-            _adapt_head(gm) if head == "adapt" else None,
+            lambda n, view=view: upsample_factor(n, dict(view.named_modules())),  # type: ignore[misc]
+            _resizer(view),
+            _adapt_head(view) if head == "adapt" else None,
+            uf,
         )
-        finder.run()
-        groups = finder.groups()
-        defaults = {i: exact[g[0]][0] for g in groups for i in g}
-        scales = _resolve_scales(sites, groups, defaults, init_scale, overrides)
-        for index, pool in pools.items():
-            pool.set_scale(scales[index])
-        for group in groups:
-            for i in group[1:]:
-                pools[i].tie_to(pools[group[0]])
-        dtype = first.dtype if first is not None and first.dtype == torch.float64 else torch.float32
-        for pool in pools.values():
-            pool.to(device=device, dtype=dtype)
-            pool.training = model.training
-        if sizes is not None:
-            example = torch.zeros(1, in_chans, h, w, device=device, dtype=first.dtype if first is not None else None)
-            _apply_sizes(gm, pools, groups, sizes, example)
-        if check and sites and (init_scale is not None or overrides or sizes is not None):
-            moved = {s.name: pools[s.index].alpha.detach().cpu().tolist() for s in sites}
-            finder.check({name: (float(a[0]), float(a[1])) for name, a in moved.items()})
+        for view, plan in zip(views, plans, strict=True)
+    ]
+    with eval_mode(model):
+        pending = list(finders)
+        while pending:
+            finder = pending.pop(0)
+            before = finder.total_unions
+            finder.run()
+            if finder.total_unions > before:
+                pending = [f for f in finders if f is not finder]
+    named_groups = finders[0].groups()
+    index = {s.name: i for i, s in enumerate(sites)}
+    for i, s in enumerate(sites):
+        s.index = i
+    groups = [[index[n] for n in g] for g in named_groups]
+    defaults = {index[n]: exact[g[0]][0] for g in named_groups for n in g}
+    scales = _resolve_scales(sites, groups, defaults, init_scale, overrides)
+    for s in sites:
+        pools[s.name].set_scale(scales[s.index])
+    for g in named_groups:
+        for n in g[1:]:
+            pools[n].tie_to(pools[g[0]])
+    dtype = first.dtype if first is not None and first.dtype == torch.float64 else torch.float32
+    for pool in pools.values():
+        pool.to(device=device, dtype=dtype)
+        pool.training = model.training
+    gm = _assemble(model, views)
+    by_index = {s.index: pools[s.name] for s in sites}
+    if sizes is not None:
+        example = torch.zeros(1, in_chans, h, w, device=device, dtype=first.dtype if first is not None else None)
+        _apply_sizes(gm, by_index, groups, sizes, example)
+    if check and sites and (init_scale is not None or overrides or sizes is not None):
+        moved = {s.name: pools[s.name].alpha.detach().cpu().tolist() for s in sites}
+        with eval_mode(model):
+            for finder in finders:
+                finder.check({name: (float(a[0]), float(a[1])) for name, a in moved.items()})
 
-    for node in gm.graph.nodes:
-        # Shapes were taken before the rewrite and are stale now.
-        for key in (SHAPE_KEY, "dynoswap_size_of"):
-            node.meta.pop(key, None)
+    for view in views:
+        for node in view.graph.nodes:
+            # Shapes were taken before the rewrite and are stale now.
+            for key in (SHAPE_KEY, "dynoswap_size_of"):
+                node.meta.pop(key, None)
     group_of = {i: g for g, members in enumerate(groups) for i in members}
     src = source.to_dict() if hasattr(source, "to_dict") else (dict(source) if source is not None else None)
     name = f"{src['library']}:{src['name']}" if src else type(model).__name__
-    report = ConversionReport(name, (h, w), placement, resized_to_partner=finder.resized)
-    report.adapted_heads = finder.adapted
+    report = ConversionReport(name, (h, w), placement, resized_to_partner=[r for f in finders for r in f.resized])
+    report.adapted_heads = [a for f in finders for a in f.adapted]
+    report.limits = {k: v for f in finders for k, v in f.limits.items()}
     for s in sites:
         was = _was(s.primary)
-        note = exact[s.index][1] if scales[s.index] == exact[s.index][0] else ""
-        leader = groups[group_of[s.index]][0]
+        scale, note = exact[s.name]
+        leader = sites[groups[group_of[s.index]][0]]
         n_in = _spatial_in(s)
-        if scales[s.index] != exact[s.index][0] and init_scale is None and not overrides and sizes is None and n_in:
-            got = pool_size(n_in, (1 / scales[s.index][0], 1 / scales[s.index][1]))
-            if got != original_out[s.index]:
-                note = f"tied to {sites[leader].name}: init output {got[0]}x{got[1]}, original {original_out[s.index]}"
+        if scales[s.index] != scale:
+            note = ""
+            if init_scale is None and not overrides and sizes is None and n_in:
+                got = pool_size(n_in, (1 / scales[s.index][0], 1 / scales[s.index][1]))
+                if got != original_out[s.name]:
+                    note = f"tied to {leader.name}: init output {got[0]}x{got[1]}, original {original_out[s.name]}"
         report.replacements.append(
             Replacement(
                 name=s.primary.name,
                 was={k: was[k] for k in ("op", "stride", "kernel", "padding", "ceil_mode")},
                 rule=s.rule,
                 dynopool=s.name,
-                init_scale=pools[s.index].scale,
+                init_scale=pools[s.name].scale,
                 group=group_of[s.index],
                 merged=[_was(m) for m in s.merged],
                 cost_note=COST_NOTES.get(s.rule, ""),
-                original_out=original_out[s.index],
+                original_out=original_out[s.name],
                 note=note,
             )
         )
+    kept = [k for plan in plans[:1] for k in plan.kept]
+    skips = [k for plan in plans[:1] for k in plan.skips]
     report.skipped = [Skipped(r.name, r.op, reason) for r, reason in kept] + [
         Skipped(k.name, k.op, k.reason) for k in skips
     ]
-    report.groups = [[sites[i].name for i in g] for g in groups]
+    report.groups = named_groups
     gm.meta[RECIPE_KEY] = {
         "version": __version__,
         "source": src,

@@ -70,7 +70,19 @@ def _describe(was: dict[str, Any]) -> str:
 
 @dataclass
 class ConversionReport:
-    """Outcome of :func:`dynoswap.convert`."""
+    """Outcome of :func:`dynoswap.convert`.
+
+    Attributes:
+        model: Name of the converted model.
+        input_size: The conversion's (H, W).
+        placement: ``post`` or ``pre``.
+        replacements: One row per DynOPool.
+        skipped: Resizing ops left unchanged, with the reason.
+        groups: DynOPool names per tie group (one alpha each).
+        resized_to_partner: Fixed-factor upsamplings that now take their partner's size.
+        adapted_heads: Layers behind which ``head="adapt"`` inserted an adaptive pool.
+        limits: Ops that need their input at least as large as at conversion, and what that means.
+    """
 
     model: str
     input_size: tuple[int, int]
@@ -80,6 +92,7 @@ class ConversionReport:
     groups: list[list[str]] = field(default_factory=list)
     resized_to_partner: list[str] = field(default_factory=list)
     adapted_heads: list[str] = field(default_factory=list)
+    limits: dict[str, str] = field(default_factory=dict)
 
     @property
     def status(self) -> str:

@@ -89,6 +89,7 @@ class TieFinder:
         resize: Rewrite an upsampling to take a partner's size (returns the new node).
         adapt_head: Called with (flatten source node, its original (h, w)) to insert an adaptive
             pool; None refuses fixed-size heads.
+        uf: Tie groups over DynOPool names to extend (shared by the graphs of a two-mode model).
     """
 
     def __init__(
@@ -102,10 +103,10 @@ class TieFinder:
         upsample_of: Callable[[fx.Node], dict[str, Any] | None],
         resize: Callable[[fx.Node, fx.Node, dict[str, Any]], Any],
         adapt_head: Callable[[fx.Node, fx.Node, tuple[int, int]], None] | None = None,
+        uf: UnionFind | None = None,
     ) -> None:
         self.gm = gm
         self.names = list(names)
-        self.index = {name: i for i, name in enumerate(self.names)}
         self.base_alpha = base_alpha
         self.input_size = input_size
         self.in_chans = in_chans
@@ -113,20 +114,29 @@ class TieFinder:
         self.upsample_of = upsample_of
         self.resize = resize
         self.adapt_head = adapt_head
-        self.uf = UnionFind(list(range(len(self.names))))
+        self.uf = uf if uf is not None else UnionFind(self.names)
+        for name in self.names:
+            self.uf.find(name)
         self.resized: list[str] = []
         self.adapted: list[str] = []
+        self.limits: dict[str, str] = {}
         self.passes = 0
         self._unions = 0
+        self.total_unions = 0
 
     # -- the run ---------------------------------------------------------------
     def alpha_of(self, name: str, module: nn.Module) -> tuple[tuple[float, float], Hashable]:
         """Return the base alpha and current group of a DynOPool."""
-        return self.base_alpha[name], self.uf.find(self.index[name])
+        return self.base_alpha[name], self.uf.find(name)
 
     def leaders(self) -> list[Hashable]:
         """One key per current group."""
         return [g[0] for g in self.uf.groups()]
+
+    @property
+    def unions(self) -> int:
+        """Groups joined in the last pass."""
+        return self._unions
 
     def run(self, seed: int = 0) -> Resolution:
         """Unify until a pass in which every group moves on its own runs clean; return that pass."""
@@ -142,9 +152,9 @@ class TieFinder:
                 return res
         raise ConversionError(f"tying did not settle after {MAX_PASSES} passes")
 
-    def groups(self) -> list[list[int]]:
-        """Site indices per group, in execution order."""
-        return [[int(i) for i in g] for g in self.uf.groups()]  # type: ignore[call-overload]
+    def groups(self) -> list[list[str]]:
+        """DynOPool names per group, in execution order."""
+        return [[str(name) for name in g] for g in self.uf.groups()]
 
     def check(self, alphas: dict[str, tuple[float, float]], seed: int = 1) -> Resolution:
         """Run every world at the given alphas without tying anything; fail with the node named."""
@@ -158,9 +168,12 @@ class TieFinder:
 
     # -- failures ----------------------------------------------------------------
     def _name(self, key: Hashable) -> str:
-        return self.names[int(key)]  # type: ignore[call-overload]
+        return str(key)
 
     def _refuse(self, res: Resolution, runner: WorldRunner, failure: NodeFailure) -> None:
+        live = [a for a in tensor_inputs(failure.node) if a in res.exprs and not res.is_const(a)]
+        if len(live) == 1 and self._minimum_size(res, runner, failure, live[0]):
+            return
         raise self._error(res, failure)
 
     def _on_failure(self, res: Resolution, runner: WorldRunner, failure: NodeFailure) -> None:
@@ -169,6 +182,8 @@ class TieFinder:
         live = [a for a in inputs if not res.is_const(a)]
         if len(live) < 2:
             self._fixed_size(res, node, live)
+            if len(live) == 1 and self._minimum_size(res, runner, failure, live[0]):
+                return
             raise self._error(res, failure)
         first = live[0]
         for other in live[1:]:
@@ -178,12 +193,40 @@ class TieFinder:
                 raise self._untieable(res, node, first, other)
             if self.uf.groups() != before:
                 self._unions += 1
+                self.total_unions += 1
         if self._unions == 0:
             raise self._error(res, failure)  # equal resolutions already, and still failing: not a tying matter
         value = self._patched(res, runner, node, world, first, live[1:])
         if value is None:
             raise self._error(res, failure)
         runner.envs[world][node] = value
+
+    def _minimum_size(self, res: Resolution, runner: WorldRunner, failure: NodeFailure, x: fx.Node) -> bool:
+        """Let an op that needs its input as large as at conversion (a valid 5x5 conv on a 5x5 map) go on.
+
+        Not a tying matter: the limit is recorded (``limits``) and the run goes on as if the input had its
+        reference size. Returns whether that was the case.
+        """
+        node, world = failure.node, failure.world
+        s0, sk = res.shapes[x][0], res.shapes[x][world]
+        dims = res.dims[x]
+        if not any(sk[d] < s0[d] for d in dims):
+            return False
+        grown = [max(sk[d], s0[d]) if d in dims else sk[d] for d in range(len(sk))]
+        env = runner.envs[world]
+        override = {x: env[x].new_empty(grown)}
+        args = fx.node.map_arg(node.args, lambda a: override.get(a, env[a]))
+        kwargs = fx.node.map_arg(node.kwargs, lambda a: override.get(a, env[a]))
+        try:
+            value = runner.compute(node, world, args, kwargs)  # type: ignore[arg-type,unused-ignore]
+        except Exception:
+            return False
+        size = "x".join(str(s0[d]) for d in dims)
+        self.limits.setdefault(
+            node_label(node), f"needs an input of at least {size} (its size at conversion): keep the scales before it"
+        )
+        env[node] = value
+        return True
 
     def _patched(
         self, res: Resolution, runner: WorldRunner, node: fx.Node, world: int, ref: fx.Node, others: list[fx.Node]
