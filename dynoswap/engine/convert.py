@@ -507,7 +507,7 @@ def convert(
                 was={k: was[k] for k in ("op", "stride", "kernel", "padding", "ceil_mode")},
                 rule=s.rule,
                 dynopool=s.name,
-                init_scale=pools[s.name].scale,
+                init_scale=scales[s.index] if pools[s.name].alpha.is_meta else pools[s.name].scale,
                 group=group_of[s.index],
                 merged=[_was(m) for m in s.merged],
                 cost_note=COST_NOTES.get(s.rule, ""),

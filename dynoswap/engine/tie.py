@@ -57,10 +57,10 @@ class _Restart(Exception):
 
 
 def _source_4d(res: Resolution, node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """Find the last 4-D tensor on the single-input chain that ends in ``node``, and the next node of the chain."""
+    """Find the last NCHW map on the single-input chain that ends in ``node``, and the next node of the chain."""
     child, current = node, node
     for _ in range(16):
-        if current is not node and len(res.shapes[current][0]) == 4:
+        if current is not node and len(res.shapes[current][0]) == 4 and res.dims[current] == (2, 3):
             return current, child
         inputs = [a for a in tensor_inputs(current) if a in res.shapes and not res.is_const(a)]
         if len(inputs) != 1:
@@ -198,7 +198,7 @@ class TieFinder:
             raise self._error(res, failure)  # equal resolutions already, and still failing: not a tying matter
         value = self._patched(res, runner, node, world, first, live[1:])
         if value is None:
-            raise self._error(res, failure)
+            raise _Restart  # the groups are joined: the next pass runs the tied model
         runner.envs[world][node] = value
 
     def _minimum_size(self, res: Resolution, runner: WorldRunner, failure: NodeFailure, x: fx.Node) -> bool:
@@ -237,9 +237,12 @@ class TieFinder:
         a0, ak = res.shapes[ref][0], res.shapes[ref][world]
         for b in others:
             b0, bk = res.shapes[b][0], res.shapes[b][world]
-            if len(b0) != len(a0):
-                continue
-            new = [ak[d] if b0[d] == a0[d] and bk[d] != ak[d] else bk[d] for d in range(len(bk))]
+            new = list(bk)
+            if len(res.dims[b]) == len(res.dims[ref]):  # spatial dims, wherever the layout put them
+                for db, da in zip(res.dims[b], res.dims[ref], strict=True):
+                    new[db] = ak[da]
+            elif len(b0) == len(a0):
+                new = [ak[d] if b0[d] == a0[d] and bk[d] != ak[d] else bk[d] for d in range(len(bk))]
             override[b] = env[b].new_empty(new)
         args = fx.node.map_arg(node.args, lambda a: override.get(a, env[a]))
         kwargs = fx.node.map_arg(node.kwargs, lambda a: override.get(a, env[a]))
