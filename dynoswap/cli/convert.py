@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -97,7 +98,9 @@ def _first_node(report_dict: dict[str, Any]) -> str | None:
     return next((row.get("node") or row.get("name") for row in rows), None) if rows else None
 
 
-def run_conversion(model: nn.Module, plan: ConvertPlan, source: Any) -> tuple[nn.Module, Any]:
+def run_conversion(
+    model: nn.Module, plan: ConvertPlan, source: Any, leaf_modules: Sequence[str] = (), head: str = "none"
+) -> tuple[nn.Module, Any]:
     """Convert ``model`` following the plan; the preset's first-layer init scale becomes an override."""
     from .. import engine
 
@@ -109,6 +112,8 @@ def run_conversion(model: nn.Module, plan: ConvertPlan, source: Any) -> tuple[nn
             init_scale=plan.init_scale,
             overrides=overrides,
             sizes=plan.sizes,
+            leaf_modules=tuple(leaf_modules),
+            head=head,
             source=source,
         )
 
@@ -149,6 +154,12 @@ def convert_cmd(
     sizes: str | None = typer.Option(
         None, "--sizes", metavar="HxW,...", help="Target size per stage at the input size, e.g. 100x96,52x50."
     ),
+    leaf_module: list[str] | None = typer.Option(
+        None, "--leaf-module", metavar="NAME", help="Keep this submodule opaque to tracing (repeatable)."
+    ),
+    head: str = typer.Option(
+        "none", "--head", help="adapt: pool a flattened map to its original size before a fixed-size Linear."
+    ),
     output: Path | None = typer.Option(None, "-o", "--output", help="Save the converted model to this directory."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
     json_out: bool = JsonOption,
@@ -167,7 +178,9 @@ def convert_cmd(
     loaded = load_model(model, plan.num_classes, model_kwargs, weights, allow_missing)
     if loaded.is_saved:
         raise UsageError(f"{model} is already a converted dynoswap model; use `dynoswap inspect {model}`")
-    gm, report = run_conversion(loaded.model, plan, loaded.source)
+    if head not in ("none", "adapt"):
+        raise UsageError(f"--head must be none or adapt, got {head!r}")
+    gm, report = run_conversion(loaded.model, plan, loaded.source, leaf_module or (), head)
     # Row for row with the converted model's stages: what the original resizers produced there.
     before_stages = original_stage_sizes(gm, report)
     before = summarize(loaded.model, plan.input_size, model, loaded.source.library, stages=before_stages)
