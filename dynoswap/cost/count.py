@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..graph.modal import graph_for
 from ..graph.propagate import eval_mode
 from ..layers import DynOPool2d
 from .handles import HANDLES, opaque_dynopools
@@ -69,12 +70,24 @@ def _pair(input_size: int | Sequence[int]) -> tuple[int, int]:
 
 
 def infer_in_chans(model: nn.Module, default: int = 3) -> int:
-    """Input channels: those of the first module that declares ``in_channels`` (a conv)."""
-    for m in model.modules():
-        chans = getattr(m, "in_channels", None)
-        if isinstance(chans, int):
-            return chans
-    return default
+    """Input channels: those of the first conv the model runs.
+
+    For a traced model, the first conv of its (eval-mode) graph; otherwise the first registered
+    ``nn.Conv2d`` (registration order need not be execution order in a GraphModule).
+    """
+    graph = graph_for(model, training=False)
+    if graph is not None:
+        modules = dict(model.named_modules())
+        for node in graph.nodes:
+            m = modules.get(str(node.target)) if node.op == "call_module" else None
+            if isinstance(m, nn.Conv2d):
+                return m.in_channels
+            if m is not None and not isinstance(m, DynOPool2d):
+                conv = next((c for c in m.modules() if isinstance(c, nn.Conv2d)), None)
+                if conv is not None:
+                    return conv.in_channels
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return first.in_channels if first is not None else default
 
 
 def example_input(

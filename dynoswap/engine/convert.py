@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ..cost.count import infer_in_chans
 from ..graph import NodeFailure, UnionFind, World, analyse, node_label, pool_size
 from ..graph.modal import ModalGraphModule
 from ..graph.propagate import eval_mode
@@ -57,11 +58,6 @@ def _check_scale(value: Any, what: str) -> tuple[float, float]:
     if not all(math.isfinite(v) and v > 0 for v in pair):
         raise ValueError(f"{what} must be finite and > 0, got {value!r}")
     return pair
-
-
-def _in_channels(model: nn.Module) -> int:
-    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    return first.in_channels if first is not None else 3
 
 
 def _leaf_to_json(spec: LeafSpec) -> str:
@@ -413,7 +409,7 @@ def convert(
     views = _trace_modes(model, leaf_modules)
     first = next(iter(model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
-    in_chans = _in_channels(model)
+    in_chans = infer_in_chans(model)
     pools: dict[str, DynOPool2d] = {}
     modes = ["training", "eval"] if len(views) == 2 else [None]
     plans = [

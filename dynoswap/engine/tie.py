@@ -28,6 +28,7 @@ from ..graph.resolution import tensor_inputs
 FIXED_POSITION = "fixed position embedding"
 FIXED_WINDOW = "fixed window partition"
 FIXED_HEAD = "fixed-size head"
+FIXED_INPUT = "fixed input size"
 UNTIEABLE = "untieable merge"
 BREAKS = "breaks when scales move"
 NOT_2D = "not a 2-D CNN"
@@ -42,7 +43,8 @@ class TieError(ConversionError):
 
     Attributes:
         category: One of the refusal categories (``fixed position embedding``, ``fixed window
-            partition``, ``fixed-size head``, ``untieable merge``, ``breaks when scales move``).
+            partition``, ``fixed-size head``, ``fixed input size``, ``untieable merge``, ``breaks when
+            scales move``, ``not a 2-D CNN``, ``already converted``).
         node: The node where the model breaks.
     """
 
@@ -329,6 +331,8 @@ class TieFinder:
         )
         category = FIXED_WINDOW if is_reshape else BREAKS
         why = " (a reshape to a fixed size, e.g. a window partition)" if is_reshape else ""
+        if node.op == "call_function" and node.target is torch._assert:
+            category, why = FIXED_INPUT, " (the model asserts a fixed input size)"
         return TieError(
             f"not convertible: the converted model fails once DynOPool scales move, at '{node_label(node)}'{why}: "
             f"{cause}",
