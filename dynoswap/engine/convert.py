@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -257,20 +259,39 @@ class _Plan:
     exact: dict[str, tuple[tuple[float, float], str]]
 
 
+@functools.cache
+def _reads_training(cls: type) -> bool:
+    """Whether a class's source mentions ``training`` (or cannot be read): its trace may depend on the mode."""
+    if cls.__module__.startswith("torch.nn.modules"):
+        return False  # torch's own modules are leaves or mode-independent when traced
+    try:
+        return "training" in inspect.getsource(cls)
+    except (OSError, TypeError):
+        return True
+
+
 def _trace_modes(model: nn.Module, leaf_modules: Sequence[LeafSpec]) -> list[fx.GraphModule]:
-    """Trace in training and in eval mode; one graph when both modes trace alike, else both (training first)."""
+    """Trace in training and in eval mode; one graph when both modes trace alike, else both (training first).
+
+    The eval-mode trace is skipped when no module class of the model reads ``training`` in its source.
+    """
     flags = [(m, m.training) for m in model.modules()]
+    both = any(_reads_training(type(m)) for m in model.modules())
     try:
         model.train()
         train = trace(model, leaf_modules)
-        model.eval()
-        evaluation = trace(model, leaf_modules)
+        views = [train]
+        if both:
+            model.eval()
+            evaluation = trace(model, leaf_modules)
+            if evaluation.code != train.code:
+                views.append(evaluation)
     finally:
         for m, flag in flags:
             m.training = flag
-    for view in (train, evaluation):
+    for view in views:
         view.training = model.training
-    return [train] if train.code == evaluation.code else [train, evaluation]
+    return views
 
 
 def _prepare(

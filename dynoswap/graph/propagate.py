@@ -45,6 +45,10 @@ SHAPE_KEEPING: tuple[type, ...] = (
     nn.Dropout,
 )
 
+#: Elementwise binary ops answered by broadcasting shapes (their meta kernels run slow Python refs);
+#: a shortcut with the op's own semantics: a shape that does not broadcast raises, as the op would.
+BROADCASTING: set[Any] = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul}
+
 Alpha = tuple[float, float]
 #: Input-size multipliers (h, w) of the moved worlds: larger, so late maps do not collapse to the minimum.
 WORLD_INPUTS = ((2.0, 1.5), (1.5, 2.0), (2.5, 2.25))
@@ -273,6 +277,11 @@ class WorldRunner:
             fn = lambda a, k: node.target(*a, **k)  # type: ignore[operator]  # noqa: E731
         if node.target is operator.getitem or node.op == "call_method" and node.target in ("size", "dim"):
             return fn(args, kwargs)
+        if node.op == "call_function" and node.target in BROADCASTING and len(args) == 2 and not kwargs:
+            a, b = args
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.is_meta and b.is_meta:
+                if a.dtype == b.dtype:
+                    return a.new_empty(torch.broadcast_shapes(a.shape, b.shape))
         return self._meta_first(node, world, fn, args, kwargs)
 
     def _meta_first(
