@@ -192,6 +192,11 @@ def run_timm(name: str) -> dict:
     import timm
 
     kwargs = {"num_classes": 10}
+    params = next((f["params"] for f in timm_families().values() if f["model"] == name), 0)
+    if params > GIANT_PARAMS:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, **kwargs)
+        return outcome(model, 64, ModelSource("timm", name, kwargs), run=False)
     cfg = timm.models.get_pretrained_cfg(name)
     size = 64
     if cfg is not None and getattr(cfg, "fixed_input_size", False):
@@ -310,6 +315,13 @@ def write_compatibility(path: Path) -> None:
         results.append((library, result))
         rows.append(_row(library, name, result))
         print(rows[-1], f"({result.get('seconds', 0):.1f} s)", flush=True)
+        _write(path, rows, results, families, time.perf_counter() - start, len(plan))
+
+
+def _write(
+    path: Path, rows: list[str], results: list[tuple[str, dict]], families: dict, seconds: float, planned: int
+) -> None:
+    """Write the table so far and its counts (the page is complete once every planned model ran)."""
     counts: dict[str, int] = {}
     for _, r in results:
         key = r["status"] if r["status"] != "refused" else f"refused: {r['category']}"
@@ -318,7 +330,7 @@ def write_compatibility(path: Path) -> None:
     cnn = [r for r in timm_results if not (r["status"] == "refused" and r["category"] in NOT_CNN)]
     converted = sum(r["status"] == "converted" for r in cnn)
     summary = [
-        f"Sweep of {len(results)} models in {time.perf_counter() - start:.0f} s (1 thread): "
+        f"Sweep of {len(results)} of {planned} models in {seconds:.0f} s (1 thread): "
         + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
         + ".",
         f"timm: {len(families)} families, {len(timm_results)} with a 2-D conv or pool; of the {len(cnn)} without a "
