@@ -66,7 +66,7 @@ def _pair(input_size: int | Sequence[int]) -> tuple[int, int]:
     size = tuple(int(v) for v in input_size)
     if len(size) != 2 or min(size) < 1:
         raise ValueError(f"input_size must be a positive int or an (H, W) pair, got {input_size!r}")
-    return size  # type: ignore[return-value]
+    return size  # type: ignore[return-value,unused-ignore]
 
 
 def infer_in_chans(model: nn.Module, default: int = 3) -> int:

@@ -240,7 +240,7 @@ class _Builder:
         self._pool_module: dict[tuple, DynOPool2d] = {}
         for n in gm.graph.nodes:
             if n.op == "call_module" and isinstance(self.modules[str(n.target)], DynOPool2d):
-                self._pool_module.setdefault(res.exprs[n], self.modules[str(n.target)])  # type: ignore[arg-type]
+                self._pool_module.setdefault(res.exprs[n], self.modules[str(n.target)])  # type: ignore[arg-type,unused-ignore]
         for n in gm.graph.nodes:
             shapes = res.shapes.get(n)
             if shapes is None or len(shapes[0]) != 4:
@@ -281,7 +281,7 @@ class _Builder:
                 op = self.nodes_by_name.get(expr[1])
                 module = self.modules.get(str(op.target)) if op is not None and op.op == "call_module" else None
                 make_rules = SIZE_RULES.get(type(module)) if module is not None else None
-                rules = make_rules(module) if make_rules is not None else None
+                rules = make_rules(module) if make_rules is not None and module is not None else None
                 node = ResNode(SCALED, parent, size, ratio=ratio, offset=offset, rules=rules)
         self.res.nodes.append(node)
         self._index[expr] = len(self.res.nodes) - 1

@@ -112,7 +112,10 @@ def original_stage_sizes(converted: nn.Module, report: ConversionReport) -> list
     before = {r.dynopool: r.original_out for r in report.replacements}
     graph = resolution_graph(unwrap(converted), report.input_size)
     sizes = graph.int_sizes(report.input_size)
-    return [tuple(report.input_size), *(before[name] or sizes[node] for node, name in _stage_nodes(graph).items())]
+    return [
+        (report.input_size[0], report.input_size[1]),
+        *(before[name] or sizes[node] for node, name in _stage_nodes(graph).items()),
+    ]
 
 
 def _stage_nodes(graph: ResolutionGraph) -> dict[int, str]:

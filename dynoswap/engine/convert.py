@@ -260,7 +260,7 @@ class _Plan:
 
 
 @functools.cache
-def _reads_training(cls: type) -> bool:
+def _reads_training(cls: Any) -> bool:
     """Whether a class's source mentions ``training`` (or cannot be read): its trace may depend on the mode."""
     if cls.__module__.startswith("torch.nn.modules"):
         return False  # torch's own modules are leaves or mode-independent when traced
@@ -276,7 +276,7 @@ def _trace_modes(model: nn.Module, leaf_modules: Sequence[LeafSpec]) -> list[fx.
     The eval-mode trace is skipped when no module class of the model reads ``training`` in its source.
     """
     flags = [(m, m.training) for m in model.modules()]
-    both = any(_reads_training(type(m)) for m in model.modules())
+    both = any(_reads_training(cls) for cls in {type(m) for m in model.modules()})  # type: ignore[arg-type,unused-ignore]
     try:
         model.train()
         train = trace(model, leaf_modules)

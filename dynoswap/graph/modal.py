@@ -60,7 +60,7 @@ class ModalGraphModule(fx.GraphModule):
         def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
             return (train_forward if self.training else eval_forward)(self, *args, **kwargs)
 
-        cls.forward = forward  # type: ignore[method-assign]
+        cls.forward = forward
         return code
 
     def delete_all_unused_submodules(self) -> None:
