@@ -89,6 +89,14 @@ def first_tensor(out: Any) -> torch.Tensor:
     return first_tensor(out[0])
 
 
+def all_tensors(out: Any) -> list[torch.Tensor]:
+    """Every tensor of an output (auxiliary heads included), for a loss that reaches every alpha."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    values = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else []
+    return [t for v in values for t in all_tensors(v)]
+
+
 def owners(gm: nn.Module) -> dict[str, DynOPool2d]:
     return {n: m for n, m in gm.named_modules() if isinstance(m, DynOPool2d) and m.leader is m}
 
@@ -106,7 +114,7 @@ def check_converted(gm: nn.Module, size: int, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     x = torch.randn(2, 3, size, size)
     gm.train()
-    (first_tensor(gm(x)).float() ** 2).mean().backward()
+    sum((t.float() ** 2).mean() for t in all_tensors(gm(x))).backward()
     at_minimum = 0
     for name, m in owners(gm).items():
         grad = m.alpha.grad

@@ -333,6 +333,7 @@ def _resizer(view: fx.GraphModule) -> Any:
 def _assemble(model: nn.Module, views: list[fx.GraphModule]) -> fx.GraphModule:
     """Build the converted module: the one graph, or both modes' graphs over one set of submodules."""
     if len(views) == 1:
+        views[0].delete_all_unused_submodules()  # upsamplings rewritten to take their partner's size
         return views[0]
     holder: dict[str, Any] = {}
     for view in views:
