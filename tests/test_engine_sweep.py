@@ -7,7 +7,8 @@ non-zero where the layer is above its 2-pixel minimum; ``gmacs_loss == count_gma
 Which timm models: see :mod:`tests.sweep_models`.
 
 Regenerate docs/compatibility.md (its table and counts):
-``OMP_NUM_THREADS=1 python -m tests.test_engine_sweep docs/compatibility.md``.
+``OMP_NUM_THREADS=1 python -m tests.test_engine_sweep docs/compatibility.md``; after a fix, run some
+models again and recount: ``... docs/compatibility.md --rerun NAME [NAME ...]``.
 """
 
 from __future__ import annotations
@@ -330,19 +331,28 @@ def _write(
     path: Path, rows: list[str], results: list[tuple[str, dict]], families: dict, seconds: float, planned: int
 ) -> None:
     """Write the table so far and its counts (the page is complete once every planned model ran)."""
+    note = f"Sweep of {len(rows)} of {planned} models in {seconds:.0f} s (1 thread)"
+    _write_rows(path, rows, families, note)
+
+
+def _outcome_of(row: str) -> tuple[str, str]:
+    cells = [c.strip() for c in row.strip().strip("|").split("|")]
+    return cells[0], cells[2]
+
+
+def _write_rows(path: Path, rows: list[str], families: dict, note: str) -> None:
+    """Write ``rows`` under the page's head, with counts computed from the rows themselves."""
     counts: dict[str, int] = {}
-    for _, r in results:
-        key = r["status"] if r["status"] != "refused" else f"refused: {r['category']}"
-        counts[key] = counts.get(key, 0) + 1
-    timm_results = [r for lib, r in results if lib.startswith("timm")]
-    cnn = [r for r in timm_results if not (r["status"] == "refused" and r["category"] in NOT_CNN)]
-    converted = sum(r["status"] == "converted" for r in cnn)
+    for row in rows:
+        _, status = _outcome_of(row)
+        counts[status] = counts.get(status, 0) + 1
+    timm_rows = [_outcome_of(r)[1] for r in rows if _outcome_of(r)[0].startswith("timm")]
+    cnn = [status for status in timm_rows if status.removeprefix("refused: ") not in NOT_CNN]
+    converted = sum(status == "converted" for status in cnn)
     summary = [
-        f"Sweep of {len(results)} of {planned} models in {seconds:.0f} s (1 thread): "
-        + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-        + ".",
-        f"timm: {len(families)} families, {len(timm_results)} with a 2-D conv or pool; of the {len(cnn)} without a "
-        f"fixed position embedding or window partition, {converted} convert "
+        f"{note}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".",
+        f"timm: {len(families)} families, {len(timm_rows)} with a 2-D conv or pool swept; of the {len(cnn)} without a "
+        f"fixed input size, position embedding or window partition, {converted} convert "
         f"({100 * converted / max(len(cnn), 1):.1f}%).",
     ]
     head = path.read_text().split("<!-- table -->")[0] if path.exists() else "# Compatibility\n\n"
@@ -355,5 +365,31 @@ def _write(
     path.write_text(head + "<!-- table -->\n\n" + body)
 
 
+def rerun(path: Path, names: list[str]) -> None:
+    """Run some models again and replace their rows (after a fix), keeping the rest of the page."""
+    torch.set_num_threads(1)
+    text = path.read_text()
+    table = text.split("<!-- table -->")[1]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| library")]
+    note = table.strip().split(":")[0]
+    runs: dict[str, Callable[[str], dict]] = {}
+    for row in rows:
+        library, name = (c.strip() for c in row.strip("|").split("|")[:2])
+        runs[name.strip("`")] = (
+            run_timm
+            if library.startswith("timm")
+            else (run_segmenter if "segmentation" in library else run_torchvision)
+        )
+    for i, row in enumerate(rows):
+        library, name = (c.strip() for c in row.strip("|").split("|")[:2])
+        if name.strip("`") in names:
+            rows[i] = _row(library, name.strip("`"), safe(runs[name.strip("`")], name.strip("`")))
+            print(rows[i], flush=True)
+    _write_rows(path, rows, timm_families(), note + " (rerun after a fix: " + ", ".join(names) + ")")
+
+
 if __name__ == "__main__":
-    write_compatibility(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/compatibility.md"))
+    if len(sys.argv) > 2 and sys.argv[2] == "--rerun":
+        rerun(Path(sys.argv[1]), sys.argv[3:])
+    else:
+        write_compatibility(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/compatibility.md"))
