@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import sys
 import tempfile
 import time
@@ -218,13 +219,33 @@ def run_timm(name: str) -> dict:
     return result
 
 
-def safe(run: Callable[[str], dict], name: str) -> dict:
-    """An outcome, or a crash with its first line."""
+#: Seconds one model may take in the page's sweep before it is recorded as a timeout.
+MODEL_LIMIT_S = 240
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(signum: int, frame: Any) -> None:
+    raise _Timeout(f"over {MODEL_LIMIT_S} s")
+
+
+def safe(run: Callable[[str], dict], name: str, limit: int = 0) -> dict:
+    """An outcome, or a crash with its first line (a timeout after ``limit`` seconds where set)."""
+    if limit:
+        signal.signal(signal.SIGALRM, _alarm)
+        signal.alarm(limit)
     try:
         return run(name)
+    except _Timeout as err:
+        return {"status": "timeout", "reason": f"no outcome within {limit} s ({err})"}
     except Exception as err:  # the sweep records crashes instead of stopping
         line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         return {"status": "crash", "reason": f"{type(err).__name__}: {line}", "trace": traceback.format_exc()}
+    finally:
+        if limit:
+            signal.alarm(0)
 
 
 def assert_ok(result: dict) -> None:
@@ -308,8 +329,8 @@ def _row(library: str, name: str, result: dict) -> str:
     return f"| {library} | `{name}` | {status} | {detail} |"
 
 
-def write_compatibility(path: Path) -> None:
-    """Run the whole sweep and write the table and its counts into ``path``."""
+def write_compatibility(path: Path, resume: bool = False) -> None:
+    """Run the whole sweep and write the table and its counts into ``path`` (``resume``: keep rows already there)."""
     torch.set_num_threads(1)
     rows, results = [], []
     plan: list[tuple[str, str, Callable[[str], dict]]] = [
@@ -319,8 +340,18 @@ def write_compatibility(path: Path) -> None:
     families = timm_families()
     plan += [(f"timm ({fam})", f["model"], run_timm) for fam, f in sorted(families.items()) if f["conv2d_or_pool2d"]]
     start = time.perf_counter()
+    done: dict[str, str] = {}
+    if resume and path.exists() and "<!-- table -->" in path.read_text():
+        table = path.read_text().split("<!-- table -->")[1]
+        for line in table.splitlines():
+            if line.startswith("| ") and not line.startswith("| library") and "| crash |" not in line:
+                done[line.strip("|").split("|")[1].strip().strip("`")] = line
+        start -= float(table.split(" s (1 thread)")[0].rsplit(" in ", 1)[1]) if " s (1 thread)" in table else 0.0
     for library, name, run in plan:
-        result = safe(run, name)
+        if name in done:
+            rows.append(done[name])
+            continue
+        result = safe(run, name, MODEL_LIMIT_S)
         results.append((library, result))
         rows.append(_row(library, name, result))
         print(rows[-1], f"({result.get('seconds', 0):.1f} s)", flush=True)
@@ -392,4 +423,4 @@ if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[2] == "--rerun":
         rerun(Path(sys.argv[1]), sys.argv[3:])
     else:
-        write_compatibility(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/compatibility.md"))
+        write_compatibility(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/compatibility.md"), "--resume" in sys.argv)
