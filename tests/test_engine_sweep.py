@@ -220,7 +220,7 @@ def run_timm(name: str) -> dict:
 
 
 #: Seconds one model may take in the page's sweep before it is recorded as a timeout.
-MODEL_LIMIT_S = 240
+MODEL_LIMIT_S = 120
 
 
 class _Timeout(Exception):

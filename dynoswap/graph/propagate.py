@@ -50,6 +50,8 @@ SHAPE_KEEPING: tuple[type, ...] = (
 BROADCASTING: set[Any] = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul}
 
 Alpha = tuple[float, float]
+#: Most input elements an op without a meta kernel may run on for real (zeros) during the analysis.
+REAL_LIMIT = 1 << 22
 #: Input-size multipliers (h, w) of the moved worlds: larger, so late maps do not collapse to the minimum.
 WORLD_INPUTS = ((2.0, 1.5), (1.5, 2.0), (2.5, 2.25))
 #: Alpha multipliers: each group is moved up on one axis and down on the other, then both at random.
@@ -171,6 +173,16 @@ def _materialise(value: Any, device: torch.device) -> Any:
     if isinstance(value, dict):
         return {k: _materialise(v, device) for k, v in value.items()}
     return value
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
 
 
 def _to_meta(value: Any) -> Any:
@@ -298,6 +310,9 @@ class WorldRunner:
                 if world != 0:
                     raise
                 self.real_nodes.add(node)
+        size = sum(t.numel() for t in _tensors((args, kwargs)))
+        if size > REAL_LIMIT:
+            raise RuntimeError(f"'{node.name}' has no meta kernel and its inputs ({size} elements) are too large")
         with torch.no_grad():
             return _to_meta(fn(_materialise(args, self.device), _materialise(kwargs, self.device)))
 
