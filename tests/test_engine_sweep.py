@@ -355,7 +355,8 @@ def write_compatibility(path: Path, resume: bool = False) -> None:
         results.append((library, result))
         rows.append(_row(library, name, result))
         print(rows[-1], f"({result.get('seconds', 0):.1f} s)", flush=True)
-        _write(path, rows, results, families, time.perf_counter() - start, len(plan))
+        later = [done[n] for _, n, _ in plan[len(rows) :] if n in done]  # resumed rows not reached yet
+        _write(path, rows + later, results, families, time.perf_counter() - start, len(plan))
 
 
 def _write(
