@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install demo test test-fast bench lint experiment clean
+.PHONY: install demo test test-fast sweep bench lint experiment clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,11 @@ demo: install
 	$(VENV)/bin/dynoswap inspect out/resnet50-dynopool
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --ignore=tests/test_engine_sweep.py
+
+# The broad model sweep (every torchvision classifier/segmenter, one timm model per family): its own target.
+sweep: install
+	$(PY) -m pytest -q tests/test_engine_sweep.py
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

@@ -1,4 +1,4 @@
-"""Engine speed: converting torchvision ResNet-50 (trace, rewrite, tie, report) and its parts."""
+"""Engine speed: converting ResNet-50, HRNet-W18-small and RegNetY-032 (trace, rewrite, tie discovery, report)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,12 @@ import torchvision
 
 from bench.common import Row, median_times
 from dynoswap.engine import convert, trace
+
+
+def _timm(name: str) -> torch.nn.Module:
+    import timm
+
+    return timm.create_model(name, pretrained=False, num_classes=10)
 
 
 def run() -> list[Row]:
@@ -22,16 +28,26 @@ def run() -> list[Row]:
         {
             "trace": lambda: trace(model),
             "convert": lambda: convert(model, (224, 224)),
-            "convert_nocheck": lambda: convert(model, (224, 224), check=False),
             "forward": forward,
         },
         repeats=5,
         warmup=1,
     )
     group = "engine resnet50@224"
-    return [
-        Row(group, "convert (trace+rewrite+tie+report+probe)", times["convert"], "s", "< 1 s", times["convert"] < 1.0),
-        Row(group, "convert, check=False", times["convert_nocheck"], "s"),
+    rows = [
+        Row(
+            group,
+            "convert (trace+rewrite+tie discovery+report)",
+            times["convert"],
+            "s",
+            "< 1.5 s",
+            times["convert"] < 1.5,
+        ),
         Row(group, "fx trace alone", times["trace"], "s"),
         Row(group, "convert / one eval forward (batch 1)", times["convert"] / times["forward"], "x"),
     ]
+    for name in ("hrnet_w18_small", "regnety_032"):
+        other = _timm(name)
+        t = median_times({"convert": lambda other=other: convert(other, (224, 224))}, repeats=3, warmup=1)
+        rows.append(Row(f"engine {name}@224", "convert", t["convert"], "s"))
+    return rows

@@ -292,3 +292,40 @@ def test_any_scales_and_size_loss_is_the_count_and_sizes_are_the_forward(scales,
         m.set_scale(r)
     assert stage_sizes(model, size) == forward_sizes(model, size)
     assert graph.gmacs(size).item() == pytest.approx(count_gmacs(model, size).total, rel=1e-12)
+
+
+def test_loss_answers_for_the_size_asked_in_any_order():
+    import torchvision
+
+    gm, _ = dynoswap.convert(torchvision.models.resnet18(num_classes=10), (64, 64))
+    for size in [(64, 64), (32, 32), (48, 40), (64, 64)]:
+        assert gmacs_loss(gm, size).item() == pytest.approx(count_gmacs(gm, size).total, rel=1e-9), size
+
+
+class UpsampleMerge(nn.Module):
+    """Two branches: a stride-2 conv, and a further stride-2 conv upsampled x2 back onto it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, 2, 1)
+        self.b = nn.Conv2d(8, 8, 3, 2, 1)
+        self.c = nn.Conv2d(8, 8, 3, 1, 1)
+        self.up = nn.Upsample(scale_factor=2)
+
+    def forward(self, x):
+        a = self.a(x)
+        return self.c(a + self.up(self.b(a)))
+
+
+def test_upsampling_that_takes_its_partners_size_is_costed_at_that_size():
+    gm, report = dynoswap.convert(UpsampleMerge(), (48, 48))
+    assert report.resized_to_partner == ["up"] and report.groups == [["a_dynopool"], ["b_dynopool"]]
+    for scales in [((1 / 3, 0.4), (0.6, 0.7)), ((0.8, 0.35), (1.4, 0.5))]:
+        for m, r in zip(dynopools(gm), scales, strict=True):
+            m.set_scale(r)
+        for size in [(48, 48), (37, 53)]:
+            assert gmacs_loss(gm, size).item() == pytest.approx(count_gmacs(gm, size).total, rel=1e-9)
+    # The upsampled branch is its partner's node, not "b's size times 2": no node of its own, so no
+    # drift once scales move and no gradient to b's alpha through it.
+    graph = resolution_graph(gm)
+    assert [n.kind for n in graph.nodes if n.kind != "const"] == ["input", "dynopool", "dynopool"]

@@ -143,7 +143,7 @@ def test_plain_model_stages_are_what_the_original_layers_output_at_odd_sizes():
     import torchvision
 
     model = torchvision.models.resnet18(num_classes=10).eval()
-    size = (97, 131)  # pools floor where DynOPool rounds: the converted stem would give 24x33, not 25x33
+    size = (97, 131)  # pools floor where DynOPool rounds: at 1/4 the converted stem would give 24x33, not 25x33
     outputs = []
     hooks = [
         getattr(model, f"layer{i}").register_forward_hook(lambda _m, _i, out: outputs.append(tuple(out.shape[-2:])))
@@ -156,5 +156,8 @@ def test_plain_model_stages_are_what_the_original_layers_output_at_odd_sizes():
     assert outputs[0] == (25, 33)
     assert stage_sizes(model, size) == [size, *outputs]
     gm, report = convert(model, size)
-    assert stage_sizes(gm)[1] == (24, 33)
+    # Exact geometry at init: the stem's alpha is set to n_in / n_out where 1/stride would round differently.
+    assert stage_sizes(gm) == [size, *outputs]
     assert original_stage_sizes(gm, report) == [size, *outputs]
+    stem = report.replacements[0]
+    assert stem.note.startswith("padding/kernel on 97x131: init alpha 3.88x") and stem.was["padding"] == [3, 3]

@@ -293,9 +293,11 @@ def test_untieable_merge_fails_naming_both_nodes() -> None:
             return self.conv(x) + self.pos
 
     with pytest.raises(
-        TieError, match=r"'add' combines 'conv' \(resolution conv_dynopool\(input\)\) with 'pos' \(resolution fixed"
-    ):
+        TieError,
+        match=r"'add' combines 'conv_dynopool' \(resolution conv_dynopool\(input\)\) with 'pos' of fixed shape",
+    ) as info:
         convert(Net(), (16, 16))
+    assert info.value.category == "fixed position embedding" and info.value.node == "add"
 
 
 def test_model_breaking_when_alpha_moves_is_not_convertible() -> None:
@@ -303,13 +305,13 @@ def test_model_breaking_when_alpha_moves_is_not_convertible() -> None:
         def __init__(self) -> None:
             super().__init__()
             self.conv = nn.Conv2d(3, 4, 3, 2, 1)
-            self.head = nn.Linear(4 * 8 * 8, 2)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.conv(x).flatten(1))
+            return self.conv(x).reshape(-1, 4, 8, 8)  # a reshape to a fixed size
 
-    with pytest.raises(ConversionError, match="not convertible: .* at 'head'"):
+    with pytest.raises(ConversionError, match="not convertible: .* at 'reshape'") as info:
         convert(Net(), (16, 16))
+    assert info.value.category == "fixed window partition"
 
 
 # -- tracing errors -------------------------------------------------------------------

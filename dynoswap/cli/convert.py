@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -102,7 +103,9 @@ def _first_node(report_dict: dict[str, Any]) -> str | None:
     return next((row.get("node") or row.get("name") for row in rows), None) if rows else None
 
 
-def run_conversion(model: nn.Module, plan: ConvertPlan, source: Any) -> tuple[nn.Module, Any]:
+def run_conversion(
+    model: nn.Module, plan: ConvertPlan, source: Any, leaf_modules: Sequence[Any] = (), head: str = "none"
+) -> tuple[nn.Module, Any]:
     """Convert ``model`` following the plan; the preset's first-layer init scale becomes an override."""
     from .. import engine
 
@@ -115,6 +118,8 @@ def run_conversion(model: nn.Module, plan: ConvertPlan, source: Any) -> tuple[nn
                 init_scale=plan.init_scale,
                 overrides=overrides,
                 sizes=plan.sizes,
+                leaf_modules=tuple(leaf_modules),
+                head=head,
                 source=source,
             )
         except (TypeError, ValueError) as exc:
@@ -165,6 +170,12 @@ def convert_cmd(
     sizes: str | None = typer.Option(
         None, "--sizes", metavar="HxW,...", help="Target size per stage at the input size, e.g. 100x96,52x50."
     ),
+    leaf_module: list[str] | None = typer.Option(
+        None, "--leaf-module", metavar="NAME", help="Keep this submodule opaque to tracing (repeatable)."
+    ),
+    head: str = typer.Option(
+        "none", "--head", help="adapt: pool a flattened map to its original size before a fixed-size Linear."
+    ),
     output: Path | None = typer.Option(None, "-o", "--output", help="Save the converted model to this directory."),
     force: bool = typer.Option(False, "--force", help="Replace an existing saved model at -o (nothing else)."),
     trust_code: bool = TrustCodeOption,
@@ -176,6 +187,7 @@ def convert_cmd(
     """Replace a model's resizers (pooling, strided convs) by DynOPools and report the result."""
     from ..cost import original_stage_sizes
     from ..io.output import replace_output
+    from ..io.recipe import resolve_leaf
     from ..io.saving import SAVED_MODEL, verify_saved, write_saved
     from .render import compare_table, dynopool_table, mismatch_table, replacement_table, skipped_table
     from .summary import summarize
@@ -189,7 +201,10 @@ def convert_cmd(
         loaded = load_model(model, plan.num_classes, model_kwargs, weights, allow_missing, trust_code, strict_values)
         if loaded.is_saved:
             raise UsageError(f"{model} is already a converted dynoswap model; use `dynoswap inspect {model}`")
-        gm, report = run_conversion(loaded.model, plan, loaded.source)
+        if head not in ("none", "adapt"):
+            raise UsageError(f"--head must be none or adapt, got {head!r}")
+        leaves = [resolve_leaf(name, trust_code=trust_code, where="--leaf-module") for name in leaf_module or ()]
+        gm, report = run_conversion(loaded.model, plan, loaded.source, leaves, head)
         # Row for row with the converted model's stages: what the original resizers produced there.
         before_stages = original_stage_sizes(gm, report)
         before = summarize(loaded.model, plan.input_size, model, loaded.source.library, stages=before_stages)

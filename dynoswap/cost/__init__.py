@@ -4,7 +4,7 @@ from .count import GmacsCount, count_gmacs
 from .handles import MACS_PER_OUTPUT
 from .loss import alphas, gmacs_loss, param_groups
 from .resolution import ResolutionGraph, resolution_graph
-from .stages import original_stage_sizes, stage_sizes
+from .stages import original_stage_sizes, plain_stage_sizes, stage_sizes
 
 __all__ = [
     "GmacsCount",
@@ -16,5 +16,6 @@ __all__ = [
     "param_groups",
     "resolution_graph",
     "original_stage_sizes",
+    "plain_stage_sizes",
     "stage_sizes",
 ]

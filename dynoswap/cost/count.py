@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..graph.modal import graph_for
+from ..graph.propagate import eval_mode
 from ..layers import DynOPool2d
 from .handles import HANDLES, opaque_dynopools
 
@@ -64,16 +66,28 @@ def _pair(input_size: int | Sequence[int]) -> tuple[int, int]:
     size = tuple(int(v) for v in input_size)
     if len(size) != 2 or min(size) < 1:
         raise ValueError(f"input_size must be a positive int or an (H, W) pair, got {input_size!r}")
-    return size  # type: ignore[return-value]
+    return size  # type: ignore[return-value,unused-ignore]
 
 
 def infer_in_chans(model: nn.Module, default: int = 3) -> int:
-    """Input channels: those of the first module that declares ``in_channels`` (a conv)."""
-    for m in model.modules():
-        chans = getattr(m, "in_channels", None)
-        if isinstance(chans, int):
-            return chans
-    return default
+    """Input channels: those of the first conv the model runs.
+
+    For a traced model, the first conv of its (eval-mode) graph; otherwise the first registered
+    ``nn.Conv2d`` (registration order need not be execution order in a GraphModule).
+    """
+    graph = graph_for(model, training=False)
+    if graph is not None:
+        modules = dict(model.named_modules())
+        for node in graph.nodes:
+            m = modules.get(str(node.target)) if node.op == "call_module" else None
+            if isinstance(m, nn.Conv2d):
+                return m.in_channels
+            if m is not None and not isinstance(m, DynOPool2d):
+                conv = next((c for c in m.modules() if isinstance(c, nn.Conv2d)), None)
+                if conv is not None:
+                    return conv.in_channels
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return first.in_channels if first is not None else default
 
 
 def example_input(
@@ -85,18 +99,6 @@ def example_input(
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     chans = in_chans if in_chans is not None else infer_in_chans(model)
     return torch.randn(batch, chans, *input_size, device=device, dtype=dtype)
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every module in eval mode; restore each module's own flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 @contextlib.contextmanager

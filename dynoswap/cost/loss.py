@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from ..layers import DynOPool2d
-from .resolution import resolution_graph, unwrap
+from .reference import unwrap
+from .resolution import resolution_graph
 
 
 def gmacs_loss(model: nn.Module, input_size: int | Sequence[int] | None = None) -> torch.Tensor:
@@ -22,17 +23,20 @@ def gmacs_loss(model: nn.Module, input_size: int | Sequence[int] | None = None) 
     equals :func:`count_gmacs` of the model; its gradient reaches every upstream
     alpha, and tied layers add into their shared alpha.
 
-    The resolution graph is recorded on first use (one forward pass and one fvcore
-    count at the reference input size) and cached per model.
+    The resolution graph is recorded on first use (a meta-device analysis and one fvcore
+    count at the reference input size) and cached per model; it is evaluated at the
+    requested size, so every call answers for its own ``input_size``, in any order.
 
     Args:
         model: A converted model (or any fx-traceable model with DynOPool2d).
-        input_size: Reference (H, W) when recording; default: the converted model's.
+        input_size: (H, W) to cost; default: the converted model's input size (or, for a
+            model without a recipe, the size it was first recorded at).
 
     Returns:
         A float64 scalar in GMACs (batch 1), to be weighted by lambda (eq. 8).
     """
-    return resolution_graph(model, input_size).gmacs()
+    size = (input_size, input_size) if isinstance(input_size, int) else input_size
+    return resolution_graph(model, size).gmacs(size)
 
 
 def _alpha_params(model: nn.Module) -> list[nn.Parameter]:

@@ -1,102 +1,45 @@
-"""Resolution graph: every tensor's spatial size as an expression over the input size.
+"""Resolution graph: every feature map's size as an expression over the input size and the alphas.
 
-Recorded once per model by shape propagation at a reference input size. Each
-4D tensor of the traced graph gets one of four expressions:
+Built from the one resolution analysis of the library (:mod:`dynoswap.graph`): the
+model runs on the meta device at the reference size and in a few moved worlds
+(other input sizes, each tie group's alpha moved on its own), and tensors whose
+sizes agree in every world share one node. Each node is
 
 - ``input``: the input size;
 - ``dynopool``: a DynOPool2d's output, ``size_st(parent)`` at its current alpha;
 - ``scaled``: a remaining fixed resizer (a strided conv or pool the model kept),
   exact for Conv2d / MaxPool2d / AvgPool2d, else ``a * n + b`` rounded half up
-  (``a`` and ``b`` fitted from the reference and a probe size: a pad, an upsample);
+  (``a`` and ``b`` read from the worlds: a pad, a fixed-factor upsampling);
 - ``const``: a size that does not follow the input (global or adaptive pooling).
 
-Tensors of equal expression share one node (a stride-1 conv keeps its input's
-node), and tied DynOPools fed the same tensor share one node too, so a ResNet-50
-has a handful of nodes. Evaluating the nodes from the alphas gives integer
+So a ResNet-50 has a handful of nodes, an upsampling that takes its partner's size
+*is* its partner's node, and evaluating the nodes from the alphas gives integer
 sizes with a straight-through gradient that chains: a layer behind two DynOPools
 has size ``round(round(H r1) r2)`` and sends gradient to both alphas.
 
 Each MAC-bearing layer's count (fvcore, at the reference size) is stored as a
-cost per output pixel of its node, so the cost of any state of the alphas is
-``sum(c * h * w) + const`` (paper eq. 7).
+cost per output pixel of its node, so the cost of any state of the alphas, at any
+input size, is ``sum(c * h * w) + const`` (paper eq. 7).
 """
 
 from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
+from ..graph import SIZE_RULES, NodeFailure, Resolution, SizeRule, analyse, eval_mode, make_worlds, tensor_inputs
+from ..graph.modal import graph_for
 from ..layers import MIN_SIZE, DynOPool2d
-from .count import count_gmacs, eval_mode, example_input
-
-#: Modules and functions whose output size is fixed, whatever the input (global pooling).
-CONST_MODULES: tuple[type[nn.Module], ...] = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-CONST_FUNCTIONS: set[Callable[..., Any]] = {
-    F.adaptive_avg_pool2d,
-    F.adaptive_max_pool2d,
-    torch.nn.functional.adaptive_max_pool2d_with_indices,
-}
+from .count import count_gmacs, infer_in_chans
+from .instrument import instrumented
+from .reference import reference_input_size, unwrap
 
 INPUT, DYNOPOOL, SCALED, CONST = "input", "dynopool", "scaled", "const"
-
-#: The probe run's input size relative to the reference. Larger, not smaller: a
-#: smaller probe can leave late small maps unchanged (a stride-2 conv maps 3 and
-#: 4 to 2; DynOPool clamps at 2), which would look like a fixed size.
-PROBE_SCALE = 1.5
-
-SizeRule = Callable[[int], int]
-
-
-def _sliding_rule(kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool) -> SizeRule:
-    """PyTorch's output-length formula for convolutions and pools along one axis."""
-
-    def rule(n: int) -> int:
-        span = n + 2 * padding - dilation * (kernel - 1) - 1
-        if ceil_mode:
-            out = -(-span // stride) + 1
-            # PyTorch drops a last window that would start in the padding.
-            if (out - 1) * stride >= n + padding:
-                out -= 1
-            return out
-        return span // stride + 1
-
-    return rule
-
-
-def _axis(value: Any, axis: int) -> int:
-    return int(value[axis] if isinstance(value, (tuple, list)) else value)
-
-
-def _sliding_rules(m: nn.Module) -> tuple[SizeRule, SizeRule] | None:
-    if isinstance(m.padding if hasattr(m, "padding") else 0, str):
-        return None  # "same"/"valid" convs keep or shrink by a fixed amount: the ratio fallback is fine
-    dilation = getattr(m, "dilation", 1)
-    ceil_mode = bool(getattr(m, "ceil_mode", False))
-    return tuple(  # type: ignore[return-value]
-        _sliding_rule(
-            _axis(m.kernel_size, a),
-            _axis(m.stride if m.stride is not None else m.kernel_size, a),
-            _axis(m.padding, a),
-            _axis(dilation, a),
-            ceil_mode,
-        )
-        for a in (0, 1)
-    )
-
-
-#: Exact integer size rules of fixed resizers, by module type.
-SIZE_RULES: dict[type[nn.Module], Callable[[nn.Module], tuple[SizeRule, SizeRule] | None]] = {
-    nn.Conv2d: _sliding_rules,
-    nn.MaxPool2d: _sliding_rules,
-    nn.AvgPool2d: _sliding_rules,
-}
 
 
 @dataclass
@@ -237,7 +180,7 @@ class ResolutionGraph:
         return (coef.to(area.device) * area).sum() + self.const_gmacs
 
 
-# -- recording ----------------------------------------------------------------
+# -- building from the resolution analysis -------------------------------------------------
 class _LeafDynOPoolTracer(fx.Tracer):
     """Symbolic tracer keeping DynOPool2d whole (a call_module node)."""
 
@@ -246,8 +189,9 @@ class _LeafDynOPoolTracer(fx.Tracer):
 
 
 def _graph_of(model: nn.Module) -> fx.Graph:
-    if isinstance(model, fx.GraphModule):
-        return model.graph
+    graph = graph_for(model, training=False)  # costs are counted in eval mode
+    if graph is not None:
+        return graph
     try:
         return _LeafDynOPoolTracer().trace(model)
     except Exception as exc:  # fx raises many kinds; one message says what to do
@@ -257,206 +201,119 @@ def _graph_of(model: nn.Module) -> fx.Graph:
         ) from exc
 
 
-class _Call(nn.Module):
-    """One functional op of the graph as a module, so fvcore reports its MACs under its own name."""
+def _analyse(gm: fx.GraphModule, model: nn.Module, size: tuple[int, int]) -> Resolution:
+    """Run the analysis with every DynOPool group moved on its own; a model tied to one size gets one world."""
+    leaders: dict[int, DynOPool2d] = {}
+    for m in model.modules():
+        if isinstance(m, DynOPool2d):
+            leaders.setdefault(id(m.leader), m.leader)
 
-    def __init__(self, op: str, target: Any) -> None:
-        super().__init__()
-        self.op, self.target = op, target
+    def alpha_of(name: str, module: DynOPool2d) -> tuple[tuple[float, float], Hashable]:
+        a_h, a_w = module.alpha.detach().cpu().tolist()
+        return (float(a_h), float(a_w)), id(module.leader)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.op == "call_method":
-            return getattr(args[0], self.target)(*args[1:], **kwargs)
-        return self.target(*args, **kwargs)
-
-
-#: Prefix of the wrapper modules of functional ops.
-CALL_PREFIX = "_dynoswap_call_"
-
-
-def _instrumented(model: nn.Module, graph: fx.Graph) -> fx.GraphModule:
-    """Copy the graph into a GraphModule sharing ``model``'s modules in which every functional op is a module call."""
-    new = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    owned: dict[str, Any] = {}
-    for n in graph.nodes:
-        if n.op in ("call_function", "call_method"):
-            name = CALL_PREFIX + n.name
-            owned[name] = _Call(n.op, n.target)
-            args = fx.node.map_arg(n.args, lambda a: env[a])
-            kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a])
-            env[n] = new.create_node("call_module", name, args, kwargs, name=n.name)
-            continue
-        if n.op in ("call_module", "get_attr"):
-            owned[n.target] = _get(model, n.target)
-        env[n] = new.node_copy(n, lambda a: env[a])
-    return fx.GraphModule(owned, new)
-
-
-def _get(model: nn.Module, target: str) -> Any:
-    obj: Any = model
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _permuted(target: Any, n: fx.Node, pos: tuple[int, int]) -> tuple[int, int]:
-    """Where the spatial dims go through a permute / transpose (NCHW <-> NHWC in ConvNeXt-style blocks)."""
-    args = list(n.args[1:])
-    if target in ("permute", torch.permute):
-        dims = list(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list)) else list(args)
-        dims = [d % 4 for d in dims]
-        return dims.index(pos[0]), dims.index(pos[1])
-    if target in ("transpose", torch.transpose) and len(args) == 2:
-        a, b = (int(args[0]) % 4, int(args[1]) % 4)
-        swap = {a: b, b: a}
-        return swap.get(pos[0], pos[0]), swap.get(pos[1], pos[1])
-    return pos
-
-
-class _Shapes(fx.Interpreter):
-    """Shape propagation: every tensor's shape, by node name."""
-
-    def __init__(self, module: fx.GraphModule) -> None:
-        super().__init__(module)
-        self.shapes: dict[str, torch.Size] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        if isinstance(out, torch.Tensor):
-            self.shapes[n.name] = out.shape
-        return out
-
-
-def _shapes_at(gm: fx.GraphModule, size: tuple[int, int], strict: bool = False) -> dict[str, torch.Size] | None:
-    """Shapes of every node at input ``size``; None if the model fails there (unless ``strict``)."""
-    run = _Shapes(gm)
-    try:
-        run.run(example_input(gm, size))
-    except Exception:  # a model tied to one input size: the probe is optional
-        if strict:
-            raise
-        return None
-    return run.shapes
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    chans = infer_in_chans(model)
+    # Every group moved on its own; else (a model whose untied layers must agree) only the input size;
+    # else (a model tied to one input size) the reference alone.
+    for worlds in (make_worlds(size, list(leaders)), make_worlds(size, []), make_worlds(size, [])[:1]):
+        try:
+            return analyse(gm, worlds, alpha_of, chans, device)
+        except NodeFailure as failure:
+            if failure.world == 0:
+                raise failure.cause from None
+    raise AssertionError("unreachable: the reference world alone cannot fail in a moved world")
 
 
 class _Builder:
-    """Builds the resolution graph from the shapes of two runs (reference and probe sizes).
+    """Turn the analysis's expressions into resolution nodes (4-D feature maps only)."""
 
-    The probe (1.5 times the reference size) tells sizes that follow the input from
-    fixed ones (a global mean with ``keepdim``, an adaptive pool, interpolation to
-    a fixed size) without a registry of such ops, and avoids taking two tensors
-    for one resolution because their sizes coincide at the reference.
-    """
-
-    def __init__(
-        self,
-        gm: fx.GraphModule,
-        size: tuple[int, int],
-        shapes: dict[str, torch.Size],
-        probe: dict[str, torch.Size] | None,
-    ) -> None:
+    def __init__(self, gm: fx.GraphModule, res: Resolution, size: tuple[int, int]) -> None:
         self.gm = gm
-        self.shapes = shapes
-        self.probe = probe
+        self.res_ = res
+        self.modules = dict(gm.named_modules())
+        self.nodes_by_name = {n.name: n for n in gm.graph.nodes}
         self.res = ResolutionGraph(input_size=size, nodes=[ResNode(INPUT, size=size)])
-        self.expr: dict[fx.Node, int] = {}
-        self.pos: dict[fx.Node, tuple[int, int]] = {}
-        self._interned: dict[tuple[Any, ...], int] = {}
+        self._index: dict[tuple, int] = {("in",): 0}
+        self.node_of: dict[fx.Node, int] = {}
+        self._pool_module: dict[tuple, DynOPool2d] = {}
         for n in gm.graph.nodes:
-            self._visit(n)
+            if n.op == "call_module" and isinstance(self.modules[str(n.target)], DynOPool2d):
+                self._pool_module.setdefault(res.exprs[n], self.modules[str(n.target)])  # type: ignore[arg-type,unused-ignore]
+        for n in gm.graph.nodes:
+            shapes = res.shapes.get(n)
+            if shapes is None or len(shapes[0]) != 4:
+                continue
+            index = self.index(res.exprs[n], shapes[0])
+            if index is not None:
+                self.node_of[n] = index
+            if n.op == "call_module" and isinstance(self.modules[str(n.target)], DynOPool2d):
+                inputs = [a for a in tensor_inputs(n) if a in self.node_of]
+                self.res.dynopools.setdefault(str(n.target), self.node_of[n])
+                self.res.dynopool_inputs.setdefault(str(n.target), self.node_of[inputs[0]] if inputs else 0)
 
-    def size(self, n: fx.Node, probe: bool = False) -> tuple[int, int] | None:
-        shapes = self.probe if probe else self.shapes
-        if shapes is None or n.name not in shapes or n not in self.pos:
+    def _two(self, expr: tuple) -> bool:
+        sig = self.res_.signature.get(expr)
+        return sig is not None and len(sig[0]) == 2
+
+    def index(self, expr: tuple, shape: tuple[int, ...]) -> int | None:
+        """Resolution node of an expression (made on first use)."""
+        if expr in self._index:
+            return self._index[expr]
+        kind = expr[0]
+        if kind == "const":
+            node = ResNode(CONST, size=(int(shape[-2]), int(shape[-1])))
+        elif not self._two(expr):
             return None
-        shape = shapes[n.name]
-        return int(shape[self.pos[n][0]]), int(shape[self.pos[n][1]])
-
-    def inputs(self, n: fx.Node) -> list[fx.Node]:
-        found: list[fx.Node] = []
-        fx.node.map_arg((n.args, n.kwargs), lambda a: found.append(a) if a in self.expr else None)
-        return found
-
-    def _node(self, key: tuple[Any, ...], make: Callable[[], ResNode]) -> int:
-        if key not in self._interned:
-            self.res.nodes.append(make())
-            self._interned[key] = len(self.res.nodes) - 1
-        return self._interned[key]
-
-    def _visit(self, n: fx.Node) -> None:
-        shape = self.shapes.get(n.name)
-        if shape is None or len(shape) != 4:
-            return
-        module = self.gm.get_submodule(n.target) if n.op == "call_module" else None  # type: ignore[arg-type]
-        inputs = self.inputs(n)
-        if n.op == "placeholder" or isinstance(module, DynOPool2d) or not inputs:
-            self.pos[n] = (2, 3)
         else:
-            pos = self.pos[inputs[0]]
-            self.pos[n] = _permuted(module.target, n, pos) if isinstance(module, _Call) else pos
-        size = self.size(n)
-        assert size is not None
-        if n.op == "placeholder":
-            self.expr[n] = 0
-        elif isinstance(module, DynOPool2d):
-            parent = self.expr[inputs[0]] if inputs else 0
-            key = ("dynopool", id(module.leader), parent)
-            self.expr[n] = self._node(key, lambda: ResNode(DYNOPOOL, parent, size, module))
-            self.res.dynopools.setdefault(str(n.target), self.expr[n])
-            self.res.dynopool_inputs.setdefault(str(n.target), parent)
-        elif not inputs or isinstance(module, CONST_MODULES) or self._fixed(n, module, inputs):
-            self.expr[n] = self._node(("const", size), lambda: ResNode(CONST, size=size))
-        else:
-            same = [a for a in inputs if self.size(a) == size and self.size(a, True) == self.size(n, True)]
-            if same:
-                self.expr[n] = self.expr[same[0]]
-                return
-            parent_node = inputs[0]
-            parent = self.expr[parent_node]
-            n_in = self.size(parent_node)
-            assert n_in is not None
-            ratio, offset = self._affine(n, parent_node)
-            make_rules = SIZE_RULES.get(type(module)) if module is not None else None
-            rules = make_rules(module) if make_rules is not None else None
-            key = ("scaled", parent, str(n.target) if rules is not None else (ratio, offset))
-            self.expr[n] = self._node(
-                key, lambda: ResNode(SCALED, parent, size, ratio=ratio, offset=offset, rules=rules)
-            )
+            parent_expr = expr[2]
+            while parent_expr[0] != "in" and not self._two(parent_expr):
+                parent_expr = parent_expr[2]
+            parent = self.index(parent_expr, shape)
+            assert parent is not None
+            sig = self.res_.signature[expr]
+            size = (int(sig[0][0]), int(sig[0][1]))
+            if kind == "pool":
+                node = ResNode(DYNOPOOL, parent, size, module=self._pool_module[expr])
+            else:
+                ratio, offset = self._affine(sig, self._signature(parent_expr))
+                op = self.nodes_by_name.get(expr[1])
+                module = self.modules.get(str(op.target)) if op is not None and op.op == "call_module" else None
+                make_rules = SIZE_RULES.get(type(module)) if module is not None else None
+                rules = make_rules(module) if make_rules is not None and module is not None else None
+                node = ResNode(SCALED, parent, size, ratio=ratio, offset=offset, rules=rules)
+        self.res.nodes.append(node)
+        self._index[expr] = len(self.res.nodes) - 1
+        return self._index[expr]
 
-    def _affine(self, n: fx.Node, parent: fx.Node) -> tuple[tuple[float, float], tuple[float, float]]:
-        """Fit ``out = a * in + b`` per axis from the reference and probe runs (``b = 0`` without a probe)."""
-        out, inp = self.size(n), self.size(parent)
-        out_p, inp_p = self.size(n, True), self.size(parent, True)
-        assert out is not None and inp is not None
+    def _signature(self, expr: tuple) -> tuple:
+        if expr[0] == "in":
+            return tuple(w.input_size for w in self.res_.worlds)
+        return self.res_.signature[expr]
+
+    @staticmethod
+    def _affine(out: tuple, inp: tuple) -> tuple[tuple[float, float], tuple[float, float]]:
+        """Fit ``out = a * in + b`` per axis from the worlds (``b = 0`` when the input never moved)."""
         ratio, offset = [], []
         for axis in range(2):
-            if out_p is not None and inp_p is not None and inp_p[axis] != inp[axis]:
-                a = (out[axis] - out_p[axis]) / (inp[axis] - inp_p[axis])
-            else:
-                a = out[axis] / inp[axis]
+            a = out[0][axis] / inp[0][axis]
+            for k in range(1, len(out)):
+                if inp[k][axis] != inp[0][axis]:
+                    a = (out[k][axis] - out[0][axis]) / (inp[k][axis] - inp[0][axis])
+                    break
             ratio.append(a)
-            offset.append(out[axis] - a * inp[axis])
+            offset.append(out[0][axis] - a * inp[0][axis])
         return (ratio[0], ratio[1]), (offset[0], offset[1])
 
-    def _fixed(self, n: fx.Node, module: nn.Module | None, inputs: list[fx.Node]) -> bool:
-        """Whether ``n`` has a size that does not follow its inputs'."""
-        if isinstance(module, _Call) and module.target in CONST_FUNCTIONS:
-            return True
-        if module is not None and type(module) in SIZE_RULES:
-            return False  # a conv or pool: its size follows its input by rule
-        # A 1x1 map from a larger one is a global pool (a DynOPool never goes below 2).
-        if self.size(n) == (1, 1) and any(self.size(a) != (1, 1) for a in inputs):
-            return True
-        # Kept its size in the probe while an input's size changed.
-        if self.probe is None or self.size(n, True) != self.size(n):
-            return False
-        return any(self.size(a, True) != self.size(a) for a in inputs)
-
     def spatial(self, n: fx.Node) -> int | None:
-        """Resolution node of ``n`` if it is a size-following 4D tensor."""
-        node = self.expr.get(n)
+        """Resolution node of ``n`` if it is a size-following 4-D tensor."""
+        node = self.node_of.get(n)
         return None if node is None or self.res.nodes[node].kind == CONST else node
+
+    def inputs(self, n: fx.Node) -> list[fx.Node]:
+        """Tensor inputs of ``n``."""
+        return [a for a in tensor_inputs(n) if a in self.res_.shapes]
 
 
 def _attribute_costs(b: _Builder) -> None:
@@ -464,9 +321,6 @@ def _attribute_costs(b: _Builder) -> None:
     res, gm = b.res, b.gm
     count = count_gmacs(gm, res.input_size)
     res.reference_gmacs = count.total
-    per_module: dict[str, float] = {}
-    for leaf, gmacs in count.by_layer.items():
-        per_module[leaf] = gmacs
     sites: dict[str, list[int]] = {}
     for n in gm.graph.nodes:
         if n.op != "call_module":
@@ -478,7 +332,7 @@ def _attribute_costs(b: _Builder) -> None:
             node = next((b.spatial(a) for a in b.inputs(n) if b.spatial(a) is not None), None)
         sites.setdefault(str(n.target), []).append(-1 if node is None else node)
     const = 0.0
-    for leaf, gmacs in per_module.items():
+    for leaf, gmacs in count.by_layer.items():
         target = _owner(leaf, sites)
         places = [i for i in sites.get(target, []) if i >= 0] if target is not None else []
         if not places:
@@ -502,48 +356,30 @@ def _owner(name: str, targets: dict[str, list[int]]) -> str | None:
         name = name.rsplit(".", 1)[0]
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """Return the model inside DataParallel / DDP / torch.compile wrappers (the one that was converted)."""
-    while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod  # type: ignore[assignment]
-        else:
-            return model
-
-
 _CACHE: weakref.WeakKeyDictionary[nn.Module, ResolutionGraph] = weakref.WeakKeyDictionary()
 
 
-def reference_input_size(model: nn.Module) -> tuple[int, int] | None:
-    """Read the input size a converted model was built for (``gm.meta["dynoswap"]["input_size"]``)."""
-    meta = getattr(model, "meta", None)
-    recipe = meta.get("dynoswap") if isinstance(meta, dict) else None
-    size = recipe.get("input_size") if isinstance(recipe, dict) else None
-    if size is None:
-        return None
-    if isinstance(size, int):
-        return size, size
-    return int(size[0]), int(size[1])
+def _size_pair(input_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(input_size, int):
+        return input_size, input_size
+    return int(input_size[0]), int(input_size[1])
 
 
 def resolution_graph(
     model: nn.Module, input_size: int | Sequence[int] | None = None, refresh: bool = False
 ) -> ResolutionGraph:
-    """Record (once, then cached per model) the resolution graph and per-layer costs.
+    """Record (once per model, then cached) the resolution graph and per-layer costs.
 
-    Recording runs the model, batch 1, in eval mode: a shape-propagation pass
-    over its torch.fx graph at the reference size and one at 1.5 times it (to tell
-    sizes that follow the input from fixed ones), and one fvcore count in which
-    each functional op is wrapped in a module, so every MAC lands on a graph node.
-    The alphas at recording time define the reference state of eq. 7; later
-    changes to alphas are read live at evaluation.
+    Recording runs the resolution analysis (meta device, the reference size and a few
+    moved worlds) and one fvcore count at the reference size, batch 1, eval mode, in
+    which each functional op is wrapped in a module so every MAC lands on a graph node.
+    The graph is valid at any input size and any alphas (both are read at evaluation):
+    pass ``input_size`` to :meth:`ResolutionGraph.gmacs` / ``evaluate`` to get another size.
 
     Args:
         model: A converted GraphModule, or any model torch.fx can trace
             (DynOPool2d is kept as a leaf).
-        input_size: Reference (H, W); default: the one the model was converted at.
+        input_size: Reference (H, W) when recording; default: the one the model was converted at.
         refresh: Record again even if cached (after changing the model's structure).
 
     Returns:
@@ -559,16 +395,12 @@ def resolution_graph(
                 f"{type(model).__name__} has no reference input size: pass input_size=(H, W) "
                 "(models from dynoswap.convert() carry theirs)"
             )
-    elif isinstance(input_size, int):
-        size = (input_size, input_size)
     else:
-        size = (int(input_size[0]), int(input_size[1]))
-    gm = _instrumented(model, _graph_of(model))
+        size = _size_pair(input_size)
+    gm = instrumented(model, _graph_of(model))
     with eval_mode(model), torch.no_grad():
-        shapes = _shapes_at(gm, size, strict=True)
-        assert shapes is not None
-        probe = _shapes_at(gm, (round(PROBE_SCALE * size[0]), round(PROBE_SCALE * size[1])))
-    builder = _Builder(gm, size, shapes, probe)
+        res = _analyse(gm, model, size)
+    builder = _Builder(gm, res, size)
     _attribute_costs(builder)
     _CACHE[model] = builder.res
     return builder.res

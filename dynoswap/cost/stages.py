@@ -6,10 +6,13 @@ import copy
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import torch
 from torch import fx, nn
 
 from ..layers import DynOPool2d
-from .resolution import ResolutionGraph, resolution_graph, unwrap
+from .count import infer_in_chans
+from .reference import unwrap
+from .resolution import ResolutionGraph, resolution_graph
 
 if TYPE_CHECKING:
     from ..engine.report import ConversionReport
@@ -48,15 +51,48 @@ def stage_sizes(model: nn.Module, input_size: int | Sequence[int] | None = None)
     if not _has_dynopools(model):
         if input_size is None:
             raise ValueError("stage_sizes of a model without DynOPool2d needs input_size=(H, W)")
-        from ..engine import convert
-
-        converted, report = convert(copy.deepcopy(model), input_size=tuple(input_size))
-        return original_stage_sizes(converted, report)
+        return plain_stage_sizes(model, (int(input_size[0]), int(input_size[1])))
     if input_size is None and not isinstance(model, fx.GraphModule):
         raise ValueError(f"stage_sizes of a {type(model).__name__} needs input_size=(H, W)")
     graph = resolution_graph(model, input_size)
     sizes = graph.int_sizes(input_size)
     return [sizes[0], *(sizes[node] for node in _stage_nodes(graph))]
+
+
+def plain_stage_sizes(model: nn.Module, input_size: tuple[int, int]) -> list[tuple[int, int]]:
+    """Stages of a model without DynOPools, as its own resizers produce them at ``input_size``.
+
+    Grouped like a converted model's (a copy is converted to find the tie groups). A model
+    dynoswap cannot convert (a fixed position embedding, a fixed-size head) still gets its
+    stages: one per resizer, in execution order, consecutive equal sizes once; an untraceable
+    one gets its input size alone.
+    """
+    from ..engine import convert, find_resizers, trace
+    from ..engine.convert import SHAPE_KEY, _reference_shapes
+    from ..errors import ConversionError
+
+    try:
+        converted, report = convert(copy.deepcopy(model), input_size=input_size)
+        return original_stage_sizes(converted, report)
+    except ConversionError:
+        pass
+    stages = [input_size]
+    try:
+        gm = trace(model)
+        _reference_shapes(gm, input_size, infer_in_chans(model), _device(model))
+    except ConversionError:
+        return stages
+    resizers, _ = find_resizers(gm)
+    for r in resizers:
+        shape = r.node.meta.get(SHAPE_KEY)
+        if shape is not None and len(shape) == 4 and (int(shape[-2]), int(shape[-1])) != stages[-1]:
+            stages.append((int(shape[-2]), int(shape[-1])))
+    return stages
+
+
+def _device(model: nn.Module) -> torch.device:
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
 
 
 def original_stage_sizes(converted: nn.Module, report: ConversionReport) -> list[tuple[int, int]]:
@@ -76,7 +112,10 @@ def original_stage_sizes(converted: nn.Module, report: ConversionReport) -> list
     before = {r.dynopool: r.original_out for r in report.replacements}
     graph = resolution_graph(unwrap(converted), report.input_size)
     sizes = graph.int_sizes(report.input_size)
-    return [tuple(report.input_size), *(before[name] or sizes[node] for node, name in _stage_nodes(graph).items())]
+    return [
+        (report.input_size[0], report.input_size[1]),
+        *(before[name] or sizes[node] for node, name in _stage_nodes(graph).items()),
+    ]
 
 
 def _stage_nodes(graph: ResolutionGraph) -> dict[int, str]:

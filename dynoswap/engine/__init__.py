@@ -3,7 +3,7 @@
 from .convert import RECIPE_KEY, convert
 from .find import FUNCTION_RESIZERS, MODULE_RESIZERS, Resizer, Skip, find_resizers, register_function, register_module
 from .report import ConversionError, ConversionReport, Replacement, Skipped
-from .tie import TieError
+from .tie import TieError, TieFinder
 from .trace import TraceError, trace
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "Skip",
     "Skipped",
     "TieError",
+    "TieFinder",
     "TraceError",
     "convert",
     "find_resizers",

@@ -2,48 +2,48 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import functools
 import importlib
+import inspect
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
 
+from ..cost.count import infer_in_chans
+from ..graph import NodeFailure, UnionFind, World, analyse, node_label, pool_size
+from ..graph.modal import ModalGraphModule
+from ..graph.propagate import eval_mode
 from ..layers import DynOPool2d
 from ..version import __version__
-from .find import Resizer, find_resizers, node_label
+from .find import Resizer, Skip, find_resizers
 from .report import ConversionError, ConversionReport, Replacement, Skipped
 from .rewrite import Site, apply_sites, plan_sites, resize_to_partner, upsample_factor
-from .tie import Resolver, find_merge_upsamples
+from .tie import ALREADY, NOT_2D, TieError, TieFinder
 from .trace import LeafSpec, trace
 
 RECIPE_KEY = "dynoswap"
 SHAPE_KEY = "dynoswap_shape"
+HEADS = ("none", "adapt")
+#: Layers of other dimensionalities: a model built from them is not a 2-D CNN.
+NOT_2D_LAYERS: tuple[type, ...] = (
+    nn.Conv3d,
+    nn.ConvTranspose3d,
+    nn.MaxPool3d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool3d,
+)
+LAYERS_1D: tuple[type, ...] = (nn.Conv1d, nn.MaxPool1d, nn.AvgPool1d)
+LAYERS_2D: tuple[type, ...] = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
 COST_NOTES = {
     "conv_post": "conv now runs at stride 1 before the DynOPool: its cost grows by stride_h * stride_w",
     "patchify_post": "patchify conv now runs at stride 1 ('same' padding): its cost grows by stride_h * stride_w",
 }
-# Modules that keep their input's shape, answered without running them on meta tensors.
-META_SHORTCUTS: tuple[type, ...] = (
-    nn.modules.batchnorm._BatchNorm,
-    nn.modules.instancenorm._InstanceNorm,
-    nn.GroupNorm,
-    nn.ReLU,
-    nn.ReLU6,
-    nn.SiLU,
-    nn.GELU,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.LeakyReLU,
-    nn.Sigmoid,
-    nn.Identity,
-    nn.Dropout,
-)
-# Probe factors on (alpha_h, alpha_w): move both axes, differently, to expose fixed-size assumptions.
-PROBE_FACTORS = (1.1, 1.05)
 
 
 def _pair(value: Any, what: str) -> tuple[float, float]:
@@ -60,89 +60,6 @@ def _check_scale(value: Any, what: str) -> tuple[float, float]:
     if not all(math.isfinite(v) and v > 0 for v in pair):
         raise ValueError(f"{what} must be finite and > 0, got {value!r}")
     return pair
-
-
-def _in_channels(model: nn.Module) -> int:
-    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    return first.in_channels if first is not None else 3
-
-
-@contextlib.contextmanager
-def _on_meta(gm: fx.GraphModule) -> Iterator[None]:
-    """Swap every parameter and buffer for a meta tensor (DynOPool alphas stay: sizes need values)."""
-    saved: list[tuple[dict, str, torch.Tensor]] = []
-    for module in gm.modules():
-        if isinstance(module, DynOPool2d):
-            continue
-        for store in (module._parameters, module._buffers):
-            for key, t in store.items():
-                if t is None:
-                    continue
-                saved.append((store, key, t))
-                meta = t.detach().to("meta")
-                store[key] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
-    try:
-        yield
-    finally:
-        for store, key, t in saved:
-            store[key] = t
-
-
-class _Runner(fx.Interpreter):
-    """Interpreter that names the failing node and, optionally, records output shapes."""
-
-    def __init__(self, gm: fx.GraphModule, record: bool = False) -> None:
-        super().__init__(gm)
-        self.record = record
-
-    def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        module = self.fetch_attr(target)
-        x = args[0] if args else None
-        if isinstance(x, torch.Tensor) and x.is_meta:
-            if isinstance(module, DynOPool2d):
-                # The layer samples at data positions; on meta only its size rule matters.
-                return x.new_empty((*x.shape[:-2], *module.output_size(tuple(x.shape[-2:]))))
-            if isinstance(module, META_SHORTCUTS):
-                return x.new_empty(x.shape)  # norms/activations keep the shape; their meta kernels are slow
-        return super().call_module(target, args, kwargs)
-
-    def run_node(self, n: fx.Node) -> Any:
-        try:
-            out = super().run_node(n)
-        except Exception as err:
-            if not hasattr(err, "_dynoswap_node"):
-                err._dynoswap_node = node_label(n)  # type: ignore[attr-defined]
-            raise
-        if self.record and isinstance(out, torch.Tensor):
-            n.meta[SHAPE_KEY] = tuple(out.shape)
-        return out
-
-
-def _run(interpreter: fx.Interpreter, example: torch.Tensor) -> Any:
-    """Run on meta tensors (no compute) and fall back to a real eval-mode forward."""
-    gm = interpreter.module
-    was_training = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            try:
-                with _on_meta(gm):
-                    return interpreter.run(example.to("meta"))
-            except Exception:  # an op without a meta kernel or data-dependent Python: compute for real
-                return interpreter.run(example)
-    finally:
-        gm.train(was_training)
-
-
-def _propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
-    """Record each tensor node's output shape in ``node.meta['dynoswap_shape']``."""
-    try:
-        _run(_Runner(gm, record=True), example)
-    except Exception as err:
-        where = getattr(err, "_dynoswap_node", "?")
-        raise ConversionError(
-            f"the traced model fails on a {tuple(example.shape)} input at '{where}' ({err}); check input_size"
-        ) from None
 
 
 def _leaf_to_json(spec: LeafSpec) -> str:
@@ -167,11 +84,12 @@ def _site_keys(site: Site) -> set[str]:
 def _resolve_scales(
     sites: list[Site],
     groups: list[list[int]],
+    defaults: dict[int, tuple[float, float]],
     init_scale: Any,
     overrides: Mapping[str, Any] | None,
 ) -> dict[int, tuple[float, float]]:
     """Pick the initial (r_h, r_w) per site: rule default, then global, then per-name overrides; one per group."""
-    scales = {s.index: s.init_scale for s in sites}
+    scales = dict(defaults)
     if init_scale is not None:
         pair = _check_scale(init_scale, "init_scale")
         scales = dict.fromkeys(scales, pair)
@@ -236,34 +154,12 @@ def _apply_sizes(
             done.add(g)
 
         handles.append(pool.register_forward_pre_hook(hook))
-    was_training = gm.training
-    gm.eval()
     try:
-        gm(example)
+        with eval_mode(gm):
+            gm(example)
     finally:
-        gm.train(was_training)
         for handle in handles:
             handle.remove()
-
-
-@torch.no_grad()
-def _probe(gm: fx.GraphModule, pools: dict[int, DynOPool2d], groups: list[list[int]], example: torch.Tensor) -> None:
-    """Run once with every alpha moved; a model that breaks then is not convertible."""
-    leaders = [pools[g[0]] for g in groups]
-    saved = [p.alpha.detach().clone() for p in leaders]
-    try:
-        for p in leaders:
-            p.alpha.mul_(torch.tensor(PROBE_FACTORS, dtype=p.alpha.dtype))
-        _run(_Runner(gm), example)
-    except Exception as err:
-        where = getattr(err, "_dynoswap_node", "?")
-        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConversionError(
-            f"not convertible: the converted model fails once DynOPool scales move, at '{where}': {cause}"
-        ) from None
-    finally:
-        for p, a in zip(leaders, saved, strict=True):
-            p.alpha.copy_(a)
 
 
 def _original_out(site: Site) -> tuple[int, int] | None:
@@ -274,7 +170,207 @@ def _original_out(site: Site) -> tuple[int, int] | None:
 
 
 def _was(r: Resizer) -> dict[str, Any]:
-    return {"name": r.name, "op": r.op, "stride": list(r.stride), "kernel": list(r.kernel)}
+    return {
+        "name": r.name,
+        "op": r.op,
+        "stride": list(r.stride),
+        "kernel": list(r.kernel),
+        "padding": list(r.padding) if isinstance(r.padding, tuple) else r.padding,
+        "ceil_mode": r.ceil_mode,
+    }
+
+
+def _refuse_unsupported(model: nn.Module) -> None:
+    """Already converted models and models that are not 2-D CNNs, refused by name."""
+    meta = getattr(model, "meta", None)
+    if isinstance(meta, dict) and RECIPE_KEY in meta or any(isinstance(m, DynOPool2d) for m in model.modules()):
+        raise TieError(
+            "this model is already converted (it holds DynOPool2d layers): train it as it is, or convert the original",
+            ALREADY,
+        )
+    found_2d = False
+    first_1d = None
+    for name, m in model.named_modules():
+        if isinstance(m, NOT_2D_LAYERS):
+            raise TieError(f"dynoswap converts 2-D CNNs; found {type(m).__name__} at {name}", NOT_2D, name)
+        found_2d = found_2d or isinstance(m, LAYERS_2D)
+        if first_1d is None and isinstance(m, LAYERS_1D):
+            first_1d = (name, type(m).__name__)
+    if not found_2d and first_1d is not None:
+        raise TieError(f"dynoswap converts 2-D CNNs; found {first_1d[1]} at {first_1d[0]}", NOT_2D, first_1d[0])
+
+
+def _reference_shapes(gm: fx.GraphModule, size: tuple[int, int], in_chans: int, device: torch.device) -> None:
+    """Record each tensor node's shape at the conversion input size in ``node.meta['dynoswap_shape']``."""
+    try:
+        res = analyse(gm, [World(size)], lambda name, m: ((1.0, 1.0), name), in_chans, device)
+    except NodeFailure as failure:
+        cause = str(failure.cause).strip().splitlines()[0] if str(failure.cause).strip() else type(failure.cause)
+        raise ConversionError(
+            f"the traced model fails on a {(1, in_chans, *size)} input at '{node_label(failure.node)}' ({cause}); "
+            "check input_size"
+        ) from None
+    for node, shapes in res.shapes.items():
+        node.meta[SHAPE_KEY] = shapes[0]
+
+
+def _spatial_in(site: Site) -> tuple[int, int] | None:
+    """Spatial size of the site's input in the original model."""
+    arg = site.primary.node.args[0] if site.primary.node.args else None
+    shape = arg.meta.get(SHAPE_KEY) if isinstance(arg, fx.Node) else None
+    return (int(shape[-2]), int(shape[-1])) if shape and len(shape) == 4 else None
+
+
+def _exact_scale(site: Site, original: tuple[int, int] | None) -> tuple[tuple[float, float], str]:
+    """Return the (r_h, r_w) that reproduces the original output size, and a note when it is not 1/stride."""
+    scale = site.init_scale
+    n_in = _spatial_in(site)
+    if n_in is None or original is None:
+        return scale, ""
+    if pool_size(n_in, (1 / scale[0], 1 / scale[1])) == original:
+        return scale, ""
+    alphas = []
+    for axis in range(2):
+        n, out = n_in[axis], original[axis]
+        if out < 2:
+            return scale, f"the original gives {original[0]}x{original[1]}; a DynOPool gives at least 2 per axis"
+        default = 1 / scale[axis]
+        alphas.append(default if pool_size((n, n), (default, default))[0] == out else n / out)
+    if any(r.ceil_mode for r in site.resizers):
+        why = "ceil_mode"
+    elif any(r.padding not in ((0, 0), "valid") for r in site.resizers) or any(
+        r.kernel != r.stride for r in site.resizers
+    ):
+        why = f"padding/kernel on {n_in[0]}x{n_in[1]}"
+    else:
+        why = f"odd size {n_in[0]}x{n_in[1]}"
+    shown = f"{alphas[0]:.5g}" if alphas[0] == alphas[1] else f"{alphas[0]:.5g}x{alphas[1]:.5g}"
+    return (1 / alphas[0], 1 / alphas[1]), f"{why}: init alpha {shown} (original output {original[0]}x{original[1]})"
+
+
+@dataclass
+class _Plan:
+    """One traced graph, rewritten: its sites, what it kept, and each site's original geometry."""
+
+    sites: list[Site]
+    kept: list[tuple[Resizer, str]]
+    skips: list[Skip]
+    original_out: dict[str, tuple[int, int] | None]
+    exact: dict[str, tuple[tuple[float, float], str]]
+
+
+@functools.cache
+def _reads_training(cls: Any) -> bool:
+    """Whether a class's source mentions ``training`` (or cannot be read): its trace may depend on the mode."""
+    if cls.__module__.startswith("torch.nn.modules"):
+        return False  # torch's own modules are leaves or mode-independent when traced
+    try:
+        return "training" in inspect.getsource(cls)
+    except (OSError, TypeError):
+        return True
+
+
+def _trace_modes(model: nn.Module, leaf_modules: Sequence[LeafSpec]) -> list[fx.GraphModule]:
+    """Trace in training and in eval mode; one graph when both modes trace alike, else both (training first).
+
+    The eval-mode trace is skipped when no module class of the model reads ``training`` in its source.
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    both = any(_reads_training(cls) for cls in {type(m) for m in model.modules()})  # type: ignore[arg-type,unused-ignore]
+    try:
+        model.train()
+        train = trace(model, leaf_modules)
+        views = [train]
+        if both:
+            model.eval()
+            evaluation = trace(model, leaf_modules)
+            if evaluation.code != train.code:
+                views.append(evaluation)
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    for view in views:
+        view.training = model.training
+    return views
+
+
+def _prepare(
+    view: fx.GraphModule,
+    size: tuple[int, int],
+    in_chans: int,
+    device: torch.device,
+    placement: str,
+    patchify: str,
+    pools: dict[str, DynOPool2d],
+    mode: str | None = None,
+) -> _Plan:
+    """Find the resizers of one traced graph and plan their DynOPools (one module per name, shared by graphs)."""
+    with eval_mode(view):
+        try:
+            _reference_shapes(view, size, in_chans, device)
+        except ConversionError as err:
+            if mode is None:
+                raise
+            raise ConversionError(f"in {mode} mode, {err}") from None
+    resizers, skips = find_resizers(view)
+    sites, kept = plan_sites(view, resizers, placement, patchify)
+    original_out = {s.name: _original_out(s) for s in sites}  # read before the rewrite drops the nodes
+    exact = {s.name: _exact_scale(s, original_out[s.name]) for s in sites}
+    for s in sites:
+        if s.name not in pools:
+            pools[s.name] = DynOPool2d(exact[s.name][0], aggregate=s.aggregate)
+    return _Plan(sites, kept, skips, original_out, exact)
+
+
+def _resizer(view: fx.GraphModule) -> Any:
+    def resize(upsample: fx.Node, partner: fx.Node, options: dict[str, Any]) -> None:
+        resize_to_partner(view, upsample, partner, options)
+        view.recompile()
+
+    return resize
+
+
+def _assemble(model: nn.Module, views: list[fx.GraphModule]) -> fx.GraphModule:
+    """Build the converted module: the one graph, or both modes' graphs over one set of submodules."""
+    if len(views) == 1:
+        views[0].delete_all_unused_submodules()  # upsamplings rewritten to take their partner's size
+        return views[0]
+    holder: dict[str, Any] = {}
+    for view in views:
+        for node in view.graph.nodes:
+            if node.op in ("call_module", "get_attr"):
+                holder[str(node.target)] = _get_attr(view, str(node.target))
+    gm = ModalGraphModule(holder, views[0].graph, views[1].graph, type(model).__name__)
+    gm.training = model.training
+    gm.meta.update(views[0].meta)
+    return gm
+
+
+def _get_attr(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _adapt_head(gm: fx.GraphModule) -> Any:
+    def adapt(source: fx.Node, child: fx.Node, size: tuple[int, int]) -> None:
+        name = f"{node_label(source)}_adapt"
+        while True:
+            try:
+                gm.get_submodule(name)
+            except AttributeError:
+                break
+            name += "_"
+        pool = nn.AdaptiveAvgPool2d(size)
+        pool.training = gm.training
+        gm.add_submodule(name, pool)
+        with gm.graph.inserting_after(source):
+            new = gm.graph.call_module(name, (source,))
+        child.replace_input_with(source, new)
+        gm.recompile()
+
+    return adapt
 
 
 def convert(
@@ -287,16 +383,22 @@ def convert(
     sizes: Sequence[Sequence[int]] | None = None,
     leaf_modules: Sequence[LeafSpec] = (),
     patchify: str = "post",
+    head: str = "none",
     source: Any = None,
     check: bool = True,
 ) -> tuple[fx.GraphModule, ConversionReport]:
     """Replace every resizing op of ``model`` by a DynOPool2d (paper 4.4, supplement 1.1).
 
     The caller's model is not modified. Scales of DynOPools whose outputs must keep equal
-    resolutions (residual adds, concatenations, multi-resolution streams) are tied.
+    resolutions are tied: the converted graph runs on the meta device with every tie group's
+    scale moved on its own (both axes, up and down), ops that then fail tie the groups that
+    meet there, until a run is clean (see :mod:`dynoswap.engine.tie`). At ``input_size`` and
+    the default scales every DynOPool reproduces the original op's output size (ceil_mode,
+    odd sizes and padding included). Each module keeps its training flag, requires_grad,
+    device and dtype.
 
     Args:
-        model: A torchvision/timm/user CNN.
+        model: A torchvision/timm/user 2-D CNN.
         input_size: (H, W) the model is meant for; sizes and ``sizes=`` targets refer to it.
         placement: ``"post"`` (DynOPool after the conv's activation, supp. eq. 2) or ``"pre"``
             (before the conv, supp. eq. 3, for dense prediction).
@@ -305,76 +407,138 @@ def convert(
         sizes: Target output size (h, w) per tie group, in execution order at ``input_size``.
         leaf_modules: Modules to keep opaque (classes or qualified names), e.g. untraceable ones.
         patchify: ``"post"`` converts kernel == stride convs like other strided convs; ``"skip"`` keeps them.
+        head: ``"none"`` refuses a flatten of a spatial map into a Linear (its size is fixed);
+            ``"adapt"`` inserts ``nn.AdaptiveAvgPool2d(original size)`` before the flatten.
         source: ``ModelSource`` (or its dict) the model was built from; needed by ``dynoswap.save``.
-        check: Run the converted model once with moved scales and fail if it breaks.
+        check: With ``init_scale``/``overrides``/``sizes``, run the moved-scale check again at those scales.
 
     Returns:
         The converted GraphModule and its ConversionReport.
 
     Raises:
         TraceError: the model cannot be traced (names the module, the line and the fix).
-        ConversionError: resolutions cannot be kept equal, or the result breaks when scales move.
+        TieError: resolutions cannot be kept equal, or the result breaks when scales move; its
+            ``category`` says why (fixed position embedding, fixed-size head, ...) and ``node`` where.
+        ConversionError: not a 2-D CNN, already converted, or fails at ``input_size``.
         ValueError: bad options (names, sizes, scales).
     """
     h, w = (int(v) for v in _pair(input_size, "input_size"))
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     leaf_modules = tuple(leaf_modules)
+    _refuse_unsupported(model)
     model = copy.deepcopy(model)
-    gm = trace(model, leaf_modules)
+    views = _trace_modes(model, leaf_modules)
     first = next(iter(model.parameters()), None)
-    # A model built on the meta device converts without allocating weights.
-    example = torch.zeros(1, _in_channels(model), h, w, device=first.device if first is not None else "cpu")
-    _propagate_shapes(gm, example)
-    modules = dict(gm.named_modules())
-    resized = []
-    for upsample, partner, options in find_merge_upsamples(gm, lambda n: upsample_factor(n, modules)):
-        resized.append(node_label(upsample))
-        resize_to_partner(gm, upsample, partner, options)
-    resizers, skips = find_resizers(gm)
-    sites, kept = plan_sites(gm, resizers, placement, patchify)
-    resolver = Resolver(
-        gm, {s.primary.node: s.index for s in sites}, {m.node for s in sites for m in s.merged}, [s.name for s in sites]
-    )
-    resolver.run()
-    groups = resolver.uf.groups()
-    scales = _resolve_scales(sites, groups, init_scale, overrides)
-    pools = {s.index: DynOPool2d(scales[s.index], aggregate=s.aggregate) for s in sites}
-    original_out = {s.index: _original_out(s) for s in sites}  # read before the rewrite drops the nodes
-    apply_sites(gm, sites, pools)
-    for group in groups:
-        for i in group[1:]:
-            pools[i].tie_to(pools[group[0]])
+    device = first.device if first is not None else torch.device("cpu")
+    in_chans = infer_in_chans(model)
+    pools: dict[str, DynOPool2d] = {}
+    modes = ["training", "eval"] if len(views) == 2 else [None]
+    plans = [
+        _prepare(view, (h, w), in_chans, device, placement, patchify, pools, mode)
+        for view, mode in zip(views, modes, strict=True)
+    ]
+    for view, plan in zip(views, plans, strict=True):  # after every graph's shapes: the rewrite changes modules
+        apply_sites(view, plan.sites, {s.index: pools[s.name] for s in plan.sites})
+    sites = list(plans[0].sites)
+    for plan in plans[1:]:  # sites only the eval-mode graph has
+        known = {s.name for s in sites}
+        sites += [s for s in plan.sites if s.name not in known]
+    exact = {name: e for plan in reversed(plans) for name, e in plan.exact.items()}
+    original_out = {name: o for plan in reversed(plans) for name, o in plan.original_out.items()}
+    uf = UnionFind([s.name for s in sites])
+    finders = [
+        TieFinder(
+            view,
+            [s.name for s in plan.sites],
+            {s.name: (1 / exact[s.name][0][0], 1 / exact[s.name][0][1]) for s in sites},
+            (h, w),
+            in_chans,
+            device,
+            lambda n, view=view: upsample_factor(n, dict(view.named_modules())),  # type: ignore[misc]
+            _resizer(view),
+            _adapt_head(view) if head == "adapt" else None,
+            uf,
+        )
+        for view, plan in zip(views, plans, strict=True)
+    ]
+    with eval_mode(model):
+        pending = list(finders)
+        while pending:
+            finder = pending.pop(0)
+            before = finder.total_unions
+            finder.run()
+            if finder.total_unions > before:
+                pending = [f for f in finders if f is not finder]
+    named_groups = finders[0].groups()
+    index = {s.name: i for i, s in enumerate(sites)}
+    for i, s in enumerate(sites):
+        s.index = i
+    groups = [[index[n] for n in g] for g in named_groups]
+    defaults = {index[n]: exact[g[0]][0] for g in named_groups for n in g}
+    scales = _resolve_scales(sites, groups, defaults, init_scale, overrides)
+    for s in sites:
+        pools[s.name].set_scale(scales[s.index])
+    for g in named_groups:
+        for n in g[1:]:
+            pools[n].tie_to(pools[g[0]])
+    dtype = first.dtype if first is not None and first.dtype == torch.float64 else torch.float32
+    for pool in pools.values():
+        pool.to(device=device, dtype=dtype)
+        pool.training = model.training
+    gm = _assemble(model, views)
+    by_index = {s.index: pools[s.name] for s in sites}
     if sizes is not None:
-        _apply_sizes(gm, pools, groups, sizes, example)
-    if check and sites:
-        _probe(gm, pools, groups, example)
+        example = torch.zeros(1, in_chans, h, w, device=device, dtype=first.dtype if first is not None else None)
+        _apply_sizes(gm, by_index, groups, sizes, example)
+    if check and sites and (init_scale is not None or overrides or sizes is not None):
+        moved = {s.name: pools[s.name].alpha.detach().cpu().tolist() for s in sites}
+        with eval_mode(model):
+            for finder in finders:
+                finder.check({name: (float(a[0]), float(a[1])) for name, a in moved.items()})
 
-    for node in gm.graph.nodes:
-        # Shapes were taken before the rewrite and are stale now.
-        for key in (SHAPE_KEY, "dynoswap_size_of"):
-            node.meta.pop(key, None)
+    for view in views:
+        for node in view.graph.nodes:
+            # Shapes were taken before the rewrite and are stale now.
+            for key in (SHAPE_KEY, "dynoswap_size_of"):
+                node.meta.pop(key, None)
     group_of = {i: g for g, members in enumerate(groups) for i in members}
     src = source.to_dict() if hasattr(source, "to_dict") else (dict(source) if source is not None else None)
     name = f"{src['library']}:{src['name']}" if src else type(model).__name__
-    report = ConversionReport(name, (h, w), placement, resized_to_partner=resized)
+    report = ConversionReport(name, (h, w), placement, resized_to_partner=[r for f in finders for r in f.resized])
+    report.adapted_heads = [a for f in finders for a in f.adapted]
+    report.limits = {k: v for f in finders for k, v in f.limits.items()}
     for s in sites:
         was = _was(s.primary)
+        scale, note = exact[s.name]
+        leader = sites[groups[group_of[s.index]][0]]
+        n_in = _spatial_in(s)
+        if scales[s.index] != scale:
+            note = ""
+            if init_scale is None and not overrides and sizes is None and n_in:
+                got = pool_size(n_in, (1 / scales[s.index][0], 1 / scales[s.index][1]))
+                if got != original_out[s.name]:
+                    note = f"tied to {leader.name}: init output {got[0]}x{got[1]}, original {original_out[s.name]}"
         report.replacements.append(
             Replacement(
                 name=s.primary.name,
-                was={k: was[k] for k in ("op", "stride", "kernel")},
+                was={k: was[k] for k in ("op", "stride", "kernel", "padding", "ceil_mode")},
                 rule=s.rule,
                 dynopool=s.name,
-                init_scale=tuple(pools[s.index].scale),
+                init_scale=scales[s.index] if pools[s.name].alpha.is_meta else pools[s.name].scale,
                 group=group_of[s.index],
                 merged=[_was(m) for m in s.merged],
                 cost_note=COST_NOTES.get(s.rule, ""),
-                original_out=original_out[s.index],
+                original_out=original_out[s.name],
+                note=note,
             )
         )
+    kept = [k for plan in plans[:1] for k in plan.kept]
+    skips = [k for plan in plans[:1] for k in plan.skips]
     report.skipped = [Skipped(r.name, r.op, reason) for r, reason in kept] + [
         Skipped(k.name, k.op, k.reason) for k in skips
     ]
-    report.groups = [[sites[i].name for i in g] for g in groups]
+    report.groups = named_groups
     gm.meta[RECIPE_KEY] = {
         "version": __version__,
         "source": src,
@@ -386,6 +550,7 @@ def convert(
             "sizes": [list(_pair(v, "sizes")) for v in sizes] if sizes is not None else None,
             "leaf_modules": [_leaf_to_json(s) for s in leaf_modules],
             "patchify": patchify,
+            "head": head,
         },
         "replacements": report.to_dict()["replacements"],
         "skipped": report.to_dict()["skipped"],

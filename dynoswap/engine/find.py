@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..graph import node_label
 from ..layers import DynOPool2d
 
 
@@ -29,6 +30,8 @@ class Resizer:
         stride: (s_h, s_w).
         kernel: (k_h, k_w).
         aggregate: DynOPool aggregate that matches the op (``"max"`` or ``"mean"``).
+        padding: (p_h, p_w), or a padding string (``"same"``).
+        ceil_mode: A pool that rounds its output size up.
     """
 
     node: fx.Node
@@ -37,6 +40,8 @@ class Resizer:
     stride: tuple[int, int]
     kernel: tuple[int, int]
     aggregate: str = "max"
+    padding: tuple[int, int] | str = (0, 0)
+    ceil_mode: bool = False
 
     @property
     def name(self) -> str:
@@ -87,16 +92,6 @@ def register_function(*targets: Any) -> Callable[[FunctionHandler], FunctionHand
     return deco
 
 
-def node_label(node: fx.Node) -> str:
-    """Readable name of a node: its module path, or ``scope.node_name`` for a function call."""
-    if node.op in ("call_module", "get_attr"):
-        return str(node.target)
-    stack = node.meta.get("nn_module_stack") or {}
-    scope = next(reversed(stack.values()))[0] if stack else ""
-    scope = scope if isinstance(scope, str) else ""
-    return f"{scope}.{node.name}" if scope else node.name
-
-
 def _pair(value: Any) -> tuple[int, int]:
     if isinstance(value, int):
         return value, value
@@ -104,24 +99,26 @@ def _pair(value: Any) -> tuple[int, int]:
     return (int(values[0]), int(values[0])) if len(values) == 1 else (int(values[0]), int(values[1]))
 
 
-def _pool_found(node: fx.Node, op: str, kernel: Any, stride: Any, aggregate: str) -> Found:
-    if any(isinstance(v, fx.Node) for v in (kernel, stride)) or kernel is None:
+def _pool_found(
+    node: fx.Node, op: str, kernel: Any, stride: Any, aggregate: str, padding: Any = 0, ceil_mode: Any = False
+) -> Found:
+    if any(isinstance(v, fx.Node) for v in (kernel, stride, padding, ceil_mode)) or kernel is None:
         return Skip(node, op, "kernel or stride is computed at run time")
     stride = kernel if stride is None or stride == [] or stride == () else stride
     s, k = _pair(stride), _pair(kernel)
     if s == (1, 1):
         return None
-    return Resizer(node, "pool", op, s, k, aggregate)
+    return Resizer(node, "pool", op, s, k, aggregate, _pair(padding), bool(ceil_mode))
 
 
 @register_module(nn.MaxPool2d)
 def _max_pool_module(node: fx.Node, m: nn.Module) -> Found:
-    return _pool_found(node, type(m).__name__, m.kernel_size, m.stride, "max")
+    return _pool_found(node, type(m).__name__, m.kernel_size, m.stride, "max", m.padding, m.ceil_mode)
 
 
 @register_module(nn.AvgPool2d)
 def _avg_pool_module(node: fx.Node, m: nn.Module) -> Found:
-    return _pool_found(node, type(m).__name__, m.kernel_size, m.stride, "mean")
+    return _pool_found(node, type(m).__name__, m.kernel_size, m.stride, "mean", m.padding, m.ceil_mode)
 
 
 def _adaptive(node: fx.Node, m: nn.Module) -> Found:
@@ -137,8 +134,9 @@ def _conv_module(node: fx.Node, m: nn.Module) -> Found:
     s, k = _pair(m.stride), _pair(m.kernel_size)
     if s == (1, 1):
         return None
-    patchify = k == s and _pair(m.padding if not isinstance(m.padding, str) else 0) == (0, 0)
-    return Resizer(node, "patchify" if patchify else "conv", type(m).__name__, s, k, "max")
+    padding = m.padding if isinstance(m.padding, str) else _pair(m.padding)
+    patchify = k == s and padding in ((0, 0), "valid")
+    return Resizer(node, "patchify" if patchify else "conv", type(m).__name__, s, k, "max", padding)
 
 
 def _arg(node: fx.Node, index: int, key: str, default: Any = None) -> Any:
@@ -149,12 +147,28 @@ def _arg(node: fx.Node, index: int, key: str, default: Any = None) -> Any:
 
 @register_function(F.max_pool2d, torch.max_pool2d)
 def _max_pool_fn(node: fx.Node) -> Found:
-    return _pool_found(node, "max_pool2d", _arg(node, 1, "kernel_size"), _arg(node, 2, "stride"), "max")
+    return _pool_found(
+        node,
+        "max_pool2d",
+        _arg(node, 1, "kernel_size"),
+        _arg(node, 2, "stride"),
+        "max",
+        _arg(node, 3, "padding", 0),
+        _arg(node, 5, "ceil_mode", False),
+    )
 
 
 @register_function(F.avg_pool2d, torch._C._nn.avg_pool2d)
 def _avg_pool_fn(node: fx.Node) -> Found:
-    return _pool_found(node, "avg_pool2d", _arg(node, 1, "kernel_size"), _arg(node, 2, "stride"), "mean")
+    return _pool_found(
+        node,
+        "avg_pool2d",
+        _arg(node, 1, "kernel_size"),
+        _arg(node, 2, "stride"),
+        "mean",
+        _arg(node, 3, "padding", 0),
+        _arg(node, 4, "ceil_mode", False),
+    )
 
 
 @register_function(F.conv2d, torch.conv2d)

@@ -29,6 +29,7 @@ class Replacement:
         cost_note: Extra cost of the rule, if any (e.g. a conv now runs at stride 1).
         original_out: (h, w) the replaced resizers produced in the original model at the
             conversion's input size (the last merged one's output): the model's stage before.
+        note: Why the initial scale is not 1/stride (e.g. ``ceil_mode: init alpha 2.0167``), if so.
     """
 
     name: str
@@ -40,6 +41,7 @@ class Replacement:
     merged: list[dict[str, Any]] = field(default_factory=list)
     cost_note: str = ""
     original_out: tuple[int, int] | None = None
+    note: str = ""
 
 
 @dataclass
@@ -52,15 +54,35 @@ class Skipped:
 
 
 def _describe(was: dict[str, Any]) -> str:
-    """``Conv2d 3x3/2``: op, kernel, stride."""
+    """``MaxPool2d 3x3/2 pad 1 ceil``: op, kernel, stride, then padding and ceil_mode where set."""
     (kh, kw), (sh, sw) = was["kernel"], was["stride"]
     stride = f"{sh}" if sh == sw else f"{sh}x{sw}"
-    return f"{was['op']} {kh}x{kw}/{stride}"
+    text = f"{was['op']} {kh}x{kw}/{stride}"
+    padding = was.get("padding", [0, 0])
+    if isinstance(padding, str):
+        text += f" pad {padding}"
+    elif any(padding):
+        text += f" pad {padding[0]}" if padding[0] == padding[1] else f" pad {padding[0]}x{padding[1]}"
+    if was.get("ceil_mode"):
+        text += " ceil"
+    return text
 
 
 @dataclass
 class ConversionReport:
-    """Outcome of :func:`dynoswap.convert`."""
+    """Outcome of :func:`dynoswap.convert`.
+
+    Attributes:
+        model: Name of the converted model.
+        input_size: The conversion's (H, W).
+        placement: ``post`` or ``pre``.
+        replacements: One row per DynOPool.
+        skipped: Resizing ops left unchanged, with the reason.
+        groups: DynOPool names per tie group (one alpha each).
+        resized_to_partner: Fixed-factor upsamplings that now take their partner's size.
+        adapted_heads: Layers behind which ``head="adapt"`` inserted an adaptive pool.
+        limits: Ops that need their input at least as large as at conversion, and what that means.
+    """
 
     model: str
     input_size: tuple[int, int]
@@ -69,6 +91,8 @@ class ConversionReport:
     skipped: list[Skipped] = field(default_factory=list)
     groups: list[list[str]] = field(default_factory=list)
     resized_to_partner: list[str] = field(default_factory=list)
+    adapted_heads: list[str] = field(default_factory=list)
+    limits: dict[str, str] = field(default_factory=dict)
 
     @property
     def status(self) -> str:
@@ -104,7 +128,8 @@ class ConversionReport:
         for col in ("node", "was", "rule", "dynopool", "init scale", "group", "note"):
             table.add_column(col)
         for rep in self.replacements:
-            note = "merged " + ", ".join(m["name"] for m in rep.merged) if rep.merged else ""
+            notes = ["merged " + ", ".join(m["name"] for m in rep.merged)] if rep.merged else []
+            note = "; ".join([*notes, *([rep.note] if rep.note else [])])
             scale = (
                 f"{rep.init_scale[0]:.4g}"
                 if rep.init_scale[0] == rep.init_scale[1]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,7 +71,7 @@ SIZE_PRESERVING_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "cont
 def is_size_preserving(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Whether ``node`` is a norm, activation, dropout or identity (keeps the spatial size)."""
     if node.op == "call_module":
-        m = modules[node.target]
+        m = modules[str(node.target)]
         return isinstance(m, SIZE_PRESERVING_MODULES) or type(m).__module__.startswith(SIZE_PRESERVING_PACKAGES)
     if node.op == "call_function":
         return node.target in SIZE_PRESERVING_FUNCTIONS
@@ -111,7 +111,7 @@ def _stride1_conv_dynamic_same(m: nn.Conv2d) -> None:
 
 
 # Each rule returns explicit (left, right, top, bottom) input padding to insert, or None.
-STRIDE_ONE: dict[type, Callable[[nn.Module], tuple[int, int, int, int] | None]] = {nn.Conv2d: _stride1_conv}
+STRIDE_ONE: dict[type, Callable[[Any], tuple[int, int, int, int] | None]] = {nn.Conv2d: _stride1_conv}
 
 
 @functools.cache
@@ -127,7 +127,7 @@ def _register_timm_convs() -> None:
 def make_stride_one(gm: fx.GraphModule, node: fx.Node) -> None:
     """Run the conv of ``node`` at stride 1 with padding that keeps the input size."""
     _register_timm_convs()
-    m = gm.get_submodule(node.target)
+    m = gm.get_submodule(str(node.target))
     for cls in type(m).__mro__:
         if cls in STRIDE_ONE:
             pad = STRIDE_ONE[cls](m)
@@ -253,7 +253,7 @@ def _dedupe_names(sites: list[Site]) -> None:
 
 
 # -- applying -----------------------------------------------------------------
-def apply_sites(gm: fx.GraphModule, sites: list[Site], modules_by_site: dict[int, nn.Module]) -> None:
+def apply_sites(gm: fx.GraphModule, sites: list[Site], modules_by_site: Mapping[int, nn.Module]) -> None:
     """Insert each site's DynOPool module into ``gm`` and remove the replaced pools."""
     graph = gm.graph
     for site in sites:
@@ -273,13 +273,16 @@ def apply_sites(gm: fx.GraphModule, sites: list[Site], modules_by_site: dict[int
         else:
             make_stride_one(gm, primary)
             anchor = site.anchor
+            assert anchor is not None
             with graph.inserting_after(anchor):
                 new = graph.call_module(site.name, (anchor,))
             _copy_meta(anchor, new)
-            anchor.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
+            anchor.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)  # type: ignore[misc]
         for merged in site.merged:
             node = merged.node
-            node.replace_all_uses_with(node.args[0])
+            source = node.args[0]
+            assert isinstance(source, fx.Node)
+            node.replace_all_uses_with(source)
             graph.erase_node(node)
     graph.lint()
     gm.delete_all_unused_submodules()
@@ -295,8 +298,8 @@ def _copy_meta(src: fx.Node, dst: fx.Node) -> None:
 # -- fixed-factor upsampling feeding a merge -> resize to the partner's size -----------
 def upsample_factor(node: fx.Node, modules: dict[str, nn.Module]) -> dict[str, Any] | None:
     """Interpolation options of a fixed-factor upsampling node, else None."""
-    if node.op == "call_module" and isinstance(modules.get(node.target), nn.Upsample):
-        m = modules[node.target]
+    if node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.Upsample):
+        m = modules[str(node.target)]
         if m.scale_factor is None:
             return None
         return {"mode": m.mode, "align_corners": m.align_corners}

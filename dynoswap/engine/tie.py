@@ -1,343 +1,341 @@
-"""Tie DynOPool scales so tensors that meet keep equal resolutions for every alpha.
+"""Tie DynOPool scales, discovered by moving every scale on its own.
 
-Each tensor's resolution is a symbolic expression over the input:
-
-* ``("in",)`` the model input,
-* ``("pool", site, parent)`` a DynOPool site applied to ``parent``,
-* ``("op", key, parent)`` a fixed size-changing op (valid conv, skipped resizer, ...),
-* ``("const", shape)`` a size that does not follow the input (adaptive/global pools, parameters).
-
-At every merge (add/sub/mul/div of equal-sized tensors, concatenation along channels) the
-operands' expressions are unified; equal ``pool`` nodes force their sites into one union-find
-group and their parents to be equal, recursively. Each group then shares one alpha.
+The converted graph runs on the meta device in several worlds (see
+:mod:`dynoswap.graph`): the input size changes and every tie group's alpha is
+multiplied by its own factors, different per axis, up in one world and down in
+another. An op that then fails names the groups that meet there: their resolution
+expressions are unified (two DynOPools fed equal resolutions must share one alpha)
+and the run goes on with the op's inputs brought to one size, as the tied model would
+have them. Passes repeat until one runs clean, so the last pass is the check that every
+reachable combination of scales works. No op list: a ``torch.stack``, an ``einsum``
+or a user's own op ties what it needs because it fails when its inputs disagree, and
+broadcasting against a ``[N, C, 1, 1]`` gate ties nothing because it does not fail.
 """
 
 from __future__ import annotations
 
-import functools
-import operator
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
-from .find import node_label
-from .report import ConversionError
+from ..errors import ConversionError
+from ..graph import NodeFailure, Resolution, UnionFind, WorldRunner, analyse, describe, make_worlds, node_label, unify
+from ..graph.resolution import tensor_inputs
 
-Expr = tuple
+#: Refusal categories (ConversionError.category) of models whose sizes cannot move.
+FIXED_POSITION = "fixed position embedding"
+FIXED_WINDOW = "fixed window partition"
+FIXED_HEAD = "fixed-size head"
+FIXED_INPUT = "fixed input size"
+UNTIEABLE = "untieable merge"
+BREAKS = "breaks when scales move"
+NOT_2D = "not a 2-D CNN"
+ALREADY = "already converted"
+
+MAX_PASSES = 64
+RESHAPES = {"view", "reshape", "unflatten", "flatten", "unfold"}
 
 
 class TieError(ConversionError):
-    """Two tensors must keep equal resolutions but no tying of scales can guarantee it."""
+    """Tensors that must keep equal resolutions, but no tying of scales can guarantee it.
+
+    Attributes:
+        category: One of the refusal categories (``fixed position embedding``, ``fixed window
+            partition``, ``fixed-size head``, ``fixed input size``, ``untieable merge``, ``breaks when
+            scales move``, ``not a 2-D CNN``, ``already converted``).
+        node: The node where the model breaks.
+    """
+
+    def __init__(self, message: str, category: str = UNTIEABLE, node: str = "") -> None:
+        super().__init__(message)
+        self.category = category
+        self.node = node
 
 
-MERGE_FUNCTIONS: set[Any] = {
-    operator.add,
-    operator.sub,
-    operator.mul,
-    operator.truediv,
-    operator.iadd,
-    operator.imul,
-    torch.add,
-    torch.sub,
-    torch.mul,
-    torch.div,
-    torch.maximum,
-    torch.minimum,
-}
-MERGE_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum"}
-CAT_FUNCTIONS: set[Any] = {torch.cat, torch.concat, torch.concatenate}
-# Layout ops move dimensions around but keep the resolution.
-LAYOUT_METHODS = {
-    "permute",
-    "transpose",
-    "contiguous",
-    "view",
-    "reshape",
-    "flatten",
-    "unflatten",
-    "unsqueeze",
-    "squeeze",
-    "chunk",
-    "split",
-    "to",
-    "float",
-    "type_as",
-}
-LAYOUT_FUNCTIONS: set[Any] = {
-    torch.permute,
-    torch.transpose,
-    torch.reshape,
-    torch.flatten,
-    torch.unsqueeze,
-    torch.squeeze,
-    torch.chunk,
-    torch.split,
-}
-CONST_METHODS = {"mean", "amax", "sum", "max", "std", "var"}
-CONST_FUNCTIONS: set[Any] = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.mean, torch.amax, torch.sum}
-CONST_MODULES: tuple[type, ...] = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+class _Restart(Exception):
+    """The graph was rewritten (an upsampling now follows its partner, a head was adapted): run again."""
 
 
-@functools.cache
-def const_modules() -> tuple[type, ...]:
-    """Return the module types whose output size is fixed (timm's SelectAdaptivePool2d added lazily)."""
-    try:
-        from timm.layers import SelectAdaptivePool2d
-    except ImportError:
-        return CONST_MODULES
-    return (*CONST_MODULES, SelectAdaptivePool2d)
-
-
-def node_shape(node: fx.Node) -> tuple[int, ...] | None:
-    """Shape recorded by shape propagation, or None when the node is not a tensor."""
-    shape = node.meta.get("dynoswap_shape")
-    return tuple(int(s) for s in shape) if shape is not None else None
-
-
-def _tensor_args(node: fx.Node) -> list[fx.Node]:
-    found: list[fx.Node] = []
-
-    def visit(a: Any) -> None:
-        if isinstance(a, fx.Node):
-            found.append(a)
-        elif isinstance(a, (list, tuple)):
-            for b in a:
-                visit(b)
-
-    visit(node.args)
-    visit(tuple(node.kwargs.values()))
-    return found
-
-
-def _shape_origin(a: Any) -> fx.Node | None:
-    """Find the tensor whose ``.shape`` / ``.size()`` a value was read from (through indexing), if any."""
-    while isinstance(a, fx.Node):
-        if a.op == "call_function" and a.target is getattr and a.args[1] == "shape":
-            return a.args[0]
-        if a.op == "call_method" and a.target == "size":
-            return a.args[0]
-        if a.op == "call_function" and a.target is operator.getitem:
-            a = a.args[0]
-            continue
-        return None
+def _source_4d(res: Resolution, node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """Find the last NCHW map on the single-input chain that ends in ``node``, and the next node of the chain."""
+    child, current = node, node
+    for _ in range(16):
+        if current is not node and len(res.shapes[current][0]) == 4 and res.dims[current] == (2, 3):
+            return current, child
+        inputs = [a for a in tensor_inputs(current) if a in res.shapes and not res.is_const(a)]
+        if len(inputs) != 1:
+            return None
+        child, current = current, inputs[0]
     return None
 
 
-def _size_origin(node: fx.Node) -> fx.Node | None:
-    """For ``F.interpolate(x, size=<partner's shape>)``: the partner, whose resolution the output takes."""
-    if node.op != "call_function" or node.target is not F.interpolate:
-        return None
-    size = node.args[1] if len(node.args) > 1 else node.kwargs.get("size")
-    parts = size if isinstance(size, (list, tuple)) else [size]
-    origins = {_shape_origin(p) for p in parts}
-    return origins.pop() if len(origins) == 1 else None
+def _is_linear(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(str(node.target)), nn.Linear)
+    return node.op == "call_function" and node.target in (torch.nn.functional.linear, torch.matmul, torch.mm)
 
 
-class UnionFind:
-    """Union-find over site indices."""
+class TieFinder:
+    """Discover the tie groups of a converted graph.
 
-    def __init__(self, n: int) -> None:
-        self.parent = list(range(n))
+    Args:
+        gm: The converted graph (every DynOPool a call_module node, untied).
+        names: DynOPool module names in execution order (the sites).
+        base_alpha: Initial alpha of each DynOPool.
+        input_size: The conversion's (H, W).
+        in_chans: Input channels.
+        device: Where ops without a meta kernel run.
+        upsample_of: Interpolation options of a fixed-factor upsampling node, else None.
+        resize: Rewrite an upsampling to take a partner's size (returns the new node).
+        adapt_head: Called with (flatten source node, its original (h, w)) to insert an adaptive
+            pool; None refuses fixed-size heads.
+        uf: Tie groups over DynOPool names to extend (shared by the graphs of a two-mode model).
+    """
 
-    def find(self, i: int) -> int:  # noqa: D102
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
-
-    def union(self, a: int, b: int) -> None:  # noqa: D102
-        a, b = self.find(a), self.find(b)
-        if a != b:
-            self.parent[max(a, b)] = min(a, b)  # the earliest site leads
-
-    def groups(self) -> list[list[int]]:
-        """Return the groups in execution order of their leader, members in order."""
-        out: dict[int, list[int]] = {}
-        for i in range(len(self.parent)):
-            out.setdefault(self.find(i), []).append(i)
-        return [out[k] for k in sorted(out)]
-
-
-def describe(expr: Expr, names: list[str]) -> str:
-    """Readable form of a resolution expression."""
-    kind = expr[0]
-    if kind == "in":
-        return "input"
-    if kind == "const":
-        return f"fixed {tuple(expr[1])}"
-    if kind == "pool":
-        return f"{names[expr[1]]}({describe(expr[2], names)})"
-    return f"{expr[1][0]}({describe(expr[2], names)})"
-
-
-class Resolver:
-    """Computes each node's resolution expression and unifies them at merges."""
-
-    def __init__(self, gm: fx.GraphModule, site_of: dict[fx.Node, int], identity: set[fx.Node], names: list[str]):
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        names: Sequence[str],
+        base_alpha: dict[str, tuple[float, float]],
+        input_size: tuple[int, int],
+        in_chans: int,
+        device: torch.device,
+        upsample_of: Callable[[fx.Node], dict[str, Any] | None],
+        resize: Callable[[fx.Node, fx.Node, dict[str, Any]], Any],
+        adapt_head: Callable[[fx.Node, fx.Node, tuple[int, int]], None] | None = None,
+        uf: UnionFind | None = None,
+    ) -> None:
         self.gm = gm
-        self.modules = dict(gm.named_modules())
-        self.site_of = site_of
-        self.identity = identity
-        self.names = names
-        self.uf = UnionFind(len(names))
-        self.exprs: dict[fx.Node, Expr] = {}
-        self.ref_shape: dict[fx.Node, tuple[int, ...] | None] = {}
-        self.first_input = True
+        self.names = list(names)
+        self.base_alpha = base_alpha
+        self.input_size = input_size
+        self.in_chans = in_chans
+        self.device = device
+        self.upsample_of = upsample_of
+        self.resize = resize
+        self.adapt_head = adapt_head
+        self.uf = uf if uf is not None else UnionFind(self.names)
+        for name in self.names:
+            self.uf.find(name)
+        self.resized: list[str] = []
+        self.adapted: list[str] = []
+        self.limits: dict[str, str] = {}
+        self.passes = 0
+        self._unions = 0
+        self.total_unions = 0
 
-    # -- unification --------------------------------------------------------
-    def unify(self, a: Expr, b: Expr) -> bool:
-        """Make ``a`` and ``b`` equal for every alpha by tying sites; False when impossible."""
-        if a is b:
-            return True
-        if a[0] != b[0]:
-            return False
-        if a[0] == "in":
-            return True
-        if a[0] == "const":
-            return tuple(a[1]) == tuple(b[1])
-        if a[0] == "pool":
-            if not self.unify(a[2], b[2]):
-                return False
-            self.uf.union(a[1], b[1])
-            return True
-        return a[1] == b[1] and self.unify(a[2], b[2])
+    # -- the run ---------------------------------------------------------------
+    def alpha_of(self, name: str, module: nn.Module) -> tuple[tuple[float, float], Hashable]:
+        """Return the base alpha and current group of a DynOPool."""
+        return self.base_alpha[name], self.uf.find(name)
 
-    # -- expressions --------------------------------------------------------
-    def run(self) -> None:
-        """Walk the graph once."""
-        for node in self.gm.graph.nodes:
-            self.exprs[node] = self._expr(node)
-            shape = node_shape(node)
-            parent = next((a for a in _tensor_args(node) if a in self.ref_shape), None)
-            self.ref_shape[node] = shape if shape is not None else self.ref_shape.get(parent)
+    def leaders(self) -> list[Hashable]:
+        """One key per current group."""
+        return [g[0] for g in self.uf.groups()]
 
-    def _parent(self, node: fx.Node) -> fx.Node | None:
-        # The first operand whose size follows the input, else the first operand.
-        args = [a for a in _tensor_args(node) if a in self.exprs]
-        return next((a for a in args if self.exprs[a][0] != "const"), args[0] if args else None)
+    @property
+    def unions(self) -> int:
+        """Groups joined in the last pass."""
+        return self._unions
 
-    def _expr(self, node: fx.Node) -> Expr:
-        shape = node_shape(node)
-        if node.op == "placeholder":
-            if self.first_input:
-                self.first_input = False
-                return ("in",)
-            return ("const", shape or ())
-        if node.op == "get_attr":
-            return ("const", shape or ())
-        if node in self.site_of:
-            return ("pool", self.site_of[node], self.exprs[self._parent(node)])
-        size_of = node.meta.get("dynoswap_size_of")
-        if size_of is not None:
-            return self.exprs[size_of]
-        if self._is_merge(node):
-            return self._merge(node)
-        origin = _size_origin(node)
-        if origin is not None and origin in self.exprs:
-            return self.exprs[origin]
-        parent = self._parent(node)
-        if parent is None:
-            return ("const", shape or ())
-        if node in self.identity or self._is_layout(node):
-            return self.exprs[parent]
-        pshape = self.ref_shape.get(parent)
-        if self._is_const(node) and (shape is None or pshape is None or len(shape) < 3 or shape[-2:] != pshape[-2:]):
-            # A reduction over the spatial dims (sums over other dims keep the resolution).
-            return ("const", shape or ())
-        if shape is None or self._keeps_resolution(node, shape, pshape):
-            return self.exprs[parent]
-        return ("op", self._key(node), self.exprs[parent])
+    def run(self, seed: int = 0) -> Resolution:
+        """Unify until a pass in which every group moves on its own runs clean; return that pass."""
+        for attempt in range(MAX_PASSES):
+            self.passes += 1
+            self._unions = 0
+            worlds = make_worlds(self.input_size, self.leaders(), seed + attempt)
+            try:
+                res = analyse(self.gm, worlds, self.alpha_of, self.in_chans, self.device, self._on_failure)
+            except _Restart:
+                continue
+            if self._unions == 0:
+                return res
+        raise ConversionError(f"tying did not settle after {MAX_PASSES} passes")
 
-    def _keeps_resolution(self, node: fx.Node, shape: tuple[int, ...], pshape: tuple[int, ...] | None) -> bool:
-        if pshape is None or len(shape) < 3 or len(pshape) < 3:
-            return False
-        if len(shape) != len(pshape):  # reductions/reshapes over leading dims, e.g. a sum over radix groups
-            return shape[-2:] == pshape[-2:]
-        if node.op == "call_module" and isinstance(self.modules[node.target], (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
-            return shape[-2:] == pshape[-2:]
-        # Channel-mixing ops change one dim: channels first (NCHW) or last (NHWC, e.g. nn.Linear).
-        differ = [d for d in range(len(shape)) if shape[d] != pshape[d]]
-        return differ in ([], [0], [1], [len(shape) - 1])
+    def groups(self) -> list[list[str]]:
+        """DynOPool names per group, in execution order."""
+        return [[str(name) for name in g] for g in self.uf.groups()]
 
-    def _key(self, node: fx.Node) -> tuple:
-        if node.op == "call_module":
-            m = self.modules[node.target]
-            if isinstance(m, nn.Conv2d):
-                return ("conv", m.kernel_size, m.stride, str(m.padding), m.dilation)
-            return (type(m).__name__, node.name)
-        return (str(getattr(node.target, "__name__", node.target)), node.name)
+    def check(self, alphas: dict[str, tuple[float, float]], seed: int = 1) -> Resolution:
+        """Run every world at the given alphas without tying anything; fail with the node named."""
+        saved = self.base_alpha
+        self.base_alpha = alphas
+        try:
+            worlds = make_worlds(self.input_size, self.leaders(), seed)
+            return analyse(self.gm, worlds, self.alpha_of, self.in_chans, self.device, self._refuse)
+        finally:
+            self.base_alpha = saved
 
-    def _is_layout(self, node: fx.Node) -> bool:
-        if node.op == "call_method":
-            return node.target in LAYOUT_METHODS
-        return node.op == "call_function" and node.target in LAYOUT_FUNCTIONS
+    # -- failures ----------------------------------------------------------------
+    def _name(self, key: Hashable) -> str:
+        return str(key)
 
-    def _is_const(self, node: fx.Node) -> bool:
-        if node.op == "call_module":
-            return isinstance(self.modules[node.target], const_modules())
-        if node.op == "call_method":
-            return node.target in CONST_METHODS
-        return node.op == "call_function" and node.target in CONST_FUNCTIONS
+    def _refuse(self, res: Resolution, runner: WorldRunner, failure: NodeFailure) -> None:
+        live = [a for a in tensor_inputs(failure.node) if a in res.exprs and not res.is_const(a)]
+        if len(live) == 1 and self._minimum_size(res, runner, failure, live[0]):
+            return
+        raise self._error(res, failure)
 
-    def _is_merge(self, node: fx.Node) -> bool:
-        if node.op == "call_function":
-            if node.target in CAT_FUNCTIONS:
-                shape = node_shape(node)
-                dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-                return shape is not None and len(shape) == 4 and dim in (1, -3)
-            return node.target in MERGE_FUNCTIONS
-        return node.op == "call_method" and node.target in MERGE_METHODS
-
-    def _broadcast(self, operand: fx.Node, out_shape: tuple[int, ...] | None) -> bool:
-        shape = self.ref_shape.get(operand)
-        if shape is None or out_shape is None or len(shape) < 3:
-            return True
-        expr = self.exprs[operand]
-        if expr[0] == "const":
-            return 1 in shape[-2:]
-        return shape[-2:] == (1, 1) and out_shape[-2:] != (1, 1)
-
-    def _merge(self, node: fx.Node) -> Expr:
-        out_shape = node_shape(node)
-        operands = [a for a in _tensor_args(node) if a in self.exprs]
-        live = [a for a in operands if not self._broadcast(a, out_shape)]
-        if not live:
-            return self.exprs[operands[0]] if operands else ("const", out_shape or ())
+    def _on_failure(self, res: Resolution, runner: WorldRunner, failure: NodeFailure) -> None:
+        node, world = failure.node, failure.world
+        inputs = [a for a in tensor_inputs(node) if a in res.exprs]
+        live = [a for a in inputs if not res.is_const(a)]
+        if len(live) < 2:
+            self._fixed_size(res, node, live)
+            if len(live) == 1 and self._minimum_size(res, runner, failure, live[0]):
+                return
+            raise self._error(res, failure)
         first = live[0]
         for other in live[1:]:
-            if not self.unify(self.exprs[first], self.exprs[other]):
-                raise TieError(
-                    f"'{node_label(node)}' combines '{node_label(first)}' (resolution "
-                    f"{describe(self.exprs[first], self.names)}) with '{node_label(other)}' (resolution "
-                    f"{describe(self.exprs[other], self.names)}): no tying of DynOPool scales keeps them equal "
-                    "once alpha moves"
-                )
-        return self.exprs[first]
+            before = self.uf.groups()
+            if not unify(res.exprs[first], res.exprs[other], self.uf):
+                self._try_resize(res, node, first, other)
+                raise self._untieable(res, node, first, other)
+            if self.uf.groups() != before:
+                self._unions += 1
+                self.total_unions += 1
+        if self._unions == 0:
+            raise self._error(res, failure)  # equal resolutions already, and still failing: not a tying matter
+        value = self._patched(res, runner, node, world, first, live[1:])
+        if value is None:
+            raise _Restart  # the groups are joined: the next pass runs the tied model
+        runner.envs[world][node] = value
 
+    def _minimum_size(self, res: Resolution, runner: WorldRunner, failure: NodeFailure, x: fx.Node) -> bool:
+        """Let an op that needs its input as large as at conversion (a valid 5x5 conv on a 5x5 map) go on.
 
-def find_merge_upsamples(gm: fx.GraphModule, upsample_of: Callable[[fx.Node], dict | None]) -> list[tuple]:
-    """(upsample, partner, options) for every fixed-factor upsampling that feeds a merge.
+        Not a tying matter: the limit is recorded (``limits``) and the run goes on as if the input had its
+        reference size. Returns whether that was the case.
+        """
+        node, world = failure.node, failure.world
+        s0, sk = res.shapes[x][0], res.shapes[x][world]
+        dims = res.dims[x]
+        if not any(sk[d] < s0[d] for d in dims):
+            return False
+        grown = [max(sk[d], s0[d]) if d in dims else sk[d] for d in range(len(sk))]
+        env = runner.envs[world]
+        override = {x: env[x].new_empty(grown)}
+        args = fx.node.map_arg(node.args, lambda a: override.get(a, env[a]))
+        kwargs = fx.node.map_arg(node.kwargs, lambda a: override.get(a, env[a]))
+        try:
+            value = runner.compute(node, world, args, kwargs)  # type: ignore[arg-type,unused-ignore]
+        except Exception:
+            return False
+        size = "x".join(str(s0[d]) for d in dims)
+        self.limits.setdefault(
+            node_label(node), f"needs an input of at least {size} (its size at conversion): keep the scales before it"
+        )
+        env[node] = value
+        return True
 
-    The partner is another operand of the merge defined before the upsampling node.
-    """
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    found = []
-    seen: set[fx.Node] = set()
-    probe = Resolver(gm, {}, set(), [])
-    for node in gm.graph.nodes:
-        if not probe._is_merge(node):
-            continue
-        operands = _tensor_args(node)
-        for op in operands:
-            options = upsample_of(op)
-            if options is None or op in seen:
+    def _patched(
+        self, res: Resolution, runner: WorldRunner, node: fx.Node, world: int, ref: fx.Node, others: list[fx.Node]
+    ) -> Any:
+        """Run ``node`` with ``others`` brought to ``ref``'s resolution where they agree at the reference."""
+        env = runner.envs[world]
+        override = {}
+        a0, ak = res.shapes[ref][0], res.shapes[ref][world]
+        for b in others:
+            b0, bk = res.shapes[b][0], res.shapes[b][world]
+            new = list(bk)
+            if len(res.dims[b]) == len(res.dims[ref]):  # spatial dims, wherever the layout put them
+                for db, da in zip(res.dims[b], res.dims[ref], strict=True):
+                    new[db] = ak[da]
+            elif len(b0) == len(a0):
+                new = [ak[d] if b0[d] == a0[d] and bk[d] != ak[d] else bk[d] for d in range(len(bk))]
+            override[b] = env[b].new_empty(new)
+        args = fx.node.map_arg(node.args, lambda a: override.get(a, env[a]))
+        kwargs = fx.node.map_arg(node.kwargs, lambda a: override.get(a, env[a]))
+        try:
+            return runner.compute(node, world, args, kwargs)  # type: ignore[arg-type,unused-ignore]
+        except Exception:
+            return None
+
+    def _try_resize(self, res: Resolution, node: fx.Node, first: fx.Node, other: fx.Node) -> None:
+        """Make a fixed-factor upsampling that meets a partner take the partner's size, then run again."""
+        nodes = {n.name: n for n in self.gm.graph.nodes}
+        order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        for up_side, partner_side in ((other, first), (first, other)):
+            expr = res.exprs[up_side]
+            if expr[0] != "op" or expr[1] not in nodes:
                 continue
-            partners = [p for p in operands if p is not op and upsample_of(p) is None and order[p] < order[op]]
-            partners = [p for p in partners if node_shape(p) is not None and node_shape(p)[-2:] == node_shape(op)[-2:]]
-            if partners:
-                seen.add(op)
-                found.append((op, partners[0], options))
-    return found
+            upsample = nodes[expr[1]]
+            options = self.upsample_of(upsample)
+            if options is None:
+                continue
+            target = res.exprs[partner_side]
+            partner = next((n for n in order if res.exprs.get(n) == target and order[n] < order[upsample]), None)
+            if partner is None or res.spatial(partner) != res.spatial(upsample):
+                continue
+            self.resized.append(node_label(upsample))
+            self.resize(upsample, partner, options)
+            raise _Restart
+
+    def _fixed_size(self, res: Resolution, node: fx.Node, live: list[fx.Node]) -> None:
+        """Refuse (or adapt) a flatten into a Linear and a fixed position embedding."""
+        modules = dict(self.gm.named_modules())
+        if _is_linear(node, modules) and live:
+            chain = _source_4d(res, node)
+            if chain is not None:
+                source, child = chain
+                h, w = res.shapes[source][0][-2:]
+                if self.adapt_head is not None:
+                    self.adapted.append(node_label(node))
+                    self.adapt_head(source, child, (h, w))
+                    raise _Restart
+                layer = modules.get(str(node.target))
+                what = (
+                    f"Linear({layer.in_features} → {layer.out_features})"
+                    if isinstance(layer, nn.Linear)
+                    else "a matmul"
+                )
+                raise TieError(
+                    f"'{node_label(node)}' flattens a {h}×{w} map ('{node_label(source)}') into {what}: its input size "
+                    "is fixed once scales move; convert with head='adapt' to pool the map to "
+                    f"{h}×{w} before the flatten",
+                    FIXED_HEAD,
+                    node_label(node),
+                )
+        fixed = [a for a in tensor_inputs(node) if a in res.exprs and res.is_const(a) and len(res.shapes[a][0]) >= 3]
+        if live and fixed and any(max(res.shapes[a][0][1:]) > 1 for a in fixed):
+            const = next(a for a in fixed if max(res.shapes[a][0][1:]) > 1)
+            raise TieError(
+                f"'{node_label(node)}' combines '{node_label(live[0])}' (resolution "
+                f"{describe(res.exprs[live[0]], self._name)}) with '{node_label(const)}' of fixed shape "
+                f"{tuple(res.shapes[const][0])} (a fixed position embedding): no tying of DynOPool scales keeps "
+                "them equal once alpha moves",
+                FIXED_POSITION,
+                node_label(node),
+            )
+
+    def _untieable(self, res: Resolution, node: fx.Node, first: fx.Node, other: fx.Node) -> TieError:
+        a, b = res.exprs[first], res.exprs[other]
+        category = FIXED_POSITION if "const" in (a[0], b[0]) else UNTIEABLE
+        return TieError(
+            f"'{node_label(node)}' combines '{node_label(first)}' (resolution {describe(a, self._name)}) with "
+            f"'{node_label(other)}' (resolution {describe(b, self._name)}): no tying of DynOPool scales keeps them "
+            "equal once alpha moves",
+            category,
+            node_label(node),
+        )
+
+    def _error(self, res: Resolution, failure: NodeFailure) -> TieError:
+        node = failure.node
+        cause = str(failure.cause).strip().splitlines()[0] if str(failure.cause).strip() else type(failure.cause)
+        is_reshape = (
+            node.op == "call_method"
+            and node.target in RESHAPES
+            or (node.op == "call_function" and getattr(node.target, "__name__", "") in RESHAPES)
+        )
+        category = FIXED_WINDOW if is_reshape else BREAKS
+        why = " (a reshape to a fixed size, e.g. a window partition)" if is_reshape else ""
+        if node.op == "call_function" and node.target is torch._assert:
+            category, why = FIXED_INPUT, " (the model asserts a fixed input size)"
+        return TieError(
+            f"not convertible: the converted model fails once DynOPool scales move, at '{node_label(node)}'{why}: "
+            f"{cause}",
+            category,
+            node_label(node),
+        )

@@ -135,7 +135,7 @@ def trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = ()) -> fx.GraphMo
     user_names = {s for s in leaf_modules if isinstance(s, str)}
     opaque_timm = set()
     for qualname, sub in model.named_modules():
-        if timm_types and isinstance(sub, timm_types) and not _contains_resizer(sub):
+        if timm_types and isinstance(sub, timm_types) and not _contains_resizer(sub):  # type: ignore[arg-type,unused-ignore]
             opaque_timm.add(qualname)
     while True:
         tracer = DynoTracer(ALWAYS_LEAF + user_types, user_names | opaque_timm, timm_functions)

@@ -1,0 +1,28 @@
+"""Which model a cost is about: the one inside training wrappers, and the input size it was converted for."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Return the model inside DataParallel / DDP / torch.compile wrappers (the one that was converted)."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            return model
+
+
+def reference_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """Read the input size a converted model was built for (``gm.meta["dynoswap"]["input_size"]``)."""
+    meta = getattr(model, "meta", None)
+    recipe = meta.get("dynoswap") if isinstance(meta, dict) else None
+    size = recipe.get("input_size") if isinstance(recipe, dict) else None
+    if size is None:
+        return None
+    if isinstance(size, int):
+        return size, size
+    return int(size[0]), int(size[1])
