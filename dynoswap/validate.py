@@ -82,23 +82,18 @@ def check_scale(value: Any, what: str) -> tuple[float, float]:
 def check_convert_args(model: Any, input_size: Any, sizes: Any = None) -> tuple[int, int]:
     """Check ``dynoswap.convert``'s model and input size before any work; returns (H, W).
 
+    An already converted model is refused by the engine itself (with its refusal category).
+
     Raises:
         TypeError: ``model`` is not a ``torch.nn.Module`` (e.g. a model name), or ``input_size``
             is not a pair of integers.
-        ValueError: ``model`` was already converted, a side is below 1, or a target size is below 2.
+        ValueError: A side below 1, or a target size below 2.
     """
     from torch import nn
 
     if not isinstance(model, nn.Module):
         hint = " (build it first, e.g. dynoswap.models.resolve(name)[0])" if isinstance(model, str) else ""
         raise TypeError(f"convert needs a torch.nn.Module, got {type(model).__name__} {model!r:.60}{hint}")
-    meta = getattr(model, "meta", None)
-    if isinstance(meta, dict) and "dynoswap" in meta:
-        raise ValueError("the model is already converted (it carries a dynoswap recipe); convert the original model")
-    from .layers import DynOPool2d
-
-    if any(isinstance(m, DynOPool2d) for m in model.modules()):
-        raise ValueError("the model already contains DynOPool2d layers; convert the original model")
     size = check_size(input_size, "input_size")
     if sizes is not None:
         check_target_sizes(sizes)

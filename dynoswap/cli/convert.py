@@ -187,7 +187,7 @@ def convert_cmd(
     """Replace a model's resizers (pooling, strided convs) by DynOPools and report the result."""
     from ..cost import original_stage_sizes
     from ..io.output import replace_output
-    from ..io.recipe import resolve_leaf
+    from ..io.recipe import HEADS, resolve_leaf
     from ..io.saving import SAVED_MODEL, verify_saved, write_saved
     from .render import compare_table, dynopool_table, mismatch_table, replacement_table, skipped_table
     from .summary import summarize
@@ -201,7 +201,7 @@ def convert_cmd(
         loaded = load_model(model, plan.num_classes, model_kwargs, weights, allow_missing, trust_code, strict_values)
         if loaded.is_saved:
             raise UsageError(f"{model} is already a converted dynoswap model; use `dynoswap inspect {model}`")
-        if head not in ("none", "adapt"):
+        if head not in HEADS:
             raise UsageError(f"--head must be none or adapt, got {head!r}")
         leaves = [resolve_leaf(name, trust_code=trust_code, where="--leaf-module") for name in leaf_module or ()]
         gm, report = run_conversion(loaded.model, plan, loaded.source, leaves, head)

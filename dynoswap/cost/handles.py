@@ -36,19 +36,19 @@ class DynOPoolOp(torch.autograd.Function):
     """A DynOPool2d forward seen by the jit tracer as a single op (counting only, no backward)."""
 
     @staticmethod
-    def forward(ctx, x):  # type: ignore[override]  # noqa: D102
+    def forward(ctx, x):  # noqa: D102
         # The inner ops must not enter the trace: they would be counted (or
         # reference values the PythonOp cannot see).
         state = torch._C._get_tracing_state()
-        torch._C._set_tracing_state(None)
+        torch._C._set_tracing_state(None)  # type: ignore[attr-defined]
         try:
             with torch.no_grad():
                 return _RUNNING[-1](x)
         finally:
-            torch._C._set_tracing_state(state)
+            torch._C._set_tracing_state(state)  # type: ignore[attr-defined]
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]  # noqa: D102
+    def backward(ctx, grad_out):  # noqa: D102
         raise RuntimeError("DynOPoolOp exists for counting only; it has no backward")
 
 

@@ -17,12 +17,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def reference_input_size(model: nn.Module) -> tuple[int, int] | None:
-    """Read the input size a converted model was built for (``gm.meta["dynoswap"]["input_size"]``)."""
-    meta = getattr(model, "meta", None)
-    recipe = meta.get("dynoswap") if isinstance(meta, dict) else None
-    size = recipe.get("input_size") if isinstance(recipe, dict) else None
-    if size is None:
-        return None
-    if isinstance(size, int):
-        return size, size
-    return int(size[0]), int(size[1])
+    """Read the input size a converted model was built for (its recipe's ``input_size``)."""
+    from ..io.recipe import input_size_of
+
+    return input_size_of(model)

@@ -1,6 +1,7 @@
 """Model surgery on torch.fx: trace -> find -> rewrite -> tie."""
 
-from .convert import RECIPE_KEY, convert
+from ..io.recipe import RECIPE_KEY
+from .convert import convert
 from .find import FUNCTION_RESIZERS, MODULE_RESIZERS, Resizer, Skip, find_resizers, register_function, register_module
 from .report import ConversionError, ConversionReport, Replacement, Skipped
 from .tie import TieError, TieFinder

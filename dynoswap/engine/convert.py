@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib
 import inspect
 import math
 from collections.abc import Mapping, Sequence
@@ -18,7 +17,10 @@ from ..cost.count import infer_in_chans
 from ..graph import NodeFailure, UnionFind, World, analyse, node_label, pool_size
 from ..graph.modal import ModalGraphModule
 from ..graph.propagate import eval_mode
+from ..io.recipe import HEADS, RECIPE_KEY, Recipe, RecipeOptions
 from ..layers import DynOPool2d
+from ..sources import ModelSource
+from ..validate import check_convert_args
 from ..version import __version__
 from .find import Resizer, Skip, find_resizers
 from .report import ConversionError, ConversionReport, Replacement, Skipped
@@ -26,9 +28,7 @@ from .rewrite import Site, apply_sites, plan_sites, resize_to_partner, upsample_
 from .tie import ALREADY, NOT_2D, TieError, TieFinder
 from .trace import LeafSpec, trace
 
-RECIPE_KEY = "dynoswap"
 SHAPE_KEY = "dynoswap_shape"
-HEADS = ("none", "adapt")
 #: Layers of other dimensionalities: a model built from them is not a 2-D CNN.
 NOT_2D_LAYERS: tuple[type, ...] = (
     nn.Conv3d,
@@ -64,17 +64,6 @@ def _check_scale(value: Any, what: str) -> tuple[float, float]:
 
 def _leaf_to_json(spec: LeafSpec) -> str:
     return f"class:{spec.__module__}:{spec.__qualname__}" if isinstance(spec, type) else str(spec)
-
-
-def leaf_from_json(text: str) -> LeafSpec:
-    """Inverse of the recipe's leaf encoding (``class:module:qualname`` or a submodule name)."""
-    if not text.startswith("class:"):
-        return text
-    _, module, qualname = text.split(":", 2)
-    obj: Any = importlib.import_module(module)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _site_keys(site: Site) -> set[str]:
@@ -422,7 +411,8 @@ def convert(
         ConversionError: not a 2-D CNN, already converted, or fails at ``input_size``.
         ValueError: bad options (names, sizes, scales).
     """
-    h, w = (int(v) for v in _pair(input_size, "input_size"))
+    # Misuse (a model name, input_size (64.5, 64) or (True, True), sizes below 2) fails here.
+    h, w = check_convert_args(model, input_size, sizes)
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     leaf_modules = tuple(leaf_modules)
@@ -539,21 +529,22 @@ def convert(
         Skipped(k.name, k.op, k.reason) for k in skips
     ]
     report.groups = named_groups
-    gm.meta[RECIPE_KEY] = {
-        "version": __version__,
-        "source": src,
-        "input_size": [h, w],
-        "options": {
-            "placement": placement,
-            "init_scale": list(_pair(init_scale, "init_scale")) if init_scale is not None else None,
-            "overrides": {k: list(_pair(v, k)) for k, v in (overrides or {}).items()},
-            "sizes": [list(_pair(v, "sizes")) for v in sizes] if sizes is not None else None,
-            "leaf_modules": [_leaf_to_json(s) for s in leaf_modules],
-            "patchify": patchify,
-            "head": head,
-        },
-        "replacements": report.to_dict()["replacements"],
-        "skipped": report.to_dict()["skipped"],
-        "groups": report.groups,
-    }
+    rows = report.to_dict()
+    gm.meta[RECIPE_KEY] = Recipe(
+        source=ModelSource.from_dict(src) if src else None,
+        input_size=(h, w),
+        options=RecipeOptions(
+            placement=placement,
+            init_scale=_pair(init_scale, "init_scale") if init_scale is not None else None,
+            overrides={k: _pair(v, k) for k, v in (overrides or {}).items()},
+            sizes=[(int(a), int(b)) for a, b in (_pair(v, "sizes") for v in sizes)] if sizes is not None else None,
+            leaf_modules=[_leaf_to_json(s) for s in leaf_modules],
+            patchify=patchify,
+            head=head,
+        ),
+        replacements=rows["replacements"],
+        skipped=rows["skipped"],
+        groups=report.groups,
+        version=__version__,
+    ).to_dict()
     return gm, report

@@ -39,6 +39,7 @@ FROZEN_FORMAT_VERSION = 2
 RECIPE_KEY = "dynoswap"
 PLACEMENTS = ("post", "pre")
 PATCHIFY = ("post", "skip")
+#: What convert(head=...) accepts: keep a fixed-size head ("none") or pool to its size before it ("adapt").
 HEADS = ("none", "adapt")
 #: Largest input side a recipe may ask for (a crafted file must not allocate without bound).
 MAX_INPUT_SIDE = 16384

@@ -147,10 +147,10 @@ def _device(model: nn.Module) -> torch.device:
 
 def _example(model: nn.Module, recipe: Recipe) -> torch.Tensor:
     """Return a fixed random batch of one at the recipe's input size."""
-    from ..engine.convert import _in_channels
+    from ..cost.count import infer_in_chans
 
     gen = torch.Generator().manual_seed(0)
-    return torch.randn(1, _in_channels(model), *recipe.input_size, generator=gen)
+    return torch.randn(1, infer_in_chans(model), *recipe.input_size, generator=gen)
 
 
 def _same_outputs(a: Any, b: Any) -> bool:
