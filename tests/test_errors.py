@@ -55,6 +55,7 @@ def test_bad_input_exits_2_and_failures_exit_1():
         "OptionError",
         "OutputExistsError",
         "OutputLockedError",
+        "FrozenSizeError",
     }
     assert exit_code_of(errors.DynoswapError("x")) == 1
 

@@ -46,6 +46,8 @@ def summary_table(summary: ModelSummary, title: str | None = None) -> Table:
     table.add_row("params", f"{summary.params:,}")
     table.add_row("stages", "  ".join(fmt_size(s) for s in summary.stages))
     table.add_row("DynOPools", str(len(summary.dynopools)))
+    if summary.frozen:
+        table.add_row("frozen", summary.frozen)
     return table
 
 

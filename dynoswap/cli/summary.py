@@ -38,6 +38,7 @@ class ModelSummary:
     stages: list[tuple[int, int]]
     dynopools: list[dict[str, Any]] = field(default_factory=list)
     layers: list[LayerRow] = field(default_factory=list)
+    frozen: str | None = None  #: how a frozen model's sizes are fixed, e.g. "fixed at 48x40" or "learned ratios"
 
     def to_dict(self) -> dict[str, Any]:
         """Return the JSON form (see the module docstring)."""
@@ -49,6 +50,7 @@ class ModelSummary:
             "params": int(self.params),
             "stages": [list(s) for s in self.stages],
             "dynopools": self.dynopools,
+            "frozen": self.frozen,
         }
         if self.layers:
             data["layers"] = [
@@ -56,6 +58,18 @@ class ModelSummary:
                 for r in self.layers
             ]
         return data
+
+
+def frozen_contract(model: nn.Module) -> str | None:
+    """Describe a frozen model's input-size contract (None for a model that is not frozen)."""
+    from ..export.freeze import FROZEN_KEY, is_frozen
+    from ..io.recipe import raw_recipe_of
+
+    if not is_frozen(model):
+        return None
+    record = (raw_recipe_of(model) or {})[FROZEN_KEY]
+    size = record.get("input_size")
+    return f"fixed at {size[0]}x{size[1]}" if record.get("mode") == "fixed" and size else "learned ratios"
 
 
 def count_params(model: nn.Module) -> int:
@@ -147,6 +161,7 @@ def summarize(
         gmacs = (count or count_gmacs(model, size)).total
         pools = []
     return ModelSummary(
+        frozen=frozen_contract(model),
         model=name,
         source=source,
         input_size=size,
