@@ -273,8 +273,20 @@ def test_torchvision_segmenter(name: str) -> None:
     assert result["status"] == "converted", result
 
 
+#: Known crashes, each an open defect recorded on docs/compatibility.md. strict: a fix makes the test fail
+#: until the entry is removed, so the list cannot go stale.
+KNOWN_CRASHES = {
+    "sequencer2d_s": "the stem DynOPool's alpha gets an exactly zero gradient through the BiLSTM2D blocks",
+}
+
+
+def _timm_param(name: str) -> Any:
+    reason = KNOWN_CRASHES.get(name)
+    return pytest.param(name, marks=pytest.mark.xfail(reason=reason, strict=True)) if reason else name
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [f["model"] for f in timm_families().values() if f["conv2d_or_pool2d"]])
+@pytest.mark.parametrize("name", [_timm_param(f["model"]) for f in timm_families().values() if f["conv2d_or_pool2d"]])
 def test_timm_family(name: str) -> None:
     assert_ok(safe(run_timm, name))
 
