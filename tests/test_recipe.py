@@ -64,7 +64,7 @@ def test_recipe_round_trips_through_the_dict_and_the_document(saved):
     ("edit", "message"),
     [
         (lambda d: d.pop("format_version"), "field 'format_version' is missing"),
-        (lambda d: d.update(format_version=99), "format version 99 is unknown (this dynoswap reads 1-1); upgrade"),
+        (lambda d: d.update(format_version=99), "format version 99 is unknown (this dynoswap reads 1-2); upgrade"),
         (lambda d: d.update(format_version="1"), "field 'format_version' must be an integer, got str"),
         (lambda d: d["recipe"].pop("source"), "field 'recipe.source' is missing"),
         (lambda d: d["recipe"].pop("options"), "field 'recipe.options' is missing"),

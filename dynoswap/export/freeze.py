@@ -195,6 +195,14 @@ class _LeafTracer(fx.Tracer):
 
 
 def _as_graph_module(model: nn.Module) -> fx.GraphModule:
+    from ..graph.modal import ModalGraphModule
+
+    if isinstance(model, ModalGraphModule):
+        # A model whose forward depends on the mode ships its eval-mode graph: training-only branches
+        # (auxiliary heads, stochastic depth) are not part of what a frozen model computes.
+        plain = fx.GraphModule(model, model.eval_graph, class_name=type(model).__name__)
+        plain.meta = dict(model.meta)
+        return plain
     if isinstance(model, fx.GraphModule):
         return model
     try:
