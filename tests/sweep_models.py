@@ -69,6 +69,22 @@ def torchvision_segmenters() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models.segmentation))
 
 
+# -- moving scales: every tie group on its own -----------------------------------------------
+def owners(gm: nn.Module) -> dict[str, nn.Module]:
+    """The DynOPool2d layers that own an alpha (one per tie group), by name."""
+    from dynoswap.layers import DynOPool2d
+
+    return {n: m for n, m in gm.named_modules() if isinstance(m, DynOPool2d) and m.leader is m}
+
+
+def move_independently(gm: nn.Module, seed: int, low: float = 0.3, high: float = 0.8) -> None:
+    """Every group to its own random scale, each axis on its own."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in owners(gm).values():
+            m.set_scale(tuple((low + (high - low) * torch.rand(2, generator=g)).tolist()))
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     data = derive_timm_families()

@@ -33,7 +33,13 @@ from dynoswap import convert, count_gmacs, gmacs_loss
 from dynoswap.engine import ConversionError, TraceError
 from dynoswap.layers import DynOPool2d
 from dynoswap.models import ModelSource
-from tests.sweep_models import timm_families, torchvision_classifiers, torchvision_segmenters
+from tests.sweep_models import (
+    move_independently,
+    owners,
+    timm_families,
+    torchvision_classifiers,
+    torchvision_segmenters,
+)
 
 #: Refusal categories a model may end in (anything else is a crash).
 CATEGORIES = (
@@ -97,17 +103,6 @@ def all_tensors(out: Any) -> list[torch.Tensor]:
         return [out]
     values = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else []
     return [t for v in values for t in all_tensors(v)]
-
-
-def owners(gm: nn.Module) -> dict[str, DynOPool2d]:
-    return {n: m for n, m in gm.named_modules() if isinstance(m, DynOPool2d) and m.leader is m}
-
-
-def move_independently(gm: nn.Module, seed: int, low: float = 0.3, high: float = 0.8) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in owners(gm).values():
-            m.set_scale(tuple((low + (high - low) * torch.rand(2, generator=g)).tolist()))
 
 
 def check_converted(gm: nn.Module, size: int, seed: int = 0) -> dict:

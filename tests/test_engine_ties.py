@@ -13,19 +13,7 @@ from torch import nn
 import dynoswap
 from dynoswap import convert, count_gmacs, gmacs_loss
 from dynoswap.engine import ConversionError, TieError
-from dynoswap.layers import DynOPool2d
-
-
-def owners(gm: nn.Module) -> dict[str, DynOPool2d]:
-    return {n: m for n, m in gm.named_modules() if isinstance(m, DynOPool2d) and m.leader is m}
-
-
-def move_independently(gm: nn.Module, seed: int, low: float = 0.3, high: float = 0.8) -> None:
-    """Every group to its own random scale, each axis on its own."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in owners(gm).values():
-            m.set_scale(tuple((low + (high - low) * torch.rand(2, generator=g)).tolist()))
+from tests.sweep_models import move_independently, owners
 
 
 def train_step(gm: nn.Module, x: torch.Tensor, output: Callable = lambda o: o) -> None:
