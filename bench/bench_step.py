@@ -30,14 +30,17 @@ LAM = 1.0
 CATEGORIES = ("inflated", "dynopool", "gmacs_loss")
 
 
-def _step_fn(net: nn.Module, model: nn.Module, converted: bool) -> Callable[[], None]:
+def step_fn(
+    net: nn.Module, model: nn.Module, converted: bool, input_size: tuple[int, int] = INPUT, batch: int = BATCH
+) -> Callable[[], None]:
+    """One training step (forward, cross-entropy + lambda * GMACs loss for a converted model, backward, SGD)."""
     from dynoswap import gmacs_loss, param_groups
 
     # alpha lr 0: sizes stay put, so every repeat times the same network.
     groups = param_groups(model, 0.01, 0.0, 5e-4) if converted else model.parameters()
     opt = torch.optim.SGD(groups, lr=0.01, momentum=0.9)
-    x = torch.randn(BATCH, 3, *INPUT)
-    y = torch.randint(0, 10, (BATCH,))
+    x = torch.randn(batch, 3, *input_size)
+    y = torch.randint(0, 10, (batch,))
     net.train()
 
     def step() -> None:
@@ -159,10 +162,10 @@ def run() -> list[Row]:
     view = recompute_view(shared)
     nets = {"original": original, "post": post, "pre": pre, "recompute": view}
     steps = {
-        "original": _step_fn(original, original, False),
-        "post": _step_fn(post, post, True),
-        "pre": _step_fn(pre, pre, True),
-        "recompute": _step_fn(view, shared, True),
+        "original": step_fn(original, original, False),
+        "post": step_fn(post, post, True),
+        "pre": step_fn(pre, pre, True),
+        "recompute": step_fn(view, shared, True),
     }
     times = median_times(steps, repeats=3, warmup=1)
     memory = {k: _activation_bytes(v) for k, v in nets.items()}

@@ -8,34 +8,13 @@ run at 64x64, batch 8, on CPU; the profiler table lists the converted step's top
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import torchvision
 
+from bench.bench_step import step_fn
 from bench.common import Row, median_times
 
 INPUT = (64, 64)
 BATCH = 8
-LAM = 1.0
-
-
-def _step_fn(model: torch.nn.Module, converted: bool):
-    from dynoswap import gmacs_loss, param_groups
-
-    groups = param_groups(model, 0.01, 0.01, 5e-4) if converted else model.parameters()
-    opt = torch.optim.SGD(groups, lr=0.01, momentum=0.9)
-    x = torch.randn(BATCH, 3, *INPUT)
-    y = torch.randint(0, 10, (BATCH,))
-    model.train()
-
-    def step() -> None:
-        loss = F.cross_entropy(model(x), y)
-        if converted:
-            loss = loss + LAM * gmacs_loss(model)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
 
 
 def _models():
@@ -63,7 +42,10 @@ def profile_table(step, rows: int = 12) -> tuple[str, list[tuple[str, float]]]:
 
 def run() -> list[Row]:
     original, gm = _models()
-    steps = {"original": _step_fn(original, False), "converted": _step_fn(gm, True)}
+    steps = {
+        "original": step_fn(original, original, False, INPUT, BATCH),
+        "converted": step_fn(gm, gm, True, INPUT, BATCH),
+    }
     times = median_times(steps, repeats=5, warmup=1)
     table, shares = profile_table(steps["converted"])
     print(f"converted resnet18 training step at {INPUT[0]}x{INPUT[1]}, batch {BATCH}: top ops by self CPU time")
