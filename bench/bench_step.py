@@ -57,22 +57,9 @@ def step_fn(
 
 def _inflated_modules(gm: fx.GraphModule) -> set[str]:
     """Modules between each post-placed DynOPool and the conv that rule (2) made stride 1."""
-    from dynoswap.train.recompute import POST_RULES
+    from dynoswap.train.recompute import inflated_chains
 
-    recipe = gm.meta["dynoswap"]
-    by_target = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
-    names: set[str] = set()
-    for rep in recipe["replacements"]:
-        if rep["rule"] not in POST_RULES or rep["name"] not in by_target:
-            continue
-        node = by_target[rep["name"]]
-        while node.op == "call_module" and node.target != rep["dynopool"]:
-            names.add(str(node.target))
-            users = list(node.users)
-            if len(users) != 1:
-                break
-            node = users[0]
-    return names
+    return {str(n.target) for chain, _ in inflated_chains(gm) for n in chain if n.op == "call_module"}
 
 
 @contextmanager

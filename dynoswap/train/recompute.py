@@ -129,6 +129,28 @@ def _owned(gm: fx.GraphModule, nodes: list[fx.Node]) -> dict[str, Any]:
     return root
 
 
+def inflated_chains(model: fx.GraphModule) -> list[tuple[list[fx.Node], fx.Node]]:
+    """Find each post-placed DynOPool's chain: the nodes from its stride-1 conv up to the DynOPool.
+
+    Returns:
+        ``(chain, dynopool_node)`` pairs; the chain starts at the conv and ends at the node feeding
+        the DynOPool, each node used only by the next.
+    """
+    recipe = model.meta.get("dynoswap") or {}
+    by_target = {n.target: n for n in model.graph.nodes if n.op == "call_module"}
+    found = []
+    for rep in recipe.get("replacements", []):
+        if rep.get("rule") not in POST_RULES:
+            continue
+        start, stop = by_target.get(rep["name"]), by_target.get(rep["dynopool"])
+        if start is None or stop is None or not isinstance(model.get_submodule(str(stop.target)), DynOPool2d):
+            continue
+        chain = _chain(start, stop)
+        if chain is not None:
+            found.append((chain, stop))
+    return found
+
+
 def recompute_view(model: nn.Module) -> fx.GraphModule:
     """Build a training view of a converted model that recomputes rule (2)'s high-resolution segments.
 
@@ -143,24 +165,14 @@ def recompute_view(model: nn.Module) -> fx.GraphModule:
     Raises:
         ConversionError: ``model`` is not a converted GraphModule.
     """
-    recipe = getattr(model, "meta", {}).get("dynoswap") if isinstance(model, fx.GraphModule) else None
-    if not isinstance(recipe, dict):
+    if not isinstance(model, fx.GraphModule) or not isinstance(model.meta.get("dynoswap"), dict):
         raise ConversionError("recompute_view needs a model returned by dynoswap.convert")
-    assert isinstance(model, fx.GraphModule)
-    post = {r["name"]: r["dynopool"] for r in recipe.get("replacements", []) if r.get("rule") in POST_RULES}
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     root: dict[str, Any] = {}
-    by_target = {n.target: n for n in model.graph.nodes if n.op == "call_module"}
     in_segment: dict[fx.Node, tuple[list[fx.Node], int]] = {}
     segments: list[tuple[RecomputeSegment, list[fx.Node]]] = []
-    for conv_name, pool_name in post.items():
-        start, stop = by_target.get(conv_name), by_target.get(pool_name)
-        if start is None or stop is None or not isinstance(model.get_submodule(pool_name), DynOPool2d):
-            continue
-        chain = _chain(start, stop)
-        if chain is None:
-            continue
+    for chain, stop in inflated_chains(model):
         chain.append(stop)  # the DynOPool too: its input is the largest tensor of the segment
         segment, outside = _segment_module(model, chain)
         names = [str(n.target) for n in chain if n.op == "call_module"]
