@@ -18,16 +18,17 @@ from tests.reference_dynopool import reference_dynopool
 F64 = torch.float64
 
 
-def layer_and_reference(x: torch.Tensor, scale, aggregate: str = "max"):
+def layer_and_reference(x: torch.Tensor, scale, aggregate: str = "max", floor_gradient: str = "pass"):
     """Outputs and gradients (wrt x and alpha) of the layer and of the reference, one upstream grad."""
     layer = DynOPool2d(scale, aggregate=aggregate).to(device=x.device, dtype=x.dtype)
     layer.set_scale(scale)  # alpha exactly 1 / r in x's dtype, not a widened float32
+    layer.set_floor_gradient(floor_gradient)
     x = x.detach().requires_grad_()
     out = layer(x)
     grad = torch.randn_like(out)
     gx, ga = torch.autograd.grad(out, (x, layer.alpha), grad)
     alpha = layer.alpha.detach().clone().requires_grad_()
-    ref = reference_dynopool(x, alpha, aggregate)
+    ref = reference_dynopool(x, alpha, aggregate, floor_gradient=floor_gradient)
     rx, ra = torch.autograd.grad(ref, (x, alpha), grad)
     return (out, gx, ga), (ref, rx, ra)
 
@@ -58,6 +59,35 @@ def test_matches_reference_generic(seeded, shape, scale, aggregate):
     assert_rel_close(out, ref)
     assert_rel_close(gx, rx)
     assert_rel_close(ga, ra)
+
+
+@pytest.mark.parametrize("floor_gradient", ["pass", "stop"])
+@pytest.mark.parametrize("aggregate", ["max", "mean"])
+def test_gradient_below_the_floor_passes_or_stops_as_chosen(seeded, floor_gradient, aggregate):
+    # 3 * 0.2 = 0.6 cells: below the 1.5 floor on both axes, so the output is 2x2 either way.
+    x = torch.randn(2, 2, 3, 3, dtype=F64)
+    (out, gx, ga), (ref, rx, ra) = layer_and_reference(x, 0.2, aggregate, floor_gradient)
+    assert out.shape[-2:] == (2, 2)
+    assert_rel_close(out, ref)
+    assert_rel_close(gx, rx)
+    if floor_gradient == "stop":
+        assert torch.equal(ga, torch.zeros_like(ga))  # the literal max(., 1.5): nothing reaches alpha
+    else:
+        assert bool((ga != 0).all())  # a squeezed axis still learns (paper section 5)
+        assert_rel_close(ga, ra)
+
+
+def test_straight_through_size_gradient_below_the_floor():
+    alpha = torch.tensor([10.0, 2.0], dtype=F64, requires_grad=True)
+    size = straight_through_size(torch.tensor([9.0, 9.0], dtype=F64), alpha)  # 0.9 (floor) and 4.5
+    assert size.tolist() == [2.0, 5.0]
+    (grad,) = torch.autograd.grad(size.sum(), alpha)
+    assert grad.tolist() == pytest.approx([-9.0 / 100.0, -9.0 / 4.0])  # d(n / alpha) / d(alpha) on both axes
+    stopped = straight_through_size(torch.tensor([9.0, 9.0], dtype=F64), alpha, "stop")
+    (grad,) = torch.autograd.grad(stopped.sum(), alpha)
+    assert grad.tolist() == pytest.approx([0.0, -9.0 / 4.0])
+    with pytest.raises(ValueError, match="floor_gradient"):
+        DynOPool2d().set_floor_gradient("sometimes")
 
 
 # Sizes whose grid coordinates are exact in binary: query points land exactly on pixel
@@ -160,7 +190,7 @@ def test_size_rule_and_straight_through_gradient():
     size = straight_through_size(torch.tensor([9.0, 4.0]), alpha)
     assert size.tolist() == [5.0, 2.0]  # 4.5 -> 5; 1.0 clamped to 1.5 -> 2
     size.sum().backward()
-    assert alpha.grad.tolist() == [-9.0 / 4.0, 0.0]  # d(n/a)/da; zero below the bound
+    assert alpha.grad.tolist() == [-9.0 / 4.0, -4.0 / 16.0]  # d(n/a)/da, below the bound too (passes)
     assert output_size((9, 4), alpha) == (5, 2)
 
 

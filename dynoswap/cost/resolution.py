@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -34,7 +35,7 @@ from torch import fx, nn
 
 from ..graph import SIZE_RULES, NodeFailure, Resolution, SizeRule, analyse, eval_mode, make_worlds, tensor_inputs
 from ..graph.modal import graph_for
-from ..layers import MIN_SIZE, DynOPool2d
+from ..layers import DynOPool2d, continuous_size
 from .count import count_gmacs, infer_in_chans
 from .instrument import instrumented
 from .reference import reference_input_size, unwrap
@@ -124,7 +125,7 @@ class ResolutionGraph:
                 assert node.module is not None
                 alpha = node.module.alpha
                 if relaxed:
-                    value = torch.clamp_min(parent / alpha, MIN_SIZE)
+                    value = continuous_size(parent, alpha, node.module.floor_gradient)
                 else:
                     # In the dtype the layer's forward uses, so a size on a rounding tie agrees bit for bit.
                     value = node.module.size_st(parent.to(torch.promote_types(alpha.dtype, torch.float32)))
@@ -226,6 +227,34 @@ def _analyse(gm: fx.GraphModule, model: nn.Module, size: tuple[int, int]) -> Res
     raise AssertionError("unreachable: the reference world alone cannot fail in a moved world")
 
 
+class _PinnedSize(Exception):
+    """A DynOPool whose size the moved worlds could not move (its alpha holds an axis at the floor)."""
+
+
+@contextmanager
+def _alphas_at_conversion(model: nn.Module) -> Iterator[None]:
+    """Set every DynOPool's alpha to its value at conversion (the recipe's init scale) for the duration.
+
+    At those values the conversion's own analysis ran, so every size follows its alpha; other alphas
+    (an axis squeezed to the floor in training) are restored afterwards.
+    """
+    recipe = getattr(model, "meta", {}).get("dynoswap") or {}
+    init = {str(r["dynopool"]): r["init_scale"] for r in recipe.get("replacements") or [] if r.get("dynopool")}
+    saved: dict[int, tuple[DynOPool2d, torch.Tensor]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, DynOPool2d) and id(m.leader) not in saved:
+            saved[id(m.leader)] = (m.leader, m.leader.alpha.detach().clone())
+            scale = init.get(name, (0.5, 0.5))
+            with torch.no_grad():
+                m.leader.alpha.copy_(torch.tensor([1.0 / float(v) for v in scale], dtype=m.leader.alpha.dtype))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for leader, alpha in saved.values():
+                leader.alpha.copy_(alpha)
+
+
 class _Builder:
     """Turn the analysis's expressions into resolution nodes (4-D feature maps only)."""
 
@@ -249,6 +278,8 @@ class _Builder:
             if index is not None:
                 self.node_of[n] = index
             if n.op == "call_module" and isinstance(self.modules[str(n.target)], DynOPool2d):
+                if index is None:  # its size did not move with its alpha: an axis sat at the 2-cell floor
+                    raise _PinnedSize(str(n.target))
                 inputs = [a for a in tensor_inputs(n) if a in self.node_of]
                 self.res.dynopools.setdefault(str(n.target), self.node_of[n])
                 self.res.dynopool_inputs.setdefault(str(n.target), self.node_of[inputs[0]] if inputs else 0)
@@ -346,6 +377,14 @@ def _attribute_costs(b: _Builder) -> None:
     res.const_gmacs = const
 
 
+def _record(gm: fx.GraphModule, model: nn.Module, size: tuple[int, int]) -> _Builder:
+    with eval_mode(model), torch.no_grad():
+        res = _analyse(gm, model, size)
+    builder = _Builder(gm, res, size)
+    _attribute_costs(builder)
+    return builder
+
+
 def _owner(name: str, targets: dict[str, list[int]]) -> str | None:
     """Find the call_module target that runs leaf module ``name`` (itself, or an fx leaf containing it)."""
     while True:
@@ -398,9 +437,10 @@ def resolution_graph(
     else:
         size = _size_pair(input_size)
     gm = instrumented(model, _graph_of(model))
-    with eval_mode(model), torch.no_grad():
-        res = _analyse(gm, model, size)
-    builder = _Builder(gm, res, size)
-    _attribute_costs(builder)
+    try:
+        builder = _record(gm, model, size)
+    except _PinnedSize:
+        with _alphas_at_conversion(model):
+            builder = _record(gm, model, size)
     _CACHE[model] = builder.res
     return builder.res

@@ -10,7 +10,7 @@ from timm.layers import register_notrace_module
 from torch import nn
 
 from .resample import pool_queries, traceable_pool_queries
-from .sizing import output_size, straight_through_size
+from .sizing import FLOOR_GRADIENTS, output_size, straight_through_size
 
 AGGREGATES = ("max", "mean")
 
@@ -75,6 +75,10 @@ class DynOPool2d(nn.Module):
         aggregate: ``"max"`` (the paper's choice) or ``"mean"``.
     """
 
+    #: Gradient of the size below the 2-cell floor (:data:`dynoswap.layers.sizing.FLOOR_GRADIENTS`):
+    #: a training-time choice, not saved with the model.
+    floor_gradient = "pass"
+
     def __init__(self, init_scale: float | Sequence[float] = 0.5, aggregate: str = "max") -> None:
         super().__init__()
         if aggregate not in AGGREGATES:
@@ -121,6 +125,12 @@ class DynOPool2d(nn.Module):
             _check_alpha(alpha.detach().double().tolist())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def set_floor_gradient(self, mode: str) -> None:
+        """Let the size's gradient pass below the 2-cell floor (``"pass"``) or stop there (``"stop"``)."""
+        if mode not in FLOOR_GRADIENTS:
+            raise ValueError(f"floor_gradient must be one of {FLOOR_GRADIENTS}, got {mode!r}")
+        self.floor_gradient = mode
+
     # -- scales -------------------------------------------------------------
     @property
     def scale(self) -> tuple[float, float]:
@@ -143,7 +153,7 @@ class DynOPool2d(nn.Module):
         alpha = self.alpha
         if not isinstance(in_size, torch.Tensor):
             in_size = torch.tensor(in_size, dtype=alpha.dtype, device=alpha.device)
-        return straight_through_size(in_size, alpha)
+        return straight_through_size(in_size, alpha, self.floor_gradient)
 
     # -- forward ------------------------------------------------------------
     def forward(self, x: torch.Tensor, in_size_st: torch.Tensor | None = None) -> torch.Tensor:
@@ -166,7 +176,7 @@ class DynOPool2d(nn.Module):
         given = in_size_st is not None
         if in_size_st is None:
             in_size_st = torch.tensor((h, w), dtype=pos_dtype, device=alpha.device)
-        size = straight_through_size(in_size_st.to(pos_dtype), alpha.to(pos_dtype))
+        size = straight_through_size(in_size_st.to(pos_dtype), alpha.to(pos_dtype), self.floor_gradient)
         tracing = torch.compiler.is_compiling()
         if tracing:
             # torch.compile / torch.export: the cell counts are symbolic ints, never branched on.

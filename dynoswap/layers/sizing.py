@@ -15,22 +15,46 @@ import torch
 MIN_SIZE = 1.5
 
 
-def straight_through_size(n_in: torch.Tensor | float, alpha: torch.Tensor) -> torch.Tensor:
+#: How the gradient behaves where ``n / alpha`` is below :data:`MIN_SIZE`: ``"pass"`` lets it through
+#: (paper section 5: gradients reach "any dimension smaller than 2", so a squeezed axis can grow
+#: back), ``"stop"`` is the literal ``max(., 1.5)`` whose gradient is zero there.
+FLOOR_GRADIENTS = ("pass", "stop")
+
+
+def continuous_size(n_in: torch.Tensor | float, alpha: torch.Tensor, floor_gradient: str = "pass") -> torch.Tensor:
+    """The continuous size ``max(n_in / alpha, 1.5)`` with the floor's gradient as ``floor_gradient`` says.
+
+    Args:
+        n_in: Input size, a number or a (possibly straight-through) tensor.
+        alpha: Inverse scale ``1 / r`` (eq. 6).
+        floor_gradient: ``"pass"`` (gradient of ``n_in / alpha`` everywhere) or ``"stop"``.
+    """
+    raw = n_in / alpha
+    bounded = torch.clamp_min(raw, MIN_SIZE)
+    if floor_gradient == "stop":
+        return bounded
+    return raw + (bounded - raw).detach()
+
+
+def straight_through_size(
+    n_in: torch.Tensor | float, alpha: torch.Tensor, floor_gradient: str = "pass"
+) -> torch.Tensor:
     """Output size whose value is an integer and whose gradient is continuous.
 
     Forward: ``round(max(n_in / alpha, 1.5))`` (round half up). Backward: the
-    derivative of ``max(n_in / alpha, 1.5)`` (straight-through, eq. 3-4). Below
-    the bound the clamp stops the gradient, so a collapsed axis does not keep
-    shrinking.
+    derivative of the continuous size (straight-through, eq. 3-4); below the bound
+    it is that of ``n_in / alpha`` (``floor_gradient="pass"``, the default) or zero
+    (``"stop"``, the literal clamp).
 
     Args:
         n_in: Input size, a number or a (possibly straight-through) tensor.
         alpha: Inverse scale ``1 / r`` (eq. 6), same shape as the result.
+        floor_gradient: One of :data:`FLOOR_GRADIENTS`.
 
     Returns:
         Tensor of sizes with integer values.
     """
-    cont = torch.clamp_min(n_in / alpha, MIN_SIZE)
+    cont = continuous_size(n_in, alpha, floor_gradient)
     return cont + (torch.floor(cont + 0.5) - cont).detach()
 
 
