@@ -20,11 +20,12 @@ demo: install
 	$(VENV)/bin/dynoswap inspect out/resnet50-dynopool
 
 test: install
-	$(PY) -m pytest -q --ignore=tests/test_engine_sweep.py
+	$(PY) -m pytest -q --ignore=tests/test_engine_sweep.py --ignore=tests/test_train_sweep.py
 
-# The broad model sweep (every torchvision classifier/segmenter, one timm model per family): its own target.
+# The broad model sweep (every torchvision classifier/segmenter, one timm model per family) and the
+# training robustness sweep (10 CNN families trained briefly with a lambda and with a budget): their own target.
 sweep: install
-	$(PY) -m pytest -q tests/test_engine_sweep.py
+	$(PY) -m pytest -q tests/test_engine_sweep.py tests/test_train_sweep.py
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

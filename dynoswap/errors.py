@@ -49,6 +49,10 @@ class OptionError(DynoswapError, ValueError):
     """An option value that cannot be used here (a device, a size, a scale)."""
 
 
+class BudgetError(OptionError):
+    """A cost budget that is not a finite positive number, or that the model cannot reach within its scale bounds."""
+
+
 class OutputExistsError(DynoswapError, FileExistsError):
     """The output path is occupied by something that may not be replaced.
 

@@ -61,14 +61,39 @@ def test_train_builtin_model_writes_log_checkpoint_plot_then_resumes(tmp_path):
         (["--data", "nope"], "unknown data 'nope'"),
         (["--data", "cifar100:/nonexistent"], "does not exist"),
         (["--data", "barcodes", "--epochs", "0"], "--epochs must be >= 1"),
-        (["--data", "barcodes", "--lam", "-1"], "--lam must be >= 0"),
+        (["--data", "barcodes", "--lam", "-1"], "--lam must be a finite number >= 0"),
+        (["--data", "barcodes", "--lam", "inf"], "--lam must be a finite number >= 0, got inf"),
+        (["--data", "barcodes", "--lr", "nan"], "--lr must be a finite number >= 0, got nan"),
+        (["--data", "barcodes", "--alpha-lr", "nan"], "--alpha-lr must be a finite number >= 0, got nan"),
+        (["--data", "barcodes", "--weight-decay", "-inf"], "--weight-decay must be a finite number"),
+        (["--data", "barcodes", "--target-gmacs", "nan"], "--target-gmacs must be a finite number > 0, got nan"),
+        (["--data", "barcodes", "--target-gmacs", "-0.01"], "--target-gmacs must be a finite number > 0"),
+        (["--data", "barcodes", "--min-scale", "nan"], "--min-scale must be a finite number > 0"),
+        (["--data", "barcodes", "--max-alpha-step", "inf"], "--max-alpha-step must be a finite number > 0"),
+        (["--data", "barcodes", "--warmup", "0.6"], "--warmup 0.6 ends after --search-end 0.5"),
+        (["--data", "barcodes", "--search-end", "2"], "--search-end is a fraction"),
+        (["--data", "barcodes", "--floor-gradient", "maybe"], "--floor-gradient must be pass or stop"),
     ],
 )
-def test_usage_errors_are_one_line_with_exit_code_2(args, message):
-    result = invoke("train", "vgg-tiny", *args)
-    assert result.exit_code == 2
+def test_usage_errors_are_one_line_with_exit_code_2(args, message, tmp_path):
+    result = invoke("train", "vgg-tiny", *args, "--out", tmp_path / "run")
+    assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_unreachable_budget_is_refused_with_the_reachable_range(tmp_path):
+    # Conversion alone raises resnet18d's cost at 32x32; the cheapest it can reach is above this budget.
+    result = invoke(
+        "train", "timm:resnet18d", "--data", "digits-stretch", "--epochs", "3", "--max-steps", "10",
+        "--target-gmacs", "0.01", "--out", tmp_path / "run", "--no-progress",
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip()
+    assert len(line.splitlines()) == 1
+    assert "out of reach" in line and "reachable range" in line and "placement 'pre'" in line
+    assert not (tmp_path / "run" / "log.jsonl").exists()  # refused before any epoch
 
 
 def test_resume_without_checkpoint_fails_cleanly(tmp_path):

@@ -6,6 +6,7 @@ nccl on GPU, gloo on CPU; only rank 0 prints and saves).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,10 +63,36 @@ def merge_hyper(preset: Preset | None, flags: dict[str, Any]) -> Hyper:
     for key in ("epochs", "batch_size"):
         if getattr(hyper, key) < 1:
             raise UsageError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(hyper, key)}")
-    for key in ("lr", "alpha_lr", "weight_decay", "lam"):
-        if getattr(hyper, key) < 0:
-            raise UsageError(f"--{key.replace('_', '-')} must be >= 0, got {getattr(hyper, key)}")
+    for key in ("lr", "alpha_lr", "weight_decay", "lam", "momentum"):
+        value = getattr(hyper, key)
+        if not math.isfinite(value) or value < 0:
+            raise UsageError(f"--{key.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if hyper.momentum >= 1:
+        raise UsageError(f"momentum must be < 1, got {hyper.momentum}")
     return hyper
+
+
+def check_training_flags(
+    target_gmacs: float | None,
+    min_scale: float | None,
+    max_scale: float | None,
+    max_alpha_step: float,
+    warmup: float,
+    search_end: float,
+) -> None:
+    """Refuse NaN, inf and out-of-range training flags before any import or work (one line, exit 2)."""
+    for flag, value in (("--target-gmacs", target_gmacs), ("--min-scale", min_scale), ("--max-scale", max_scale)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UsageError(f"{flag} must be a finite number > 0, got {value}")
+    if min_scale is not None and max_scale is not None and min_scale > max_scale:
+        raise UsageError(f"--min-scale {min_scale} is larger than --max-scale {max_scale}")
+    if not (math.isfinite(max_alpha_step) and max_alpha_step > 0):
+        raise UsageError(f"--max-alpha-step must be a finite number > 0, got {max_alpha_step}")
+    for flag, value in (("--warmup", warmup), ("--search-end", search_end)):
+        if not (math.isfinite(value) and 0 <= value <= 1):
+            raise UsageError(f"{flag} is a fraction of the run's steps: between 0 and 1, got {value}")
+    if warmup > search_end:
+        raise UsageError(f"--warmup {warmup} ends after --search-end {search_end}: give a warm-up before the search end")
 
 
 def build_model(
@@ -130,7 +157,7 @@ def _announce(
     if not ctx.is_main:
         return
     world = f", {ctx.world_size} processes" if ctx.enabled else ""
-    cost = f"target {target:g} GMACs (lambda adapted per step)" if target is not None else f"lambda {hyper.lam:g}"
+    cost = f"target {target:g} GMACs (real cost, projected every step)" if target is not None else f"lambda {hyper.lam:g}"
     console.print(
         f"training {model_spec} on {data.name} ({len(data.train)} images, {data.num_classes} classes, "
         f"{data.input_size[0]}x{data.input_size[1]}) on {ctx.device}{world}: {hyper.epochs} epochs, "
@@ -151,26 +178,49 @@ def train_cmd(
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs (default 10 or the preset's)."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size per process."),
     lr: float | None = typer.Option(None, "--lr", help="Learning rate of the weights."),
-    alpha_lr: float | None = typer.Option(None, "--alpha-lr", help="Learning rate of the alphas."),
+    alpha_lr: float | None = typer.Option(
+        None, "--alpha-lr", help="Typical relative change of an alpha per step (normalised step; default 0.02)."
+    ),
     weight_decay: float | None = typer.Option(None, "--weight-decay", help="Weight decay (never on alphas)."),
     lam: float | None = typer.Option(
         None,
         "--lam",
         help=(
             "lambda: weight of the GMACs loss (eq. 8), per GMAC, default 0. The presets use the paper's "
-            "1e-7 to 2.2e-4 (supplement Table 2, e.g. 2.2e-4 for VGG-16 CIFAR-100 DynOPool-S); `make experiment` "
-            "uses 0.3 / (the model's initial GMACs). For a cost rather than a weight use --target-gmacs."
+            "1e-7 to 2.2e-4 (supplement Table 2, e.g. 2.2e-4 for VGG-16 CIFAR-100 DynOPool-S). For a cost "
+            "rather than a weight use --target-gmacs."
         ),
     ),
     target_gmacs: float | None = typer.Option(
         None,
         "--target-gmacs",
         metavar="G",
-        help="Train to a GMACs budget: lambda is adapted every step so the final model lands within 3% of G.",
+        help=(
+            "Train to a budget of G GMACs on the model's real cost: after every step the scales are projected "
+            "onto it, and the final model lands within 3% of G. A budget the model cannot reach is refused "
+            "before training, with the reachable range."
+        ),
     ),
-    min_scale: float | None = typer.Option(None, "--min-scale", metavar="R", help="Lower bound on every scale r."),
+    min_scale: float | None = typer.Option(
+        None, "--min-scale", metavar="R", help="Lower bound on every scale r (default: at least one cell)."
+    ),
     max_scale: float | None = typer.Option(
-        None, "--max-scale", metavar="R", help="Upper bound on every scale r (bounds memory), e.g. 1.0."
+        None, "--max-scale", metavar="R", help="Upper bound on every scale r (default 1: no upsampling)."
+    ),
+    max_alpha_step: float = typer.Option(
+        0.02, "--max-alpha-step", metavar="F", help="Most an alpha moves in one step, relative (0.02 = 2%)."
+    ),
+    warmup: float = typer.Option(0.1, "--warmup", metavar="F", help="Fraction of the steps with the scales held."),
+    search_end: float = typer.Option(
+        0.5,
+        "--search-end",
+        metavar="F",
+        help="Fraction of the steps after which the sizes land and stay fixed (1: learn to the end).",
+    ),
+    floor_gradient: str = typer.Option(
+        "pass",
+        "--floor-gradient",
+        help="pass: gradients reach sizes below the 2-cell floor (paper section 5); stop: the literal max(., 1.5).",
     ),
     pretrained: bool = typer.Option(
         False, "--pretrained", help="Start from torchvision's or timm's pretrained weights (their own cache)."
@@ -191,7 +241,9 @@ def train_cmd(
     trust_code: bool = TrustCodeOption,
     plot: Path | None = typer.Option(None, "--plot", metavar="FILE.png", help="Plot sizes, accuracy and GMACs."),
     max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="At most this many steps per epoch."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile (recompiles whenever a size changes)."),
+    compile: bool = typer.Option(
+        False, "--compile", help="torch.compile with automatic dynamic shapes (not one compile per size)."
+    ),
     recompute: bool = typer.Option(
         False,
         "--recompute",
@@ -217,13 +269,9 @@ def train_cmd(
     from .common import err_console, out_console
     from .convert import _load_preset
 
-    if target_gmacs is not None and target_gmacs <= 0:
-        raise UsageError(f"--target-gmacs must be > 0, got {target_gmacs}")
-    for flag, value in (("--min-scale", min_scale), ("--max-scale", max_scale)):
-        if value is not None and value <= 0:
-            raise UsageError(f"{flag} must be > 0, got {value}")
-    if min_scale is not None and max_scale is not None and min_scale > max_scale:
-        raise UsageError(f"--min-scale {min_scale} is larger than --max-scale {max_scale}")
+    check_training_flags(target_gmacs, min_scale, max_scale, max_alpha_step, warmup, search_end)
+    if floor_gradient not in ("pass", "stop"):
+        raise UsageError(f"--floor-gradient must be pass or stop, got {floor_gradient!r}")
     preset_obj = _load_preset(preset, None, trust_code)
     hyper = merge_hyper(
         preset_obj,
@@ -295,6 +343,10 @@ def train_cmd(
             target_gmacs=target_gmacs,
             min_scale=min_scale,
             max_scale=max_scale,
+            max_alpha_step=max_alpha_step,
+            warmup=warmup,
+            search_end=search_end,
+            floor_gradient=floor_gradient,
         )
         if ctx.is_main:
             if plot is not None:

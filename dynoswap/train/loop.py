@@ -21,9 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..layers import DynOPool2d
+from ..errors import OptionError
+from ..layers import FLOOR_GRADIENTS, DynOPool2d
 from . import checkpointing
-from .budget import LAND_AT, BudgetController, land_on_budget, relaxed_gmacs, scale_bounds
+from .budget import check_reachable, check_target, land, project
+from .scales import MAX_STEP, AlphaStepper, ScaleGuard, leaders
 from .distributed import DistContext, all_reduce_sums, barrier, current_context, pick_device, sync_alphas, wrap_ddp
 from .recompute import recompute_view
 
@@ -180,13 +182,75 @@ def _plain_every(enabled: bool, console: Any, steps_per_epoch: int) -> int:
     return max(1, steps_per_epoch // 4)
 
 
-def _clamp_alphas(model: nn.Module, bounds: tuple[float, float] | None) -> None:
-    if bounds is None:
-        return
-    with torch.no_grad():
-        for _, pool in dynopools(model):
-            if pool.leader is pool:
-                pool.alpha.clamp_(bounds[0], bounds[1])
+#: Default phases, as fractions of the run's steps: alphas held while the weights warm up, then learned
+#: (the search), then fixed at integer sizes while the weights train on (see the README's protocol).
+WARMUP = 0.1
+SEARCH_END = 0.5
+#: Training batches kept to choose among roundings on budget by their task loss.
+HELD_BATCHES = 2
+
+
+def check_hyperparameters(**values: float | None) -> None:
+    """Refuse NaN, inf and out-of-range hyperparameters before any work (``OptionError``).
+
+    Learning rates, weight decay and lambda must be finite and >= 0; momentum in [0, 1);
+    ``warmup`` and ``search_end`` fractions in [0, 1], warm-up not after the search's end.
+    """
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise OptionError(f"{name} must be a finite number, got {value!r}")
+        if value < 0:
+            raise OptionError(f"{name} must be >= 0, got {value}")
+        if name == "momentum" and value >= 1:
+            raise OptionError(f"momentum must be < 1, got {value}")
+        if name in ("warmup", "search_end") and value > 1:
+            raise OptionError(f"{name} is a fraction of the run: between 0 and 1, got {value}")
+    if (values.get("warmup") or 0.0) > (values.get("search_end") if values.get("search_end") is not None else 1.0):
+        raise OptionError(f"warmup {values['warmup']} ends after the search does ({values['search_end']})")
+
+
+def _group_input_sizes(model: nn.Module, input_size: tuple[int, int], device: torch.device) -> list[tuple[int, int]]:
+    """Per tie group (in :func:`dynoswap.train.scales.leaders` order), its input size: the largest of its layers'."""
+    rows = probe_pools(model, input_size, device)
+    index = {id(m): k for k, m in enumerate(leaders(unwrap(model)))}
+    found: dict[int, tuple[int, int]] = {}
+    for name, pool in dynopools(model):
+        row = next(r for r in rows if r["name"] == name)
+        k = index[id(pool.leader)]
+        h, w = (int(v) for v in row["in"]) if row["in"] else (0, 0)
+        old = found.get(k, (0, 0))
+        found[k] = (max(old[0], h), max(old[1], w))
+    return [found.get(k, (0, 0)) for k in range(len(index))]
+
+
+def _execution_order(model: nn.Module, input_size: tuple[int, int], device: torch.device) -> list[int]:
+    """Indices of the tie groups (leaders order) in the order they first run."""
+    inner = unwrap(model)
+    index = {id(m): k for k, m in enumerate(leaders(inner))}
+    by_name = dict(dynopools(inner))
+    order: list[int] = []
+    for row in probe_pools(inner, input_size, device):
+        k = index[id(by_name[row["name"]].leader)]
+        if k not in order:
+            order.append(k)
+    return order
+
+
+def _cost_grads(model: nn.Module, cost_fn: CostFn, guard: ScaleGuard) -> list[torch.Tensor]:
+    """d(cost)/d(alpha) of every group (the direction a budget's projection moves along)."""
+    alphas = [g.alpha for g in guard.groups]
+    grads = torch.autograd.grad(cost_fn(model), alphas, allow_unused=True)
+    return [g if g is not None else torch.zeros_like(a) for g, a in zip(grads, alphas, strict=True)]
+
+
+def _phase(step: int, total: int, warmup: float, search_end: float) -> str:
+    if step < math.floor(warmup * total):
+        return "warm-up"
+    if step < math.ceil(search_end * total):
+        return "search"
+    return "fixed"
 
 
 def fit(
@@ -216,11 +280,20 @@ def fit(
     target_gmacs: float | None = None,
     min_scale: float | None = None,
     max_scale: float | None = None,
+    max_alpha_step: float = MAX_STEP,
+    warmup: float = WARMUP,
+    search_end: float = SEARCH_END,
+    floor_gradient: str = "pass",
 ) -> list[dict[str, Any]]:
     """Train ``model`` with the loss of eq. 8: ``task + lam * GMACs loss``.
 
     SGD with momentum, cosine annealing per step over the whole run, alphas in their
-    own parameter group. Under an initialised process group the model is wrapped
+    own parameter group. The run has three phases (fractions of its steps): the alphas are
+    held while the weights warm up (``warmup``), learned (the search, until ``search_end``),
+    then fixed at integer sizes (landed on the budget, if any) while the weights train on.
+    Every alpha stays within its bounds and moves at most ``max_alpha_step`` per step
+    (:mod:`dynoswap.train.scales`); with ``target_gmacs`` the alphas are projected onto the
+    budget's real cost after every step (:mod:`dynoswap.train.budget`). Under an initialised process group the model is wrapped
     in DDP and rank 0's alphas are broadcast after every step. Only rank 0 prints,
     logs and saves.
 
@@ -237,7 +310,8 @@ def fit(
         max_steps: At most this many steps per epoch (quick runs).
         device: ``"cpu"``, ``"cuda"``, ...; default: the GPU if any.
         amp: Mixed precision (fp16 + GradScaler on GPU, bf16 on CPU).
-        compile: ``torch.compile`` the model (recompiles whenever a size changes).
+        compile: ``torch.compile`` the model (automatic dynamic shapes: each piece compiles once
+            static and once dynamic, not once per size).
         recompute: Keep only the inputs of rule (2)'s high-resolution conv -> norm -> act -> DynOPool
             chains and run them again in backward (:func:`dynoswap.train.recompute.recompute_view`):
             less memory for some extra time; results are unchanged.
@@ -251,19 +325,41 @@ def fit(
         on_step: Called on every rank with (global step, step metrics).
         console: A rich Console for the epoch lines (default: a new one). Progress bars
             when it is a terminal, plain lines (4 per epoch) otherwise.
-        target_gmacs: A GMACs budget: lambda becomes a multiplier adapted every step so that
-            the model's GMACs land on it (:mod:`dynoswap.train.budget`); ``lam`` is then its
-            starting value.
-        min_scale: Lower bound on every DynOPool's scale r (both axes), e.g. 0.1.
-        max_scale: Upper bound on every DynOPool's scale r, e.g. 1.0: bounds memory.
+        target_gmacs: A budget in ``cost_fn``'s units (GMACs by default): after every step the
+            alphas are scaled by one common factor so that the real cost (integer sizes) is on it,
+            and the sizes land within 3% of it. A budget the model cannot reach within its
+            bounds raises :class:`dynoswap.errors.BudgetError` before any step. ``lam`` still
+            adds its cost gradient on top.
+        min_scale: Lower bound on every DynOPool's scale r (both axes), e.g. 0.1; default: the
+            size never falls below one cell of the group's largest input.
+        max_scale: Upper bound on every DynOPool's scale r; default 1 (no upsampling, unless
+            a layer starts above it).
+        max_alpha_step: Trust region: most an alpha moves in one step, in log space (0.02 = 2%).
+        warmup: Fraction of the steps during which the alphas are held.
+        search_end: Fraction of the steps after which the sizes land and stay (1: learned to the
+            end, then landed).
+        floor_gradient: ``"pass"``: the size's gradient passes below the 2-cell floor (paper
+            section 5), ``"stop"``: the literal ``max(n / alpha, 1.5)``.
 
     Returns:
         One record per epoch trained in this call (also appended to ``out/log.jsonl``);
-        each has ``lambda`` (the last step's) and ``lambda_steps`` (every step's), and the
+        each has ``gmacs`` (the real cost after the epoch), ``phase`` (the phase its last step
+        was in), ``lambda`` (the last step's) and ``lambda_steps`` (every step's), and the
         first epoch's has ``initial_pools``, the sizes before any step.
+
+    Raises:
+        OptionError: A NaN, inf or out-of-range hyperparameter, scale bound or budget
+            (:class:`dynoswap.errors.BudgetError` for a budget out of reach).
     """
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise OptionError(f"epochs must be an integer >= 1, got {epochs!r}")
+    check_hyperparameters(
+        lr=lr, alpha_lr=alpha_lr, lam=lam, weight_decay=weight_decay, momentum=momentum,
+        warmup=warmup, search_end=search_end,
+    )  # fmt: skip
+    if floor_gradient not in FLOOR_GRADIENTS:
+        raise OptionError(f"floor_gradient must be one of {FLOOR_GRADIENTS}, got {floor_gradient!r}")
+    target = check_target(target_gmacs) if target_gmacs is not None else None
     if resume and out is None:
         raise ValueError("resume needs the run folder (out=...) that holds the checkpoint")
     dev = device if isinstance(device, torch.device) else pick_device(device)
@@ -273,16 +369,32 @@ def fit(
     raw = unwrap(model).to(dev)
     if not dynopools(raw):
         raise ValueError("the model has no DynOPool2d layer: convert it first (dynoswap.convert)")
-    bounds = scale_bounds(min_scale, max_scale)
-    budget = BudgetController(float(target_gmacs)) if target_gmacs is not None else None
-    if budget is not None:
-        budget.lam = lam
-        budget.integral = lam * budget.target
+    for _, pool in dynopools(raw):
+        pool.set_floor_gradient(floor_gradient)
+
+    def real_cost() -> float:
+        with torch.no_grad():
+            return float(cost_fn(raw).detach())
+
+    guard: ScaleGuard | None = None
+
+    def make_guard(size: tuple[int, int]) -> ScaleGuard:
+        made = ScaleGuard.for_model(
+            raw, lambda: _group_input_sizes(raw, size, dev), min_scale, max_scale, max_alpha_step
+        )
+        if target is not None:
+            check_reachable(target, made, real_cost)
+        return made
+
+    if input_size is not None:
+        guard = make_guard(input_size)  # refuse bad bounds or an unreachable budget before any work
 
     steps_per_epoch = len(train_loader) if max_steps is None else min(len(train_loader), max_steps)
     total_steps = max(steps_per_epoch * epochs, 1)
-    groups = default_param_groups(raw, lr, alpha_lr, weight_decay)
+    # The weights take SGD; the alphas their own normalised step (dynoswap.train.scales.AlphaStepper).
+    groups = [g for g in default_param_groups(raw, lr, alpha_lr, weight_decay) if g["name"] != "alphas"]
     optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    stepper = AlphaStepper(leaders(raw))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     scaler = torch.amp.GradScaler(dev.type, enabled=amp and dev.type == "cuda")
 
@@ -295,13 +407,13 @@ def fit(
             raise ValueError(f"--resume: no checkpoint in {out}; run without --resume first")
         state = checkpointing.load_checkpoint(folder, raw)
         optimizer.load_state_dict(state["optimizer"])
+        stepper.load_state_dict(state.get("alpha_stepper") or {})
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, step = int(state["epoch"]), int(state["step"])
         checkpointing.set_rng_state(state["rng"])
-        if budget is not None and state.get("budget"):
-            budget.load_state_dict(state["budget"])
 
+    start_step_of_call = step
     net = wrap_ddp(recompute_view(raw) if recompute else raw, ctx)
     if compile:
         # Sizes change while alphas train. Automatic dynamic shapes compile each piece static once, then
@@ -327,9 +439,41 @@ def fit(
     records: list[dict[str, Any]] = []
     bar = _progress(main and progress, console)
     plain_every = _plain_every(main and progress, console, steps_per_epoch)
-    _clamp_alphas(raw, bounds)
-    landed: list[torch.Tensor] | None = None  # alphas fixed once the sizes landed on the budget
     initial = probe_pools(raw, input_size, dev) if input_size is not None and start_epoch == 0 else None
+    land_step = math.ceil(search_end * total_steps)
+    landed = step >= land_step
+    held: list[tuple[torch.Tensor, torch.Tensor]] = []  # the latest training batches, to score roundings
+    lam_now = 0.0 if target is not None and lam == 0 else float(lam)
+
+    def on_budget() -> None:
+        assert guard is not None
+        if target is not None and not landed:
+            project(guard, target, real_cost)
+        sync_alphas(raw, ctx)
+
+    def land_now() -> list[tuple[int, int]]:
+        assert guard is not None and input_size is not None
+        size = input_size
+
+        def score() -> float:
+            was = raw.training
+            raw.eval()
+            try:
+                with torch.no_grad(), _autocast(dev, amp):
+                    return sum(float(F.cross_entropy(raw(x).float(), y)) for x, y in held) / max(len(held), 1)
+            finally:
+                raw.train(was)
+
+        sizes = land(
+            guard,
+            lambda: _group_input_sizes(raw, size, dev),
+            _execution_order(raw, size, dev),
+            real_cost,
+            target,
+            score if held else None,
+        )
+        sync_alphas(raw, ctx)
+        return sizes
     net.train()
     try:
         if bar is not None:
@@ -350,33 +494,40 @@ def fit(
                     input_size = (int(images.shape[-2]), int(images.shape[-1]))
                 if initial is None and epoch == 0 and i == 0:
                     initial = probe_pools(raw, input_size, dev)
-                if budget is not None and landed is None and step >= LAND_AT * total_steps:
-                    land_on_budget(raw, budget.target)
-                    landed = [p.alpha.detach().clone() for _, p in dynopools(raw)]
+                if guard is None:
+                    guard = make_guard(input_size)
+                if step == start_step_of_call:
+                    on_budget()  # the starting design on the budget (a common scale: the shape is kept)
+                phase = "fixed" if landed else _phase(step, total_steps, warmup, search_end)
+                learn = phase == "search"
                 with _autocast(dev, amp):
                     logits = net(images)
                 task = F.cross_entropy(logits.float(), labels)
                 cost = cost_fn(raw)
-                if landed is not None:
-                    lam = 0.0  # sizes are final: the weights train on at them
-                elif budget is not None:
-                    # Every rank computes the same GMACs (alphas are synced), hence the same lambda.
-                    lam = budget.update(relaxed_gmacs(raw, cost), float(scheduler.get_last_lr()[0]) / lr if lr else 1.0)
-                loss = task + lam * cost
+                lam = lam_now if learn else 0.0
+                loss = task + lam * cost if lam else task
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss became {float(loss)} at step {step}; lower --lr or --alpha-lr")
+                    raise FloatingPointError(
+                        f"loss became {float(loss)} at step {step}; lower the learning rate of the weights"
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                before = guard.snapshot()
+                if learn:
+                    factor = float(scheduler.get_last_lr()[0]) / lr if lr else 1.0
+                    stepper.step(alpha_lr * factor, _cost_grads(raw, cost_fn, guard) if target is not None else None)
+                    guard.step(before)
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
-                _clamp_alphas(raw, bounds)
-                if landed is not None:
-                    with torch.no_grad():
-                        for (_, pool), alpha in zip(dynopools(raw), landed, strict=True):
-                            pool.alpha.copy_(alpha)
                 drift = sync_alphas(raw, ctx)
+                if learn:
+                    on_budget()
+                held[:] = (held + [(images.detach(), labels.detach())])[-HELD_BATCHES:]
                 step += 1
+                if not landed and step >= land_step:
+                    land_now()  # the search is over: integer sizes, on the budget, from now on
+                    landed = True
                 n = labels.numel()
                 metrics = {
                     "loss": float(loss.detach()),
@@ -395,8 +546,6 @@ def fit(
                 if on_step is not None:
                     on_step(step, metrics)
                 stats = f"loss {metrics['loss']:.3f}  train_acc {correct / n:.3f}  GMACs {metrics['gmacs']:.4g}"
-                if budget is not None:
-                    stats += f"  lambda {lam:.3g}"
                 if bar is not None:
                     bar.update(task_id, advance=1, stats=stats)
                 elif plain_every and ((i + 1) % plain_every == 0 or i + 1 == steps_per_epoch):
@@ -416,9 +565,10 @@ def fit(
                 "seconds": round(time.perf_counter() - started, 3),
                 "lambda": float(lam),
                 "lambda_steps": lambda_steps,
+                "phase": phase,  # of the epoch's last step
             }
-            if budget is not None:
-                record["target_gmacs"] = budget.target
+            if target is not None:
+                record["target_gmacs"] = target
             if epoch == 0 and initial is not None:
                 record["initial_pools"] = initial
             if val_loader is not None:
@@ -429,14 +579,13 @@ def fit(
             if main and out is not None:
                 state = {
                     "optimizer": optimizer.state_dict(),
+                    "alpha_stepper": stepper.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(),
                     "epoch": epoch + 1,
                     "step": step,
                     "rng": checkpointing.rng_state(),
                 }
-                if budget is not None:
-                    state["budget"] = budget.state_dict()
                 checkpointing.save_checkpoint(out, raw, state, log_record=record)
             if main and console is not None:
                 console.print(epoch_line(record, epochs))
@@ -457,7 +606,6 @@ def epoch_line(record: dict[str, Any], epochs: int) -> str:
     gmacs = f"GMACs {record['gmacs']:.4g}"
     if "target_gmacs" in record:
         gmacs += f" (target {record['target_gmacs']:.4g}, {record['gmacs'] / record['target_gmacs'] - 1:+.1%})"
-        parts.append(f"lambda {record['lambda']:.3g}")
     parts.append(gmacs)
     parts.append(f"sizes {_format_sizes(record['pools'])}")
     return "  ".join(parts)
