@@ -39,13 +39,16 @@ _CIFAR_STATS = {
 }
 
 
-def _barcodes(path: str, input_size: tuple[int, int] | None, seed: int) -> DataBundle:
-    size = input_size[1] if input_size else 32
-    if input_size and input_size[0] != input_size[1]:
-        raise DataError(f"barcodes are square; got input size {input_size}")
-    train = datasets.barcodes(True, size=size, seed=seed)
-    val = datasets.barcodes(False, size=size, seed=seed)
-    return DataBundle("barcodes", train, val, 10, (size, size))
+def _barcodes_with(name: str, noise: float) -> Handler:
+    def handler(path: str, input_size: tuple[int, int] | None, seed: int) -> DataBundle:
+        size = input_size[1] if input_size else 32
+        if input_size and input_size[0] != input_size[1]:
+            raise DataError(f"{name} are square; got input size {input_size}")
+        train = datasets.barcodes(True, size=size, seed=seed, noise=noise)
+        val = datasets.barcodes(False, size=size, seed=seed, noise=noise)
+        return DataBundle(name, train, val, 10, (size, size))
+
+    return handler
 
 
 def _digits(variant: str) -> Handler:
@@ -116,7 +119,8 @@ def _cifar(kind: str) -> Handler:
 
 #: kind -> handler(path, input_size, seed)
 DATA_HANDLERS: dict[str, Handler] = {
-    "barcodes": _barcodes,
+    "barcodes": _barcodes_with("barcodes", 0.5),
+    "barcodes-noisy": _barcodes_with("barcodes-noisy", datasets.NOISY_BARCODES),
     "digits-stretch": _digits("stretch"),
     "digits-tile": _digits("tile"),
     "digits-large": _digits("large"),

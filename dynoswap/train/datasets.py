@@ -111,10 +111,19 @@ def make_barcodes(
     return _standardise(images), labels
 
 
-def barcodes(train: bool, *, size: int = 32, n_train: int = 2048, n_val: int = 512, seed: int = 0) -> TensorImages:
+def barcodes(
+    train: bool, *, size: int = 32, n_train: int = 2048, n_val: int = 512, seed: int = 0, noise: float = 0.5
+) -> TensorImages:
     """Build the ``barcodes`` set: 10 classes of repeating one-pixel bar codes with noise."""
-    images, labels = make_barcodes(n_train if train else n_val, size=size, seed=seed * 2 + (0 if train else 1))
+    images, labels = make_barcodes(
+        n_train if train else n_val, size=size, noise=noise, seed=seed * 2 + (0 if train else 1)
+    )
     return TensorImages(images, labels, train=train)
+
+
+#: Per-pixel noise of ``barcodes-noisy``: a single row no longer identifies the class, so a model must
+#: pool many rows (vertical resolution is redundant, not worthless) while keeping every column.
+NOISY_BARCODES = 2.0
 
 
 # -- digits (CIFAR-stretch / tile / large on sklearn's digits) ----------------
