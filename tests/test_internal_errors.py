@@ -154,3 +154,11 @@ def test_a_recipe_that_does_not_replay_is_a_recipe_error_with_its_cause(saved, t
     assert isinstance(info.value.__cause__, errors.OptionError)
     result = runner.invoke(app, ["inspect", str(saved)], env=ENV)
     assert result.exit_code == EXIT_USAGE and "cannot be replayed" in result.stderr
+
+
+def test_a_bug_while_save_reads_back_is_not_a_save_error(tmp_path, monkeypatch):
+    gm, _ = dynoswap.convert(SOURCE.build(), (32, 32), source=SOURCE)
+    monkeypatch.setattr(convert_module, "apply_sites", _bug)  # the read-back replays the conversion
+    with pytest.raises(AttributeError, match=BUG):
+        dynoswap.save(gm, tmp_path / "m")
+    assert not (tmp_path / "m").exists()  # nothing half-written is left at the path
