@@ -125,11 +125,42 @@ NOT_OK = {
 README = Path(__file__).parents[1] / "README.md"
 
 
+def _readme() -> str:
+    return " ".join(README.read_text().split())
+
+
+def _percent(difference: float) -> str:
+    """A relative difference as the README prints it (one decimal, a real minus sign)."""
+    return f"{100 * difference:+.1f}".replace("-", "\u2212")
+
+
+def _readme_table1() -> dict[tuple[str, str, str], str]:
+    """The README's Table 1 differences by (backbone, data set, model), as printed (``**`` marks a row outside)."""
+    text = README.read_text()
+    head = text.index("| | FGVC-Aircraft H / S / B | CIFAR-100 H / S / B | ImageNet H / S / B |")
+    out = {}
+    for line in text[head:].split("\n\n")[0].splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        for dataset, cell in zip(("FGVC-Aircraft", "CIFAR-100", "ImageNet"), cells[1:], strict=True):
+            for model, value in zip(("Human", "DynOPool-S", "DynOPool-B"), cell.split("/"), strict=True):
+                out[cells[0], dataset, model] = value.replace("%", "").strip()
+    return out
+
+
+def test_the_readme_marks_exactly_the_rows_outside_the_tolerance():
+    table = _readme_table1()
+    assert len(table) == len(paper_rows(("1",)))
+    assert {k for k, v in table.items() if v.startswith("**")} == set(NOT_OK)
+
+
 def _check_rows(results):
     assert results
+    readme = _readme_table1()
     for res in results:
         r = res.row
         key = (r.backbone, r.dataset, r.model)
+        if r.table == "1":  # the README's figure is this count's
+            assert readme[key].strip("*") == _percent(res.difference), key
         assert res.status == NOT_OK.get(key, "ok"), f"{key}: {res.difference:+.2%} is {res.status}"
         # Each row within its own bound: the tolerance, the printed precision, or the bound its reason states.
         assert abs(res.difference) <= res.bound, f"{key}: {res.difference:+.2%} beyond {res.bound:.2%}"
@@ -231,6 +262,29 @@ def test_table1_every_row_at_224():
     by = {(r.row.backbone, r.row.dataset, r.row.model): r for r in results}
     assert by["VGG-16", "ImageNet", "DynOPool-S"].gmacs == pytest.approx(10.12, abs=0.01)
     assert by["ResNet-50", "ImageNet", "DynOPool-B"].gmacs == pytest.approx(12.76, abs=0.01)
+    # The README's supplement Table 3 sentence, from the counted shares (CIFAR-100's are quick to add).
+    shares = {
+        (s.backbone, s.dataset): s
+        for s in dynopool_shares([*results, *compute_rows(paper_rows(("1",), ["CIFAR-100"]))])
+    }
+
+    def human(backbone: str, dataset: str) -> str:
+        return f"{shares[backbone, dataset].percent_by_model['Human']:.2f}"
+
+    def paper(backbone: str, dataset: str) -> str:
+        return f"{shares[backbone, dataset].paper_percent:.2f}"
+
+    text = _readme()
+    data = ("FGVC-Aircraft", "CIFAR-100", "ImageNet")
+    assert f"ResNet-50 {human('ResNet-50', 'ImageNet')}% (paper {paper('ResNet-50', 'ImageNet')}%)" in text
+    mbv2 = (
+        " / ".join(human("MobileNetV2", d) for d in data)
+        + "% (paper "
+        + " / ".join(paper("MobileNetV2", d) for d in data)
+    )
+    assert f"MobileNetV2 {mbv2}%)" in text
+    assert f"VGG-16 {human('VGG-16', 'ImageNet')}% ({paper('VGG-16', 'ImageNet')}%)" in text
+    assert f"ResNet-50 CIFAR {human('ResNet-50', 'CIFAR-100')}% ({paper('ResNet-50', 'CIFAR-100')}%)" in text
 
 
 @pytest.mark.slow
@@ -238,3 +292,8 @@ def test_table4_hrnet_w48():
     results = compute_rows(paper_rows(("4",)))
     _check_rows(results)
     assert [round(r.gmacs, 1) for r in results] == [82.5, 69.4]
+    human, pooled = results
+    assert (
+        f"{human.row.paper_gmacs:.2f} → {human.gmacs:.2f} human ({_percent(human.difference)}%), "
+        f"{pooled.row.paper_gmacs:.2f} → {pooled.gmacs:.2f} DynOPool ({_percent(pooled.difference)}%)"
+    ) in _readme()
