@@ -400,11 +400,15 @@ def build_model(
     kwargs = dict(source.kwargs)
     if library in TRUSTED_LIBRARIES:
         kwargs = {k: v for k, v in kwargs.items() if k not in FILE_KWARGS}
+    # A third-party builder's error on the given arguments is the spec's fault; dynoswap's own zoo only
+    # blames the arguments for what refuses them (TypeError, ValueError): anything else there is a bug.
+    own = library == "dynoswap" or (library == "user" and _zoo_entry_for_factory(name) is not None)
+    spec_errors: tuple[type[Exception], ...] = (TypeError, ValueError) if own else (Exception,)
     try:
         return BUILDERS[library](name, kwargs)
     except ModelError:
         raise
-    except Exception as exc:
+    except spec_errors as exc:
         # Wrong keyword arguments or values are a usage error: say which model and which arguments.
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot build {library}:{name} with {kwargs or {}}: {detail}") from exc

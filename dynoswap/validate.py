@@ -1,4 +1,6 @@
-"""Argument checks shared by the library's entry points: a misuse is one clear TypeError or ValueError.
+"""Argument checks shared by the library's entry points: a misuse is one clear TypeError or OptionError.
+
+An :class:`~dynoswap.errors.OptionError` is a ``ValueError``, so ``except ValueError`` keeps working.
 
 Imports no heavy library at import time, so the CLI can check its options cheaply.
 """
@@ -9,6 +11,8 @@ import math
 import numbers
 from collections.abc import Sequence
 from typing import Any
+
+from .errors import OptionError
 
 #: Smallest output side a DynOPool produces: its size rule rounds ``max(n / alpha, 1.5)`` half up
 #: (``dynoswap.layers.sizing.MIN_SIZE``), so 2 is the smallest size a target can hit exactly.
@@ -25,18 +29,18 @@ def check_size(value: Any, what: str, low: int = 1) -> tuple[int, int]:
 
     Raises:
         TypeError: Not a pair of integers (floats such as 64.5 and booleans included).
-        ValueError: A side below ``low``.
+        OptionError: A side below ``low``.
     """
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise TypeError(f"{what} must be a pair of integers (h, w), got {value!r}")
     values = tuple(value)
     if len(values) != 2:
-        raise ValueError(f"{what} must be a pair of integers (h, w), got {len(values)} values: {value!r}")
+        raise OptionError(f"{what} must be a pair of integers (h, w), got {len(values)} values: {value!r}")
     if not all(_is_int(v) for v in values):
         raise TypeError(f"{what} must be a pair of integers (h, w), got {value!r}")
     h, w = (int(v) for v in values)
     if min(h, w) < low:
-        raise ValueError(f"{what} must be at least {low} on each side, got {(h, w)}")
+        raise OptionError(f"{what} must be at least {low} on each side, got {(h, w)}")
     return h, w
 
 
@@ -45,7 +49,7 @@ def check_target_sizes(sizes: Any) -> list[tuple[int, int]]:
 
     Raises:
         TypeError: Not a sequence of integer pairs.
-        ValueError: A target below :data:`MIN_OUTPUT_SIDE`, which no DynOPool can produce exactly.
+        OptionError: A target below :data:`MIN_OUTPUT_SIDE`, which no DynOPool can produce exactly.
     """
     if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence):
         raise TypeError(f"sizes must be a list of (h, w) pairs, got {type(sizes).__name__}")
@@ -53,7 +57,7 @@ def check_target_sizes(sizes: Any) -> list[tuple[int, int]]:
     for i, size in enumerate(sizes):
         pair = check_size(size, f"sizes[{i}]")
         if min(pair) < MIN_OUTPUT_SIDE:
-            raise ValueError(
+            raise OptionError(
                 f"sizes[{i}] = {pair} cannot be hit exactly: a DynOPool's output is at least {MIN_OUTPUT_SIDE} "
                 "on each side"
             )
@@ -66,7 +70,7 @@ def check_scale(value: Any, what: str) -> tuple[float, float]:
 
     Raises:
         TypeError: Not a number or a pair of numbers.
-        ValueError: NaN, infinite or not > 0.
+        OptionError: NaN, infinite or not > 0.
     """
     values = (value, value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
     if isinstance(values, (str, bytes, bool)) or not hasattr(values, "__iter__"):
@@ -75,7 +79,7 @@ def check_scale(value: Any, what: str) -> tuple[float, float]:
     if len(pair) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair):
         raise TypeError(f"{what} must be a number or an (h, w) pair of numbers, got {value!r}")
     if not all(math.isfinite(v) and v > 0 for v in pair):
-        raise ValueError(f"{what} must be finite and > 0, got {value!r}")
+        raise OptionError(f"{what} must be finite and > 0, got {value!r}")
     return float(pair[0]), float(pair[1])
 
 
@@ -87,7 +91,7 @@ def check_convert_args(model: Any, input_size: Any, sizes: Any = None) -> tuple[
     Raises:
         TypeError: ``model`` is not a ``torch.nn.Module`` (e.g. a model name), or ``input_size``
             is not a pair of integers.
-        ValueError: A side below 1, or a target size below 2.
+        OptionError: A side below 1, or a target size below 2.
     """
     from torch import nn
 

@@ -14,7 +14,12 @@ def seeded() -> None:
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     """Add ``--regen-golden``: rewrite tests/golden/* from the current CLI output."""
-    parser.addoption("--regen-golden", action="store_true", default=False, help="rewrite the CLI golden files")
+    parser.addoption(
+        "--regen-golden",
+        action="store_true",
+        default=False,
+        help="rewrite the CLI golden files, print the diff and fail the run",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import subprocess
@@ -26,13 +27,43 @@ def invoke(*args: str):
     return runner.invoke(app, [str(a) for a in args], env=ENV)
 
 
-def check_golden(request: pytest.FixtureRequest, name: str, text: str) -> None:
-    path = GOLDEN / name
-    if request.config.getoption("--regen-golden", default=False) or os.environ.get("DYNOSWAP_REGEN_GOLDEN"):
+def compare_golden(path: Path, text: str, regen: bool) -> None:
+    """Compare ``text`` with a golden file; ``regen`` rewrites the file, prints the diff and fails.
+
+    Only the explicit ``--regen-golden`` flag rewrites (no environment variable), and a rewriting
+    run never passes: the diff is for review, and the next run without the flag is the check.
+    """
+    old = path.read_text() if path.exists() else ""
+    diff = "".join(difflib.unified_diff(old.splitlines(True), text.splitlines(True), f"{path.name} (golden)", "now"))
+    if regen:
         path.parent.mkdir(exist_ok=True)
         path.write_text(text)
+        pytest.fail(
+            f"--regen-golden rewrote {path.name}; review the diff, commit it, run again without the flag:\n"
+            + (diff or "(no change)\n"),
+            pytrace=False,
+        )
     assert path.exists(), f"{path} missing: run pytest {__file__} --regen-golden"
-    assert text == path.read_text()
+    assert text == old, f"output differs from {path.name}:\n{diff}"
+
+
+def check_golden(request: pytest.FixtureRequest, name: str, text: str) -> None:
+    compare_golden(GOLDEN / name, text, bool(request.config.getoption("--regen-golden", default=False)))
+
+
+def test_golden_files_are_rewritten_only_by_the_flag_and_the_run_fails(tmp_path, monkeypatch):
+    path = tmp_path / "table.txt"
+    path.write_text("a\nold\n")
+    monkeypatch.setenv("DYNOSWAP_REGEN_GOLDEN", "1")  # no longer a way to regenerate
+    with pytest.raises(AssertionError, match="output differs"):
+        compare_golden(path, "a\nnew\n", regen=False)
+    assert path.read_text() == "a\nold\n"
+    with pytest.raises(pytest.fail.Exception) as failed:
+        compare_golden(path, "a\nnew\n", regen=True)
+    assert "-old\n+new" in str(failed.value) and path.read_text() == "a\nnew\n"
+    with pytest.raises(pytest.fail.Exception, match="no change"):
+        compare_golden(path, "a\nnew\n", regen=True)
+    compare_golden(path, "a\nnew\n", regen=False)
 
 
 def error_line(result) -> str:

@@ -27,7 +27,7 @@ def test_leaf_module_keeps_its_resizers_and_head_is_validated() -> None:
     assert not any(r["name"].startswith("layer2.") for r in kept["replacements"])
     assert any(s["name"] == "layer2" and "leaf" in s["reason"] for s in kept["skipped"])
     bad = invoke("convert", "resnet18", "--input-size", "64", "64", "--head", "grow")
-    assert bad.exit_code != 0 and "--head must be none or adapt" in bad.output
+    assert bad.exit_code == 2 and "--head must be none or adapt" in bad.output  # bad usage
 
 
 def test_inspect_shows_a_vit_without_converting_it() -> None:

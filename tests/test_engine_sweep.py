@@ -4,11 +4,14 @@ Per model: convert at a small input; move every tie group to its own random scal
 [0.3, 0.8] (each axis on its own); forward + backward with a finite gradient on every alpha,
 non-zero where the layer is above its 2-pixel minimum; ``gmacs_loss == count_gmacs`` to 1e-9;
 ``dynoswap.save`` -> ``dynoswap.load`` -> identical outputs. Or a refusal in a named category.
+Every model must end as its entry in ``tests/data/sweep_expected.json`` says (:mod:`tests.sweep_table`):
+a model that converts today fails the sweep if it regresses to a refusal or converts differently.
 Which timm models: see :mod:`tests.sweep_models`.
 
-Regenerate docs/compatibility.md (its table and counts):
-``OMP_NUM_THREADS=1 python -m tests.test_engine_sweep docs/compatibility.md``; after a fix, run some
-models again and recount: ``... docs/compatibility.md --rerun NAME [NAME ...]``.
+Run the whole sweep and rewrite the pinned table and docs/compatibility.md from it:
+``OMP_NUM_THREADS=1 python -m tests.test_engine_sweep [--resume]``; after a fix, run some models
+again: ``... --rerun NAME [NAME ...]``; render the page from the table only: ``python -m tests.sweep_table``.
+Review the diff of ``tests/data/sweep_expected.json`` before committing it: it is what the sweep checks.
 """
 
 from __future__ import annotations
@@ -40,21 +43,17 @@ from tests.sweep_models import (
     torchvision_classifiers,
     torchvision_segmenters,
 )
-
-#: Refusal categories a model may end in (anything else is a crash).
-CATEGORIES = (
-    "fixed position embedding",
-    "fixed window partition",
-    "fixed-size head",
-    "fixed input size",
-    "not a 2-D CNN",
-    "untieable merge",
-    "breaks when scales move",
-    "untraceable",
-    "fails at the input size",
+from tests.sweep_table import (
+    SEGMENTATION,
+    TORCHVISION,
+    check_pinned,
+    entry_of,
+    load_table,
+    planned,
+    write_page,
+    write_table,
 )
-#: Families without a fixed-size position embedding or window partition count towards the >= 97% target.
-NOT_CNN = ("fixed position embedding", "fixed window partition", "fixed input size", "not a 2-D CNN")
+
 # Above this many parameters a model is only converted on the meta device (no forward): CPU budget.
 GIANT_PARAMS = 150_000_000
 FAST = ["resnet18", "vgg11", "mobilenet_v2", "densenet121"]
@@ -249,35 +248,30 @@ def safe(run: Callable[[str], dict], name: str, limit: int = 0) -> dict:
             signal.alarm(0)
 
 
-def assert_ok(result: dict) -> None:
-    assert result["status"] != "crash", result
-    if result["status"] == "refused":
-        assert result["category"] in CATEGORIES, result
-
-
 @pytest.mark.parametrize("name", FAST)
 def test_fast_subset(name: str) -> None:
     result = run_torchvision(name)
     assert result["status"] == "converted" and result["checked"], result
+    check_pinned(TORCHVISION, name, result)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", torchvision_classifiers())
 def test_torchvision_classifier(name: str) -> None:
-    assert_ok(safe(run_torchvision, name))
+    check_pinned(TORCHVISION, name, safe(run_torchvision, name))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", torchvision_segmenters())
 def test_torchvision_segmenter(name: str) -> None:
-    result = safe(run_segmenter, name)
-    assert result["status"] == "converted", result
+    check_pinned(SEGMENTATION, name, safe(run_segmenter, name))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [f["model"] for f in timm_families().values() if f["conv2d_or_pool2d"]])
-def test_timm_family(name: str) -> None:
-    assert_ok(safe(run_timm, name))
+@pytest.mark.parametrize("family", sorted(f for f, v in timm_families().items() if v["conv2d_or_pool2d"]))
+def test_timm_family(family: str) -> None:
+    name = timm_families()[family]["model"]
+    check_pinned(f"timm ({family})", name, safe(run_timm, name))
 
 
 @pytest.mark.slow
@@ -306,123 +300,52 @@ def test_hrnet_w48_features_at_paper_size_loss_equals_count() -> None:
         assert math.isclose(gmacs_loss(gm, (320, 400)).item(), count_gmacs(gm, (320, 400)).total, rel_tol=1e-9)
 
 
-# -- docs/compatibility.md --------------------------------------------------------------
-def _row(library: str, name: str, result: dict) -> str:
-    if result["status"] == "converted":
-        detail = f"{result['dynopools']} DynOPool, {result['alphas']} alpha"
-        if result["resized"]:
-            detail += f", {result['resized']} upsampling resized to partner"
-        if result.get("limits"):
-            detail += f", {result['limits']} minimum-size limit"
-        if result["checked"]:
-            detail += f"; checked at {result['size']}x{result['size']}"
-            if result.get("at_minimum"):
-                detail += f" ({result['at_minimum']} group at the 2-pixel minimum)"
-        else:
-            detail += " (converted on the meta device only: too large for the CPU test budget)"
-        status = "converted"
-    elif result["status"] == "refused":
-        status = f"refused: {result['category']}"
-        detail = result["reason"]
-    else:
-        status, detail = result["status"], result["reason"]
-    detail = detail.replace("|", "\\|").replace("\n", " ")
-    return f"| {library} | `{name}` | {status} | {detail} |"
+# -- the pinned table and docs/compatibility.md ---------------------------------------------
+def runner_of(library: str) -> Callable[[str], dict]:
+    """The sweep function of a library label."""
+    if library == SEGMENTATION:
+        return run_segmenter
+    return run_torchvision if library == TORCHVISION else run_timm
 
 
-def write_compatibility(path: Path, resume: bool = False) -> None:
-    """Run the whole sweep and write the table and its counts into ``path`` (``resume``: keep rows already there)."""
+def write_sweep(resume: bool = False) -> None:
+    """Run the whole sweep; rewrite the pinned table and the page after each model (``resume``: keep entries)."""
     torch.set_num_threads(1)
-    rows, results = [], []
-    plan: list[tuple[str, str, Callable[[str], dict]]] = [
-        ("torchvision", n, run_torchvision) for n in torchvision_classifiers()
-    ]
-    plan += [("torchvision segmentation (placement='pre')", n, run_segmenter) for n in torchvision_segmenters()]
-    families = timm_families()
-    plan += [(f"timm ({fam})", f["model"], run_timm) for fam, f in sorted(families.items()) if f["conv2d_or_pool2d"]]
-    start = time.perf_counter()
-    done: dict[str, str] = {}
-    if resume and path.exists() and "<!-- table -->" in path.read_text():
-        table = path.read_text().split("<!-- table -->")[1]
-        for line in table.splitlines():
-            if line.startswith("| ") and not line.startswith("| library") and "| crash |" not in line:
-                done[line.strip("|").split("|")[1].strip().strip("`")] = line
-        start -= float(table.split(" s (1 thread)")[0].rsplit(" in ", 1)[1]) if " s (1 thread)" in table else 0.0
-    for library, name, run in plan:
-        if name in done:
-            rows.append(done[name])
+    plan = planned()
+    old = load_table() if resume else {"seconds": 0.0, "models": []}
+    done = {(e["library"], e["model"]): e for e in old["models"] if e["status"] != "crash"}
+    table = {"seconds": float(old["seconds"]), "planned": len(plan), "rerun": [], "models": []}
+    start = time.perf_counter() - table["seconds"]
+    for library, name in plan:
+        if (library, name) in done:
+            table["models"].append(done[library, name])
             continue
-        result = safe(run, name, MODEL_LIMIT_S)
-        results.append((library, result))
-        rows.append(_row(library, name, result))
-        print(rows[-1], f"({result.get('seconds', 0):.1f} s)", flush=True)
-        later = [done[n] for _, n, _ in plan[len(rows) :] if n in done]  # resumed rows not reached yet
-        _write(path, rows + later, results, families, time.perf_counter() - start, len(plan))
+        result = safe(runner_of(library), name, MODEL_LIMIT_S)
+        table["models"].append(entry_of(library, name, result))
+        print(library, name, result["status"], f"({result.get('seconds', 0):.1f} s)", flush=True)
+        table["seconds"] = time.perf_counter() - start
+        later = [done[k] for k in plan[len(table["models"]) :] if k in done]  # resumed entries not reached yet
+        write_table({**table, "models": table["models"] + later})
+        write_page()
 
 
-def _write(
-    path: Path, rows: list[str], results: list[tuple[str, dict]], families: dict, seconds: float, planned: int
-) -> None:
-    """Write the table so far and its counts (the page is complete once every planned model ran)."""
-    note = f"Sweep of {len(rows)} of {planned} models in {seconds:.0f} s (1 thread)"
-    _write_rows(path, rows, families, note)
-
-
-def _outcome_of(row: str) -> tuple[str, str]:
-    cells = [c.strip() for c in row.strip().strip("|").split("|")]
-    return cells[0], cells[2]
-
-
-def _write_rows(path: Path, rows: list[str], families: dict, note: str) -> None:
-    """Write ``rows`` under the page's head, with counts computed from the rows themselves."""
-    counts: dict[str, int] = {}
-    for row in rows:
-        _, status = _outcome_of(row)
-        counts[status] = counts.get(status, 0) + 1
-    timm_rows = [_outcome_of(r)[1] for r in rows if _outcome_of(r)[0].startswith("timm")]
-    cnn = [status for status in timm_rows if status.removeprefix("refused: ") not in NOT_CNN]
-    converted = sum(status == "converted" for status in cnn)
-    summary = [
-        f"{note}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".",
-        f"timm: {len(families)} families, {len(timm_rows)} with a 2-D conv or pool swept; of the {len(cnn)} without a "
-        f"fixed input size, position embedding or window partition, {converted} convert "
-        f"({100 * converted / max(len(cnn), 1):.1f}%).",
-    ]
-    head = path.read_text().split("<!-- table -->")[0] if path.exists() else "# Compatibility\n\n"
-    body = (
-        "\n\n".join(summary)
-        + "\n\n| library | model | outcome | details |\n|---|---|---|---|\n"
-        + "\n".join(rows)
-        + "\n"
-    )
-    path.write_text(head + "<!-- table -->\n\n" + body)
-
-
-def rerun(path: Path, names: list[str]) -> None:
-    """Run some models again and replace their rows (after a fix), keeping the rest of the page."""
+def rerun(names: list[str]) -> None:
+    """Run some models again and replace their entries (after a fix), keeping the rest of the table."""
     torch.set_num_threads(1)
-    text = path.read_text()
-    table = text.split("<!-- table -->")[1]
-    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| library")]
-    note = table.strip().split(":")[0]
-    runs: dict[str, Callable[[str], dict]] = {}
-    for row in rows:
-        library, name = (c.strip() for c in row.strip("|").split("|")[:2])
-        runs[name.strip("`")] = (
-            run_timm
-            if library.startswith("timm")
-            else (run_segmenter if "segmentation" in library else run_torchvision)
-        )
-    for i, row in enumerate(rows):
-        library, name = (c.strip() for c in row.strip("|").split("|")[:2])
-        if name.strip("`") in names:
-            rows[i] = _row(library, name.strip("`"), safe(runs[name.strip("`")], name.strip("`")))
-            print(rows[i], flush=True)
-    _write_rows(path, rows, timm_families(), note + " (rerun after a fix: " + ", ".join(names) + ")")
+    table = load_table()
+    for i, entry in enumerate(table["models"]):
+        if entry["model"] in names:
+            table["models"][i] = entry_of(
+                entry["library"], entry["model"], safe(runner_of(entry["library"]), entry["model"])
+            )
+            print(table["models"][i], flush=True)
+    table["rerun"] = sorted(set(table.get("rerun", [])) | set(names))
+    write_table(table)
+    write_page(table)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[2] == "--rerun":
-        rerun(Path(sys.argv[1]), sys.argv[3:])
+    if "--rerun" in sys.argv:
+        rerun(sys.argv[sys.argv.index("--rerun") + 1 :])
     else:
-        write_compatibility(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/compatibility.md"), "--resume" in sys.argv)
+        write_sweep("--resume" in sys.argv)

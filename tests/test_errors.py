@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 import dynoswap
 from dynoswap import errors
 from dynoswap.cli import app
-from dynoswap.cli.common import exit_code_of, hint_of
+from dynoswap.cli.common import EXIT_FAILURE, EXIT_INTERNAL, exit_code_of, hint_of, internal_error_line
 from dynoswap.layers import sizing
 from dynoswap.models import ModelSource
 from dynoswap.presets import ConvertOptions, TrainOptions, parse_preset
@@ -33,16 +33,26 @@ ERROR_CLASSES = [
 ] + [dynoswap.TraceError, dynoswap.engine.TieError]
 
 
-def readme_table() -> dict[str, int]:
-    rows = re.findall(r"^\| `(\w+)` \| (\d) \| `error: .+` \|$", README.read_text(), flags=re.MULTILINE)
-    return {name: int(code) for name, code in rows}
+def readme_table() -> dict[str, tuple[int, str]]:
+    """Error type (or ``any other exception``) -> (exit code, example line) as the README states them."""
+    rows = re.findall(r"^\| `?([\w ]+?)`? \| (\d+) \| `(error: .+)` \|$", README.read_text(), flags=re.MULTILINE)
+    return {name: (int(code), example) for name, code, example in rows}
 
 
 def test_the_readme_table_lists_every_error_class_with_its_exit_code():
     table = readme_table()
-    assert set(table) == {cls.__name__ for cls in ERROR_CLASSES}
+    assert set(table) == {cls.__name__ for cls in ERROR_CLASSES} | {"OSError", "any other exception"}
     for cls in ERROR_CLASSES:
-        assert exit_code_of(cls("x")) == table[cls.__name__], cls.__name__
+        assert exit_code_of(cls("x")) == table[cls.__name__][0], cls.__name__
+    assert exit_code_of(OSError(28, "No space left on device")) == table["OSError"][0] == EXIT_FAILURE
+
+
+def test_the_readme_states_the_internal_error_code_and_line():
+    code, example = readme_table()["any other exception"]
+    assert code == EXIT_INTERNAL
+    exc = AttributeError("...")
+    assert exit_code_of(exc) == EXIT_INTERNAL
+    assert example == f"error: {internal_error_line(exc)}"
 
 
 def test_bad_input_exits_2_and_failures_exit_1():

@@ -32,6 +32,11 @@ if TYPE_CHECKING:
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+#: An exception dynoswap did not raise on purpose: a dynoswap bug (``EX_SOFTWARE`` of sysexits.h).
+EXIT_INTERNAL = 70
+
+#: Set to 1 to show full tracebacks, as ``--debug`` does.
+DEBUG_ENV = "DYNOSWAP_DEBUG"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -91,7 +96,12 @@ def _details_registry() -> dict[type, Callable[[BaseException, Console], None]]:
 
 
 def _exit_codes() -> dict[type, int]:
-    """Map exception types to exit codes: the one table, most specific first (first match wins)."""
+    """Map exception types to exit codes: the one table, most specific first (first match wins).
+
+    Exit 2 is for the user's input only: the :mod:`dynoswap.errors` types that describe it. Other
+    dynoswap errors are failures (1), as is an ``OSError`` (the system refused: permissions, a full
+    disk). Any exception not in the table is a dynoswap bug (:data:`EXIT_INTERNAL`).
+    """
     from .. import errors
 
     return {
@@ -109,8 +119,8 @@ def _exit_codes() -> dict[type, int]:
         errors.SaveError: EXIT_FAILURE,
         errors.TrainingError: EXIT_FAILURE,
         errors.ExportError: EXIT_FAILURE,
-        FileNotFoundError: EXIT_USAGE,
-        IsADirectoryError: EXIT_USAGE,
+        errors.DynoswapError: EXIT_FAILURE,
+        OSError: EXIT_FAILURE,
     }
 
 
@@ -140,11 +150,21 @@ def hint_of(exc: BaseException) -> str:
 
 
 def exit_code_of(exc: BaseException) -> int:
-    """Exit code for an exception, from :func:`_exit_codes`; anything unexpected is a failure (1)."""
+    """Exit code for an exception, from :func:`_exit_codes`; anything else is a dynoswap bug (70)."""
     for kind, value in _exit_codes().items():
         if isinstance(exc, kind):
             return exc.exit_code if isinstance(exc, CliError) else value
-    return EXIT_FAILURE
+    return EXIT_INTERNAL
+
+
+def is_internal(exc: BaseException) -> bool:
+    """Whether an exception is a dynoswap bug rather than an error dynoswap raised on purpose."""
+    return exit_code_of(exc) == EXIT_INTERNAL
+
+
+def debug_requested(flag: bool = False) -> bool:
+    """Whether full tracebacks were asked for: ``--debug`` or ``DYNOSWAP_DEBUG=1``."""
+    return flag or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
 def one_line(exc: BaseException) -> str:
@@ -155,8 +175,21 @@ def one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+def internal_error_line(exc: BaseException) -> str:
+    """Return the one line of an internal error: what was raised, that it is a bug, how to report it."""
+    return (
+        f"internal error ({type(exc).__name__}: {one_line(exc)}): this is a dynoswap bug, not a problem with "
+        f"your input; please report it with the command you ran and the traceback that --debug "
+        f"(or {DEBUG_ENV}=1) shows"
+    )
+
+
 def report_error(exc: BaseException) -> int:
     """Print details (if any) and one error line on stderr; returns the exit code."""
+    if is_internal(exc):
+        sys.stderr.write(f"error: {internal_error_line(exc)}\n")
+        sys.stderr.flush()
+        return EXIT_INTERNAL
     console = err_console()
     try:
         registry = _details_registry()
@@ -187,8 +220,9 @@ def _show_warning(
 def handle_errors(fn: F) -> F:
     """Turn exceptions of a command into one stderr line and an exit code.
 
-    The command's ``debug`` keyword argument (the ``--debug`` flag) re-raises instead,
-    so the full traceback shows.
+    The command's ``debug`` keyword argument (the ``--debug`` flag) or ``DYNOSWAP_DEBUG=1``
+    re-raises instead, so the full traceback shows. An exception dynoswap did not raise on
+    purpose exits :data:`EXIT_INTERNAL` with a line saying it is a bug.
     """
 
     @functools.wraps(fn)
@@ -203,9 +237,9 @@ def handle_errors(fn: F) -> F:
             sys.stderr.write("error: interrupted\n")
             raise typer.Exit(130) from None
         except Exception as exc:
-            if kwargs.get("debug"):
+            if debug_requested(bool(kwargs.get("debug"))):
                 raise
-            raise typer.Exit(report_error(exc)) from None
+            raise typer.Exit(report_error(exc)) from exc
 
     return wrapper  # type: ignore[return-value]
 

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from ..errors import DynoswapError
 from .common import (
     AllowMissingOption,
     DebugOption,
@@ -110,23 +109,18 @@ def run_conversion(
     from .. import engine
 
     def once(overrides: dict[str, Any] | None, target: nn.Module) -> tuple[nn.Module, Any]:
-        try:
-            return engine.convert(
-                target,
-                input_size=plan.input_size,
-                placement=plan.placement,
-                init_scale=plan.init_scale,
-                overrides=overrides,
-                sizes=plan.sizes,
-                leaf_modules=tuple(leaf_modules),
-                head=head,
-                source=source,
-            )
-        except (TypeError, ValueError) as exc:
-            if isinstance(exc, DynoswapError):
-                raise
-            # The engine's own argument checks (sizes per tie group, override names) are bad usage.
-            raise UsageError(str(exc)) from exc
+        # The engine's own argument checks (sizes per tie group, override names) raise OptionError: exit 2.
+        return engine.convert(
+            target,
+            input_size=plan.input_size,
+            placement=plan.placement,
+            init_scale=plan.init_scale,
+            overrides=overrides,
+            sizes=plan.sizes,
+            leaf_modules=tuple(leaf_modules),
+            head=head,
+            source=source,
+        )
 
     first = plan.first_init_scale
     if first is None or plan.sizes:

@@ -78,7 +78,7 @@ def table1_cmd(
     Rows where the paper disagrees with itself are marked with the reason, not tuned away.
     Supplement Table 3 (DynOPool's share of the GMACs) follows, with the counting convention.
     """
-    from ..zoo.paper_tables import SHARE_CONVENTION, TOLERANCE, compute_rows, dynopool_shares, paper_rows
+    from ..zoo.paper_tables import TOLERANCE, compute_rows, dynopool_shares, paper_rows, share_convention
 
     unknown = sorted(set(dataset or ()) - set(DATASETS))
     if unknown:
@@ -99,7 +99,7 @@ def table1_cmd(
             "tolerance": TOLERANCE,
             "rows": [r.to_dict() for r in results],
             "supplement_table3": [s.to_dict() for s in shares],
-            "share_convention": SHARE_CONVENTION,
+            "share_convention": share_convention(shares),
         }
         print_json(data)
         return
@@ -111,7 +111,7 @@ def table1_cmd(
             console.print(f"- {r.backbone} {r.dataset} {r.model} ({res.difference:+.1%}): {res.reason}")
     if shares:
         console.print(shares_table(shares))
-        console.print(SHARE_CONVENTION)
+        console.print(share_convention(shares))
 
 
 def register(app: typer.Typer) -> None:

@@ -14,6 +14,7 @@ import torch
 from torch import fx, nn
 
 from ..cost.count import infer_in_chans
+from ..errors import OptionError
 from ..graph import NodeFailure, UnionFind, World, analyse, node_label, pool_size
 from ..graph.modal import ModalGraphModule
 from ..graph.propagate import eval_mode
@@ -51,14 +52,14 @@ def _pair(value: Any, what: str) -> tuple[float, float]:
         return float(value), float(value)
     values = tuple(value)
     if len(values) != 2:
-        raise ValueError(f"{what} must be a number or an (h, w) pair, got {value!r}")
+        raise OptionError(f"{what} must be a number or an (h, w) pair, got {value!r}")
     return float(values[0]), float(values[1])
 
 
 def _check_scale(value: Any, what: str) -> tuple[float, float]:
     pair = _pair(value, what)
     if not all(math.isfinite(v) and v > 0 for v in pair):
-        raise ValueError(f"{what} must be finite and > 0, got {value!r}")
+        raise OptionError(f"{what} must be finite and > 0, got {value!r}")
     return pair
 
 
@@ -88,13 +89,13 @@ def _resolve_scales(
         merged_into = {m.name: s.name for s in sites for m in s.merged}
         for key, value in overrides.items():
             if key in merged_into:
-                raise ValueError(
+                raise OptionError(
                     f"override '{key}': that resizer was merged into '{merged_into[key]}'; "
                     f"override '{merged_into[key]}' instead"
                 )
             if key not in by_key:
                 names = ", ".join(s.name for s in sites[:6])
-                raise ValueError(
+                raise OptionError(
                     f"override '{key}' names no replaced resizer; use a DynOPool name or the node it replaces "
                     f"(e.g. {names}{', ...' if len(sites) > 6 else ''})"
                 )
@@ -104,7 +105,7 @@ def _resolve_scales(
         picked = {chosen[i] for i in group if i in chosen}
         if len(picked) > 1:
             names = ", ".join(sites[i].name for i in group)
-            raise ValueError(f"overrides disagree within one tie group ({names}): they share one scale")
+            raise OptionError(f"overrides disagree within one tie group ({names}): they share one scale")
         scale = picked.pop() if picked else scales[group[0]]
         for i in group:
             out[i] = scale
@@ -121,12 +122,12 @@ def _apply_sizes(
 ) -> None:
     """Set each group's alpha to n_in / target, group by group in execution order."""
     if len(sizes) != len(groups):
-        raise ValueError(f"sizes has {len(sizes)} entries but the model has {len(groups)} tie groups (one per alpha)")
+        raise OptionError(f"sizes has {len(sizes)} entries but the model has {len(groups)} tie groups (one per alpha)")
     targets = []
     for i, size in enumerate(sizes):
         pair = _pair(size, f"sizes[{i}]")
         if not all(v >= 1 and float(v).is_integer() for v in pair):
-            raise ValueError(f"sizes[{i}] must be positive integers, got {size!r}")
+            raise OptionError(f"sizes[{i}] must be positive integers, got {size!r}")
         targets.append(pair)
     group_of = {i: g for g, members in enumerate(groups) for i in members}
     done: set[int] = set()
@@ -198,7 +199,7 @@ def _reference_shapes(gm: fx.GraphModule, size: tuple[int, int], in_chans: int, 
         raise ConversionError(
             f"the traced model fails on a {(1, in_chans, *size)} input at '{node_label(failure.node)}' ({cause}); "
             "check input_size"
-        ) from None
+        ) from failure.cause
     for node, shapes in res.shapes.items():
         node.meta[SHAPE_KEY] = shapes[0]
 
@@ -409,12 +410,12 @@ def convert(
         TieError: resolutions cannot be kept equal, or the result breaks when scales move; its
             ``category`` says why (fixed position embedding, fixed-size head, ...) and ``node`` where.
         ConversionError: not a 2-D CNN, already converted, or fails at ``input_size``.
-        ValueError: bad options (names, sizes, scales).
+        OptionError: bad options (names, sizes, scales); a ``ValueError``.
     """
     # Misuse (a model name, input_size (64.5, 64) or (True, True), sizes below 2) fails here.
     h, w = check_convert_args(model, input_size, sizes)
     if head not in HEADS:
-        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        raise OptionError(f"head must be one of {HEADS}, got {head!r}")
     leaf_modules = tuple(leaf_modules)
     _refuse_unsupported(model)
     model = copy.deepcopy(model)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..errors import OptionError
 from .find import Resizer, node_label
 
 PLACEMENTS = ("post", "pre")
@@ -213,9 +214,9 @@ def plan_sites(
         The sites in execution order and the resizers left alone with their reason.
     """
     if placement not in PLACEMENTS:
-        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+        raise OptionError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
     if patchify not in PATCHIFY:
-        raise ValueError(f"patchify must be one of {PATCHIFY}, got {patchify!r}")
+        raise OptionError(f"patchify must be one of {PATCHIFY}, got {patchify!r}")
     modules = dict(gm.named_modules())
     pools = {r.node: r for r in resizers if r.kind == "pool"}
     taken: set[fx.Node] = set()

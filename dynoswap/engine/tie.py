@@ -21,7 +21,18 @@ import torch
 from torch import fx, nn
 
 from ..errors import ConversionError
-from ..graph import NodeFailure, Resolution, UnionFind, WorldRunner, analyse, describe, make_worlds, node_label, unify
+from ..graph import (
+    NodeFailure,
+    OpError,
+    Resolution,
+    UnionFind,
+    WorldRunner,
+    analyse,
+    describe,
+    make_worlds,
+    node_label,
+    unify,
+)
 from ..graph.resolution import tensor_inputs
 
 #: Refusal categories (ConversionError.category) of models whose sizes cannot move.
@@ -221,7 +232,7 @@ class TieFinder:
         kwargs = fx.node.map_arg(node.kwargs, lambda a: override.get(a, env[a]))
         try:
             value = runner.compute(node, world, args, kwargs)  # type: ignore[arg-type,unused-ignore]
-        except Exception:
+        except OpError:  # the op's answer; an error of dynoswap's own code propagates
             return False
         size = "x".join(str(s0[d]) for d in dims)
         self.limits.setdefault(
@@ -250,7 +261,7 @@ class TieFinder:
         kwargs = fx.node.map_arg(node.kwargs, lambda a: override.get(a, env[a]))
         try:
             return runner.compute(node, world, args, kwargs)  # type: ignore[arg-type,unused-ignore]
-        except Exception:
+        except OpError:  # the op's answer; an error of dynoswap's own code propagates
             return None
 
     def _try_resize(self, res: Resolution, node: fx.Node, first: fx.Node, other: fx.Node) -> None:

@@ -154,7 +154,7 @@ def trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = ()) -> fx.GraphMo
                 None,
             )
             if fallback is None:
-                raise _trace_error(model, err) from None
+                raise _trace_error(model, err) from err
             opaque_timm.add(fallback)
     name = type(model).__name__
     gm = fx.GraphModule(tracer.root, graph, name)

@@ -6,6 +6,7 @@ The engine ties DynOPool scales with it; the cost model evaluates feature-map si
 from .propagate import (
     MetaParams,
     NodeFailure,
+    OpError,
     World,
     WorldRunner,
     eval_mode,
@@ -23,6 +24,7 @@ __all__ = [
     "Expr",
     "MetaParams",
     "NodeFailure",
+    "OpError",
     "Resolution",
     "SizeRule",
     "UnionFind",

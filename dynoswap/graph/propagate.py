@@ -98,6 +98,29 @@ def make_worlds(input_size: tuple[int, int], groups: Sequence[Hashable], seed: i
     return worlds
 
 
+class OpError(Exception):
+    """An op of the model refused the values it was given (its own answer, e.g. a shape mismatch).
+
+    :meth:`WorldRunner.compute` raises it for what the model's ops raise, so that an error of the
+    runner itself (a dynoswap bug) is never mistaken for the model's answer and propagates as it is.
+
+    Attributes:
+        cause: What the op raised.
+    """
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _op(fn: Callable[[tuple, dict], Any], args: tuple, kwargs: dict) -> Any:
+    """Call one of the model's ops; what it raises becomes an :class:`OpError`."""
+    try:
+        return fn(args, kwargs)
+    except Exception as err:
+        raise OpError(err) from err
+
+
 class NodeFailure(Exception):
     """An op failed in one world; carries the node, the world and the cause."""
 
@@ -255,7 +278,7 @@ class WorldRunner:
                 return self.input_value(world)
             if node.args:
                 return node.args[0]  # a default value
-            raise ValueError(f"input '{node.name}' has no default: dynoswap converts models with one input")
+            raise OpError(ValueError(f"input '{node.name}' has no default: dynoswap converts models with one input"))
         if node.op == "get_attr":
             obj: Any = self.gm
             for part in str(node.target).split("."):
@@ -288,12 +311,12 @@ class WorldRunner:
         else:
             fn = lambda a, k: node.target(*a, **k)  # type: ignore[operator]  # noqa: E731
         if node.target is operator.getitem or node.op == "call_method" and node.target in ("size", "dim"):
-            return fn(args, kwargs)
+            return _op(fn, args, kwargs)
         if node.op == "call_function" and node.target in BROADCASTING and len(args) == 2 and not kwargs:
             a, b = args
             if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.is_meta and b.is_meta:
                 if a.dtype == b.dtype:
-                    return a.new_empty(torch.broadcast_shapes(a.shape, b.shape))
+                    return _op(lambda x, _: x[0].new_empty(torch.broadcast_shapes(x[0].shape, x[1].shape)), args, {})
         return self._meta_first(node, world, fn, args, kwargs)
 
     def _meta_first(
@@ -302,27 +325,32 @@ class WorldRunner:
         """Run on meta; an op that fails there in the reference world (no meta kernel) runs for real on zeros.
 
         In the other worlds a failure on meta is the op's answer (a shape mismatch), not a missing kernel.
+        What the op raises comes out as an :class:`OpError`.
         """
         if node not in self.real_nodes:
             try:
-                return fn(args, kwargs)
-            except Exception:
+                return _op(fn, args, kwargs)
+            except OpError:
                 if world != 0:
                     raise
                 self.real_nodes.add(node)
         size = sum(t.numel() for t in _tensors((args, kwargs)))
         if size > REAL_LIMIT:
-            raise RuntimeError(f"'{node.name}' has no meta kernel and its inputs ({size} elements) are too large")
+            too_large = f"'{node.name}' has no meta kernel and its inputs ({size} elements) are too large"
+            raise OpError(RuntimeError(too_large))
         with torch.no_grad():
-            return _to_meta(fn(_materialise(args, self.device), _materialise(kwargs, self.device)))
+            return _to_meta(_op(fn, _materialise(args, self.device), _materialise(kwargs, self.device)))
 
     def run_node(self, node: fx.Node, world: int) -> Any:
-        """Evaluate and store one node in one world; raise :class:`NodeFailure` on error."""
+        """Evaluate and store one node in one world; raise :class:`NodeFailure` when the op fails.
+
+        An error of the runner itself (not of the model's op) propagates unchanged: it is a dynoswap bug.
+        """
         args, kwargs = self.args_in(node, world)
         try:
             value = self.compute(node, world, args, kwargs)
-        except Exception as err:
-            raise NodeFailure(node, world, err) from err
+        except OpError as err:
+            raise NodeFailure(node, world, err.cause) from err.cause
         self.envs[world][node] = value
         return value
 

@@ -19,7 +19,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, OutputExistsError, RecipeError, SaveError
+from ..errors import (
+    CheckpointError,
+    ConversionError,
+    DynoswapError,
+    OptionError,
+    OutputExistsError,
+    RecipeError,
+    SaveError,
+)
 from ..sources import SAVED, build_model, check_source
 from .output import folder_of_only, register_output_kind, replace_output
 from .recipe import (
@@ -89,7 +97,7 @@ def _savable_recipe(model: nn.Module) -> Recipe:
     try:
         return recipe_of(model)
     except RecipeError as exc:
-        raise SaveError(f"cannot save: {exc}") from None
+        raise SaveError(f"cannot save: {exc}") from exc
 
 
 def write_saved(model: nn.Module, folder: Path) -> None:
@@ -113,7 +121,7 @@ def verify_saved(model: nn.Module, folder: Path) -> None:
     recipe = _savable_recipe(model)
     try:
         loaded = load(folder, trust_code=True)  # the code was already trusted to build ``model``
-    except Exception as exc:
+    except DynoswapError as exc:  # a refusal of what was written; anything else is a bug and propagates
         raise SaveError(f"the saved model does not load back: {exc}") from exc
     own, back = model.state_dict(), loaded.state_dict()
     if list(own) != list(back):
@@ -208,7 +216,7 @@ def read_weights(path: str | os.PathLike[str], recipe: Recipe | None = None) -> 
     try:
         state = load_file(str(file))
     except Exception as exc:  # safetensors raises its own SafetensorError
-        raise CheckpointError(f"cannot read {file}: {' '.join(str(exc).split()) or type(exc).__name__}") from None
+        raise CheckpointError(f"cannot read {file}: {' '.join(str(exc).split()) or type(exc).__name__}") from exc
     for alias, key in recipe.aliases.items():
         if key not in state:
             raise RecipeError(f"{Path(path) / RECIPE_FILE}: alias {alias!r} names {key!r}, which {WEIGHTS_FILE} lacks")
@@ -280,10 +288,8 @@ def load(path: str | os.PathLike[str], *, trust_code: bool = False, strict_value
     options["leaf_modules"] = leaves
     try:
         gm, _ = convert(base, recipe.input_size, source=source, check=False, **options)
-    except Exception as exc:  # a validated recipe that does not replay is still the recipe's fault
-        raise RecipeError(
-            f"{where}: the recorded conversion cannot be replayed: {' '.join(str(exc).split())}"
-        ) from None
+    except (ConversionError, OptionError) as exc:  # the conversion's own refusals; anything else is a bug
+        raise RecipeError(f"{where}: the recorded conversion cannot be replayed: {' '.join(str(exc).split())}") from exc
     if recipe.frozen is not None:
         from ..export.freeze import refreeze
 
