@@ -86,6 +86,10 @@ class TrainingError(DynoswapError, RuntimeError):
     """Training that cannot start or continue (an occupied run folder, a damaged resume state)."""
 
 
+class MissingExtraError(DynoswapError, ImportError):
+    """A feature that needs an optional dependency which is not installed; the message names the extra."""
+
+
 class ExportError(DynoswapError, RuntimeError):
     """A freeze or export that failed, or an exported file that does not match the eager model."""
 

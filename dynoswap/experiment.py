@@ -93,7 +93,7 @@ class Resized(torch.utils.data.Dataset):
 
 
 def human_size(full: tuple[int, int], factor: float) -> tuple[int, int]:
-    """The human model's input at ``factor``: a multiple of 8, so all three poolings see even sizes."""
+    """Return the human model's input at ``factor``: a multiple of 8, so all three poolings see even sizes."""
     return (max(8, 8 * round(full[0] * factor / 8)), max(8, 8 * round(full[1] * factor / 8)))
 
 
@@ -110,7 +110,9 @@ def run_point(dataset: str, design: str, factor: float, seed: int, args: argpars
     _check_same_as_maxpool(human_original, human_gm, small)
     budget = count_gmacs(human_gm, small).total
     if design == "human":
-        used = DataBundle(bundle.name, Resized(bundle.train, small), Resized(bundle.val, small), bundle.num_classes, small)
+        used = DataBundle(
+            bundle.name, Resized(bundle.train, small), Resized(bundle.val, small), bundle.num_classes, small
+        )
         gm = human_gm
     else:
         used = bundle
@@ -210,7 +212,7 @@ def verdicts(summary: list[dict[str, Any]]) -> list[str]:
 
 
 def write_markdown(summary: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    """The results page: set-up, one table per data set, verdicts."""
+    """Write the results page: set-up, one table per data set, verdicts."""
     seeds = ", ".join(str(s) for s in args.seeds)
     lines = [
         "# Accuracy against real cost: three designs at equal cost",
@@ -256,7 +258,9 @@ def plot(summary: list[dict[str, Any]], path: Path, dataset: str) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.8, 4))
     for design, style in zip(DESIGNS, ("s--", "^:", "o-"), strict=True):
-        rows = sorted((r for r in summary if r["design"] == design and r["dataset"] == dataset), key=lambda r: r["gmacs"])
+        rows = sorted(
+            (r for r in summary if r["design"] == design and r["dataset"] == dataset), key=lambda r: r["gmacs"]
+        )
         if rows:
             ax.errorbar(
                 [r["gmacs"] for r in rows],
@@ -305,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
                     )
     summary = summarize(rows)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "tradeoff.json").write_text(json.dumps({"args": vars(args), "rows": rows, "summary": summary}, indent=1) + "\n")
+    (out / "tradeoff.json").write_text(
+        json.dumps({"args": vars(args), "rows": rows, "summary": summary}, indent=1) + "\n"
+    )
     page = write_markdown(summary, args)
     (out / "tradeoff.md").write_text(page)
     plot(summary, out / "tradeoff.png", args.datasets[0])

@@ -15,8 +15,8 @@ from dynoswap.errors import BudgetError, OptionError
 from dynoswap.models import ModelSource
 from dynoswap.train import fit, load_data, make_loaders, probe_pools
 from dynoswap.train.budget import budget_range, land, project
-from dynoswap.train.scales import AlphaStepper, ScaleGuard
 from dynoswap.train.loop import epoch_line, group_sizes
+from dynoswap.train.scales import AlphaStepper, ScaleGuard
 
 
 def _setup(dataset: str, seed: int = 0):
@@ -65,7 +65,11 @@ def test_projection_steers_the_real_cost_and_keeps_the_learned_shape():
         # The cost the model really has (fvcore at the integer sizes) is the one steered.
         assert after == pytest.approx(_real(gm, bundle.input_size), rel=1e-9)
         assert abs(after / target - 1) <= 0.06, (fraction, after / target)
-        inside = [g for g, lo, hi in zip(guard.groups, guard.low, guard.high) if bool(((g.alpha > lo) & (g.alpha < hi)).all())]
+        inside = [
+            g
+            for g, lo, hi in zip(guard.groups, guard.low, guard.high, strict=True)
+            if bool(((g.alpha > lo) & (g.alpha < hi)).all())
+        ]
         for g in inside:
             assert float(g.alpha[0] / g.alpha[1]) in [pytest.approx(r) for r in ratios]
 
@@ -147,7 +151,7 @@ def test_alpha_stepper_is_normalised_and_moves_along_the_budget():
             for g in groups:
                 g.alpha.copy_(torch.tensor([2.0, 2.0]))
         stepper = AlphaStepper(groups)
-        for g, grad in zip(groups, ([1.0, -1.0], [0.5, 0.0], [0.0, 0.0])):
+        for g, grad in zip(groups, ([1.0, -1.0], [0.5, 0.0], [0.0, 0.0]), strict=True):
             g.alpha.grad = scale * torch.tensor(grad)
         stepper.step(0.01)
         moved = [float(torch.log(g.alpha / 2.0).abs().max()) for g in groups]
@@ -204,7 +208,10 @@ def test_nan_inf_and_out_of_range_hyperparameters_are_refused_up_front(bad):
     kwargs = {"epochs": 1, "lr": 0.05, "max_steps": 1, "input_size": bundle.input_size, "progress": False}
     with pytest.raises(OptionError):
         fit(gm, train, None, **{**kwargs, **bad})
-    assert all(torch.equal(a, p) for a, p in zip(alpha, [p for n, p in gm.named_parameters() if n.endswith("alpha")]))
+    assert all(
+        torch.equal(a, p)
+        for a, p in zip(alpha, [p for n, p in gm.named_parameters() if n.endswith("alpha")], strict=True)
+    )
 
 
 def test_the_graph_records_and_counts_with_an_axis_at_the_floor():

@@ -143,3 +143,20 @@ def test_loaders_shard_between_ranks():
     assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == 2048
     with pytest.raises(DataError, match="batch_size must be >= 1"):
         make_loaders(bundle, 0)
+
+
+def test_barcodes_noisy_keeps_the_bars_under_four_times_the_noise():
+    clean, noisy = load_data("barcodes", seed=2), load_data("barcodes-noisy", seed=2)
+    assert noisy.name == "barcodes-noisy" and noisy.input_size == (32, 32) and noisy.num_classes == 10
+    assert torch.equal(clean.train.labels, noisy.train.labels)  # same codes, phases and colours
+
+    def noise_to_signal(images: torch.Tensor) -> float:
+        columns = images.mean(dim=-2, keepdim=True)  # the bars: constant down each column
+        return float((images - columns).std() / columns.std())
+
+    ratio = noise_to_signal(noisy.train.images) / noise_to_signal(clean.train.images)
+    assert 3.0 < ratio < 5.0, ratio
+    # Averaging the rows still recovers the code: the columns of one image correlate with the clean ones.
+    a, b = clean.train.images[:64].mean(dim=(1, 2)), noisy.train.images[:64].mean(dim=(1, 2))
+    corr = torch.nn.functional.cosine_similarity(a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)).mean()
+    assert float(corr) > 0.8

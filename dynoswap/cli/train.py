@@ -92,7 +92,9 @@ def check_training_flags(
         if not (math.isfinite(value) and 0 <= value <= 1):
             raise UsageError(f"{flag} is a fraction of the run's steps: between 0 and 1, got {value}")
     if warmup > search_end:
-        raise UsageError(f"--warmup {warmup} ends after --search-end {search_end}: give a warm-up before the search end")
+        raise UsageError(
+            f"--warmup {warmup} ends after --search-end {search_end}: give a warm-up before the search end"
+        )
 
 
 def build_model(
@@ -157,7 +159,9 @@ def _announce(
     if not ctx.is_main:
         return
     world = f", {ctx.world_size} processes" if ctx.enabled else ""
-    cost = f"target {target:g} GMACs (real cost, projected every step)" if target is not None else f"lambda {hyper.lam:g}"
+    cost = (
+        f"target {target:g} GMACs (real cost, projected every step)" if target is not None else f"lambda {hyper.lam:g}"
+    )
     console.print(
         f"training {model_spec} on {data.name} ({len(data.train)} images, {data.num_classes} classes, "
         f"{data.input_size[0]}x{data.input_size[1]}) on {ctx.device}{world}: {hyper.epochs} epochs, "
@@ -172,7 +176,9 @@ def train_cmd(
         help="Model name (resnet18, tv:NAME, timm:NAME, pkg.module:factory, vgg-tiny, paper:...) or a saved model dir.",
     ),
     data: str = typer.Option(
-        ..., "--data", help="barcodes, digits-stretch|tile|large, imagefolder:PATH, cifar10:PATH, cifar100:PATH."
+        ...,
+        "--data",
+        help="barcodes, barcodes-noisy, digits-stretch|tile|large, imagefolder:PATH, cifar10:PATH, cifar100:PATH.",
     ),
     preset: str | None = typer.Option(None, "--preset", help="Named preset (conversion + hyperparameters)."),
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs (default 10 or the preset's)."),

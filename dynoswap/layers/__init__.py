@@ -7,4 +7,9 @@ __all__ = [
     "DynOPool2d",
     "FLOOR_GRADIENTS",
     "MIN_SIZE",
-    "continuous_size", "cells", "output_size", "query_positions", "straight_through_size"]
+    "continuous_size",
+    "cells",
+    "output_size",
+    "query_positions",
+    "straight_through_size",
+]

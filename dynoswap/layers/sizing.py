@@ -22,7 +22,7 @@ FLOOR_GRADIENTS = ("pass", "stop")
 
 
 def continuous_size(n_in: torch.Tensor | float, alpha: torch.Tensor, floor_gradient: str = "pass") -> torch.Tensor:
-    """The continuous size ``max(n_in / alpha, 1.5)`` with the floor's gradient as ``floor_gradient`` says.
+    """Return the continuous size ``max(n_in / alpha, 1.5)`` with the floor's gradient as ``floor_gradient`` says.
 
     Args:
         n_in: Input size, a number or a (possibly straight-through) tensor.

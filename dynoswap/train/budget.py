@@ -52,7 +52,7 @@ def check_target(target: float) -> float:
 
 
 def budget_range(guard: ScaleGuard, cost: Cost) -> tuple[float, float]:
-    """The cheapest and the largest real cost within the guard's bounds (every group at one end)."""
+    """Return the cheapest and the largest real cost within the guard's bounds (every group at one end)."""
     with alphas_set_to(guard.groups, guard.high):
         cheapest = cost()
     with alphas_set_to(guard.groups, guard.low):
@@ -189,9 +189,7 @@ def land(
     def within(size: int, bounds: tuple[int, int]) -> bool:
         return size >= 2 and bounds[0] <= size <= bounds[1]
 
-    nearest = tuple(
-        (near(h, b[0]), near(w, b[1])) for (h, w), b in zip(continuous, allowed, strict=True)
-    )
+    nearest = tuple((near(h, b[0]), near(w, b[1])) for (h, w), b in zip(continuous, allowed, strict=True))
 
     def apply(sizes: tuple[tuple[int, int], ...]) -> float:
         _set_sizes(guard, order, sizes, in_sizes)
@@ -202,11 +200,16 @@ def land(
         return _sizes_now(guard, order, in_sizes)
 
     def drift(sizes: tuple[tuple[int, int], ...]) -> float:
-        return sum(abs(s - c) for size, cont in zip(sizes, continuous, strict=True) for s, c in zip(size, cont))
+        return sum(
+            abs(s - c) for size, cont in zip(sizes, continuous, strict=True) for s, c in zip(size, cont, strict=True)
+        )
 
     if 4 ** len(order) <= MAX_COMBINATIONS:
         options = [
-            [sorted({c for c in (math.floor(v), math.ceil(v)) if within(c, b)} or {near(v, b)}) for v, b in zip(axes, bs)]
+            [
+                sorted({c for c in (math.floor(v), math.ceil(v)) if within(c, b)} or {near(v, b)})
+                for v, b in zip(axes, bs, strict=True)
+            ]
             for axes, bs in zip(continuous, allowed, strict=True)
         ]
         candidates = [

@@ -1,6 +1,6 @@
 """DATA specs for ``dynoswap train``: ``kind`` or ``kind:PATH``, one handler per kind.
 
-Built-in synthetic sets (``barcodes``, ``digits-stretch``, ``digits-tile``,
+Built-in synthetic sets (``barcodes``, ``barcodes-noisy``, ``digits-stretch``, ``digits-tile``,
 ``digits-large``) need no files. ``imagefolder:PATH`` and ``cifar10:PATH`` /
 ``cifar100:PATH`` read local files only: nothing is ever downloaded.
 """

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..errors import MissingExtraError
+
 
 class TensorImages(Dataset):
     """In-memory images and labels, with an optional random vertical crop per sample.
@@ -132,7 +134,7 @@ def load_digit_images(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:  # optional extra
-        raise ImportError(
+        raise MissingExtraError(
             "the digits-* data sets need scikit-learn: pip install 'dynoswap[data]' (or pip install scikit-learn)"
         ) from err
     digits = load_digits()

@@ -21,13 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..errors import OptionError
+from ..errors import OptionError, TrainingError
 from ..layers import FLOOR_GRADIENTS, DynOPool2d
 from . import checkpointing
 from .budget import check_reachable, check_target, land, project
-from .scales import MAX_STEP, AlphaStepper, ScaleGuard, leaders
 from .distributed import DistContext, all_reduce_sums, barrier, current_context, pick_device, sync_alphas, wrap_ddp
 from .recompute import recompute_view
+from .scales import MAX_STEP, AlphaStepper, ScaleGuard, leaders
 
 LOG_FILE = "log.jsonl"
 
@@ -207,8 +207,9 @@ def check_hyperparameters(**values: float | None) -> None:
             raise OptionError(f"momentum must be < 1, got {value}")
         if name in ("warmup", "search_end") and value > 1:
             raise OptionError(f"{name} is a fraction of the run: between 0 and 1, got {value}")
-    if (values.get("warmup") or 0.0) > (values.get("search_end") if values.get("search_end") is not None else 1.0):
-        raise OptionError(f"warmup {values['warmup']} ends after the search does ({values['search_end']})")
+    warmup, search_end = values.get("warmup"), values.get("search_end")
+    if warmup is not None and search_end is not None and warmup > search_end:
+        raise OptionError(f"warmup {warmup} ends after the search does ({search_end})")
 
 
 def _group_input_sizes(model: nn.Module, input_size: tuple[int, int], device: torch.device) -> list[tuple[int, int]]:
@@ -226,7 +227,7 @@ def _group_input_sizes(model: nn.Module, input_size: tuple[int, int], device: to
 
 
 def _execution_order(model: nn.Module, input_size: tuple[int, int], device: torch.device) -> list[int]:
-    """Indices of the tie groups (leaders order) in the order they first run."""
+    """Return the indices of the tie groups (leaders order) in the order they first run."""
     inner = unwrap(model)
     index = {id(m): k for k, m in enumerate(leaders(inner))}
     by_name = dict(dynopools(inner))
@@ -293,8 +294,8 @@ def fit(
     then fixed at integer sizes (landed on the budget, if any) while the weights train on.
     Every alpha stays within its bounds and moves at most ``max_alpha_step`` per step
     (:mod:`dynoswap.train.scales`); with ``target_gmacs`` the alphas are projected onto the
-    budget's real cost after every step (:mod:`dynoswap.train.budget`). Under an initialised process group the model is wrapped
-    in DDP and rank 0's alphas are broadcast after every step. Only rank 0 prints,
+    budget's real cost after every step (:mod:`dynoswap.train.budget`). Under an initialised
+    process group the model is wrapped in DDP and rank 0's alphas are broadcast after every step. Only rank 0 prints,
     logs and saves.
 
     Args:
@@ -474,6 +475,7 @@ def fit(
         )
         sync_alphas(raw, ctx)
         return sizes
+
     net.train()
     try:
         if bar is not None:
@@ -507,7 +509,7 @@ def fit(
                 lam = lam_now if learn else 0.0
                 loss = task + lam * cost if lam else task
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(
+                    raise TrainingError(
                         f"loss became {float(loss)} at step {step}; lower the learning rate of the weights"
                     )
                 optimizer.zero_grad(set_to_none=True)

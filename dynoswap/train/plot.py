@@ -5,12 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..errors import MissingExtraError
+
 
 def _pyplot():
     try:
         import matplotlib
     except ImportError as err:  # optional extra
-        raise ImportError("plots need matplotlib: pip install 'dynoswap[plot]' (or pip install matplotlib)") from err
+        raise MissingExtraError(
+            "plots need matplotlib: pip install 'dynoswap[plot]' (or pip install matplotlib)"
+        ) from err
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 

@@ -36,7 +36,7 @@ MAX_SCALE = 1.0
 
 
 def leaders(model: nn.Module) -> list[DynOPool2d]:
-    """The DynOPools that own an alpha (one per tie group), in module order."""
+    """Return the DynOPools that own an alpha (one per tie group), in module order."""
     found: dict[int, DynOPool2d] = {}
     for m in model.modules():
         if isinstance(m, DynOPool2d):
@@ -123,7 +123,7 @@ class ScaleGuard:
         return cls(groups, low, high, float(max_step))
 
     def snapshot(self) -> list[torch.Tensor]:
-        """The alphas now (to pass to :meth:`step` after the optimiser moved them)."""
+        """Return the alphas now (to pass to :meth:`step` after the optimiser moved them)."""
         return [g.alpha.detach().clone() for g in self.groups]
 
     @torch.no_grad()
@@ -147,7 +147,6 @@ class ScaleGuard:
             {"min_scale": [1.0 / float(v) for v in hi], "max_scale": [1.0 / float(v) for v in lo]}
             for lo, hi in zip(self.low, self.high, strict=True)
         ]
-
 
 
 class AlphaStepper:
@@ -216,7 +215,7 @@ class AlphaStepper:
             offset += n
 
     def state_dict(self) -> dict:
-        """What resuming needs."""
+        """Return what resuming needs."""
         return {"mean": None if self.mean is None else self.mean.tolist(), "second": self.second, "count": self.count}
 
     def load_state_dict(self, state: dict) -> None:
