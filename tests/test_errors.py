@@ -63,6 +63,7 @@ def test_bad_input_exits_2_and_failures_exit_1():
         "PresetError",
         "DataError",
         "OptionError",
+        "BudgetError",
         "OutputExistsError",
         "OutputLockedError",
         "FrozenSizeError",

@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader, Subset
 
 import dynoswap
 from dynoswap.engine import convert
+from dynoswap.errors import OptionError, TrainingError
 from dynoswap.io.saving import load
 from dynoswap.models import ModelSource
 from dynoswap.train import (
@@ -198,16 +199,16 @@ def test_checkpoint_of_a_model_without_source_keeps_a_plain_state_dict(tmp_path)
 
 
 def test_fit_errors():
-    with pytest.raises(ValueError, match="no DynOPool2d"):
+    with pytest.raises(TrainingError, match="no DynOPool2d"):
         fit(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), _loader(32), epochs=1, progress=False)
-    with pytest.raises(ValueError, match="out="):
+    with pytest.raises(OptionError, match="out="):
         fit(_model(), _loader(32), epochs=1, resume=True, progress=False)
-    with pytest.raises(ValueError, match="epochs"):
+    with pytest.raises(OptionError, match="epochs"):
         fit(_model(), _loader(32), epochs=0, progress=False)
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match="no checkpoint"):
+    with pytest.raises(TrainingError, match="no checkpoint"):
         fit(_model(), _loader(32), epochs=1, out=tmp_path, resume=True, progress=False)
 
 

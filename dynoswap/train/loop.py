@@ -362,14 +362,14 @@ def fit(
         raise OptionError(f"floor_gradient must be one of {FLOOR_GRADIENTS}, got {floor_gradient!r}")
     target = check_target(target_gmacs) if target_gmacs is not None else None
     if resume and out is None:
-        raise ValueError("resume needs the run folder (out=...) that holds the checkpoint")
+        raise OptionError("resume needs the run folder (out=...) that holds the checkpoint")
     dev = device if isinstance(device, torch.device) else pick_device(device)
     ctx = current_context(dev)
     cost_fn = cost_fn or default_cost
     alpha_lr = lr if alpha_lr is None else alpha_lr
     raw = unwrap(model).to(dev)
     if not dynopools(raw):
-        raise ValueError("the model has no DynOPool2d layer: convert it first (dynoswap.convert)")
+        raise TrainingError("the model has no DynOPool2d layer: convert it first (dynoswap.convert)")
     for _, pool in dynopools(raw):
         pool.set_floor_gradient(floor_gradient)
 
@@ -405,7 +405,7 @@ def fit(
     if resume:
         folder = checkpointing.find_checkpoint(out)  # type: ignore[arg-type]
         if folder is None:
-            raise ValueError(f"--resume: no checkpoint in {out}; run without --resume first")
+            raise TrainingError(f"no checkpoint in {out} to resume from; start the run without resume first")
         state = checkpointing.load_checkpoint(folder, raw)
         optimizer.load_state_dict(state["optimizer"])
         stepper.load_state_dict(state.get("alpha_stepper") or {})
