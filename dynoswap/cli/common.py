@@ -302,13 +302,17 @@ def parse_kwargs(items: list[str] | None) -> dict[str, Any]:
     """``["drop_rate=0.1", "width=[1, 2]"]`` → {"drop_rate": 0.1, "width": [1, 2]} (values read as YAML)."""
     import yaml
 
+    from ..errors import OptionError
+    from ..io.bounded import loads_yaml
+
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip().isidentifier():
             raise UsageError(f"--model-kwargs: {item!r} must look like KEY=VALUE, e.g. drop_rate=0.1")
         try:
-            out[key.strip()] = yaml.safe_load(value) if value else None
+            where = f"--model-kwargs {key.strip()}"
+            out[key.strip()] = loads_yaml(value, where, OptionError, syntax_errors=False) if value else None
         except yaml.YAMLError:
             out[key.strip()] = value
     return out

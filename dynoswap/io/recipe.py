@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import RecipeError, UntrustedCodeError
 from ..sources import LIBRARIES, ModelSource
+from .bounded import MAX_JSON_BYTES, loads_json, read_capped
 
 if TYPE_CHECKING:
     from torch import nn
@@ -311,10 +312,9 @@ class Recipe:
     @classmethod
     def from_json(cls, text: str | bytes, where: str = RECIPE_FILE) -> Recipe:
         """Parse and validate a recipe document; any problem is one ``RecipeError`` naming ``where``."""
-        try:
-            document = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise RecipeError(f"{where}: not valid JSON ({exc})") from None
+        if len(text) > MAX_JSON_BYTES:
+            raise RecipeError(f"{where}: larger than {MAX_JSON_BYTES} bytes, the most dynoswap reads; refusing it")
+        document = loads_json(text, where, RecipeError)
         read = _Reader(where)
         if not isinstance(document, dict) or document.get("format") != FORMAT:
             found = document.get("format") if isinstance(document, dict) else _kind(document)
@@ -337,11 +337,7 @@ class Recipe:
             raise RecipeError(f"{folder} is not a saved dynoswap model (not a folder)")
         if not file.is_file():
             raise RecipeError(f"{folder} is not a saved dynoswap model (no {RECIPE_FILE})")
-        try:
-            text = file.read_bytes()
-        except OSError as exc:
-            raise RecipeError(f"cannot read {file}: {exc.strerror or exc}") from None
-        return cls.from_json(text, str(file))
+        return cls.from_json(read_capped(file, MAX_JSON_BYTES, RecipeError, "recipe"), str(file))
 
 
 def _read_v1(document: dict[str, Any], read: _Reader) -> Recipe:

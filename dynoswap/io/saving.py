@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, OutputExistsError, RecipeError, SaveError
+from ..errors import CheckpointError, DynoswapError, OutputExistsError, RecipeError, SaveError
 from ..sources import SAVED, build_model, check_source
-from .output import folder_of_only, register_output_kind, replace_output
+from .output import register_output_kind, replace_output
 from .recipe import (
     FORMAT,
     FORMAT_VERSION,
@@ -57,7 +57,32 @@ __all__ = [
 
 #: The output kind ``save(..., overwrite=True)`` and ``convert -o --force`` may replace.
 SAVED_MODEL = "saved model"
-register_output_kind(SAVED_MODEL, folder_of_only({RECIPE_FILE, WEIGHTS_FILE}, RECIPE_FILE))
+
+
+def is_own_saved_model(path: Path) -> bool:
+    """Whether ``path`` is, by its content, a saved model dynoswap wrote: what ``--force`` may replace.
+
+    A real folder (not a link) holding only the recipe and weights files, whose recipe
+    parses as a dynoswap saved-model recipe. A folder that only has the right file names
+    (another tool's ``recipe.json``) is not one.
+    """
+    import stat
+
+    if path.is_symlink() or not path.is_dir():
+        return False
+    entries = {p.name for p in path.iterdir()}
+    if RECIPE_FILE not in entries or not entries <= {RECIPE_FILE, WEIGHTS_FILE}:
+        return False
+    if not all(stat.S_ISREG((path / name).lstat().st_mode) for name in entries):
+        return False
+    try:
+        Recipe.read(path)
+    except (DynoswapError, ValueError, OSError):
+        return False
+    return True
+
+
+register_output_kind(SAVED_MODEL, is_own_saved_model)
 
 
 def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
