@@ -49,7 +49,9 @@ def export_cmd(
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     spec = lookup_format(fmt)
-    spec.check_available()  # a missing extra or an occupied -o fails before any slow work
+    spec.check_available()  # a missing extra, a wrong suffix or an occupied -o fails before any slow work
+    if output.suffix.lower() != spec.suffix:
+        raise UsageError(f"-o {output}: a {spec.name} file must be named *{spec.suffix} (or pick --format)")
     check_output(output, spec.output_kind, force)
     loaded = load_model(model, num_classes, model_kwargs, weights, allow_missing)
     size = parse_input_size(input_size, default_input_size(loaded.model) or (224, 224))

@@ -37,6 +37,7 @@ def inspect_cmd(
     strict_values: bool = StrictValuesOption,
     depth: int | None = typer.Option(None, "--depth", min=1, help="Per-layer table down to N dotted name levels."),
     plot: Path | None = typer.Option(None, "--plot", metavar="FILE.png", help="Draw the stages to scale (matplotlib)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --plot file that dynoswap wrote."),
     json_out: bool = JsonOption,
     debug: bool = DebugOption,
 ) -> None:
@@ -46,16 +47,18 @@ def inspect_cmd(
     from .summary import summarize
 
     if plot is not None:
+        from ..io.figures import check_plot_path
         from .plot import require_matplotlib
 
         require_matplotlib()
+        check_plot_path(plot, force)
     loaded = load_model(model, num_classes, model_kwargs, weights, allow_missing, trust_code, strict_values)
     size = parse_input_size(input_size, input_size_of(loaded.model) or (224, 224))
     summary = summarize(loaded.model, size, model, loaded.source.library, depth=depth)
     if plot is not None:
         from .plot import plot_stages
 
-        plot_stages({model: summary.stages}, plot)
+        plot_stages({model: summary.stages}, plot, force)
     if json_out:
         data = summary.to_dict()
         if loaded.mismatch:

@@ -210,6 +210,7 @@ def train_cmd(
     """
     import torch
 
+    from ..io.figures import check_plot_path
     from ..train.checkpointing import prepare_run_folder
     from ..train.data import load_data, make_loaders
     from ..train.distributed import init_from_env
@@ -240,6 +241,8 @@ def train_cmd(
     run_dir = out or Path("runs") / f"{Path(model).name.replace(':', '_')}-{data.split(':')[0]}"
     if resume and force:
         raise UsageError("give either --resume (continue the run) or --force (start it over), not both")
+    if plot is not None:
+        check_plot_path(plot, force)  # before any work: a .png name, not someone else's file
     if not resume and os.environ.get("RANK", "0") == "0":
         prepare_run_folder(run_dir, force)  # before any slow work; only the process that writes the run
     ctx = init_from_env(device)
@@ -300,7 +303,7 @@ def train_cmd(
             if plot is not None:
                 from ..train.plot import plot_history
 
-                plot_history(read_log(run_dir), plot, title=f"{model} on {bundle.name}")
+                plot_history(read_log(run_dir), plot, title=f"{model} on {bundle.name}", force=force)
                 console.print(f"plot: {plot}")  # type: ignore[union-attr]
             if target_gmacs is not None:
                 from ..cost import count_gmacs

@@ -185,6 +185,8 @@ def export_model(
 
     spec: Format = lookup_format(fmt)
     spec.check_available()
+    if Path(path).suffix.lower() != spec.suffix:
+        raise ExportError(f"{path}: a {spec.name} file must be named *{spec.suffix}")
     if opset < DEFAULT_OPSET:
         raise ExportError(f"opset {opset} is too old: the exporter needs opset >= {DEFAULT_OPSET}")
     if batch < 1:
