@@ -28,6 +28,7 @@ import errno
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 import stat
@@ -39,7 +40,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..errors import CheckpointError, OutputExistsError, OutputLockedError
+from ..errors import CheckpointError, OutputExistsError, OutputLockedError, foreign_message
 from ..io.bounded import MAX_LOG_BYTES, MAX_LOG_LINE_BYTES, loads_json, read_capped, read_json
 from ..io.output import describe, open_private, settle
 
@@ -459,20 +460,16 @@ def load_checkpoint(folder: str | Path, model: nn.Module) -> dict[str, Any]:
         )
     try:
         state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"refused {folder / STATE_FILE}: it holds pickled objects, not only tensors and containers, so dynoswap "
+            "did not write it; start the run over"
+        ) from None
     except Exception as exc:
-        raise CheckpointError(f"cannot read {folder / STATE_FILE}: {_first_line(exc)}") from None
+        raise CheckpointError(f"cannot read {folder / STATE_FILE}: {foreign_message(exc)}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{folder / STATE_FILE} holds {type(state).__name__}, not a training state")
     return state
-
-
-def _first_line(exc: BaseException) -> str:
-    """Return the first line of a load error, without torch's advice to load untrusted files unsafely."""
-    text = str(exc).strip()
-    first = text.splitlines()[0] if text else type(exc).__name__
-    if "weights_only" in text:
-        return "it holds objects other than plain tensors and containers: not a dynoswap training state"
-    return first
 
 
 def prepare_run_folder(out_dir: str | Path, force: bool = False) -> Path:
