@@ -239,10 +239,15 @@ def parse_input_size(value: tuple[int, int] | None, default: tuple[int, int] = D
     """Return a validated (H, W), or ``default`` when not given."""
     if not value:
         return default
+    from ..validate import check_input_budget
+
     h, w = (int(v) for v in value)
     if h < 1 or w < 1:
         raise UsageError(f"--input-size must be two positive integers H W, got {h} {w}")
-    return h, w
+    try:
+        return check_input_budget((h, w), "--input-size")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def parse_size(text: str, option: str = "--sizes") -> tuple[int, int]:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from ..errors import DynoswapError
+from ..validate import MAX_SCALE
 from .common import (
     AllowMissingOption,
     DebugOption,
@@ -81,8 +82,8 @@ def make_plan(
     chosen = placement or (opts.placement if opts else "post")
     if chosen not in PLACEMENTS:
         raise UsageError(f"--placement must be one of {', '.join(PLACEMENTS)}, got {chosen!r}")
-    if init_scale is not None and not (math.isfinite(init_scale) and init_scale > 0):
-        raise UsageError(f"--init-scale must be a finite number > 0, got {init_scale}")
+    if init_scale is not None and not (math.isfinite(init_scale) and 0 < init_scale <= MAX_SCALE):
+        raise UsageError(f"--init-scale must be a finite number > 0 and at most {MAX_SCALE:g}, got {init_scale}")
     return ConvertPlan(
         input_size=parse_input_size(input_size, opts.input_size if opts else (224, 224)),
         num_classes=num_classes if num_classes is not None else (opts.num_classes if opts else None),

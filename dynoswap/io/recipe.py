@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import RecipeError, UntrustedCodeError
 from ..sources import LIBRARIES, ModelSource
+from ..validate import MAX_INPUT_SIDE, MAX_UPSAMPLE, check_input_budget
 from .bounded import MAX_JSON_BYTES, loads_json, read_capped
 
 if TYPE_CHECKING:
@@ -42,10 +43,6 @@ PLACEMENTS = ("post", "pre")
 PATCHIFY = ("post", "skip")
 #: What convert(head=...) accepts: keep a fixed-size head ("none") or pool to its size before it ("adapt").
 HEADS = ("none", "adapt")
-#: Largest input side a recipe may ask for (a crafted file must not allocate without bound).
-MAX_INPUT_SIDE = 16384
-#: Largest target size relative to the input side (upsampling is allowed, within reason).
-MAX_UPSAMPLE = 8
 # Packages whose already-imported classes a recipe may name as leaf modules without trust_code.
 TRUSTED_LEAF_PACKAGES = ("torch", "torchvision", "timm", "dynoswap")
 
@@ -263,6 +260,10 @@ class Recipe:
             source = ModelSource(library, name, dict(kwargs))
         size = lambda v, path: read.integer(v, path, 1, MAX_INPUT_SIDE)  # noqa: E731
         input_size = read.pair(read.get(data, "input_size", "recipe."), "recipe.input_size", size)
+        try:
+            check_input_budget(input_size, "is")
+        except ValueError as exc:
+            raise read.fail("recipe.input_size", str(exc)) from None
         options = RecipeOptions.parse(read.get(data, "options", "recipe."), read, input_size)
         rows = {}
         for key in ("replacements", "skipped"):

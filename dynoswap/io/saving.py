@@ -10,7 +10,6 @@ and reads what it wrote back before reporting success.
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch import nn
 
 from ..errors import CheckpointError, DynoswapError, OutputExistsError, RecipeError, SaveError
 from ..sources import SAVED, build_model, check_source
+from ..validate import check_alpha
 from .output import register_output_kind, replace_output
 from .recipe import (
     FORMAT,
@@ -261,11 +261,10 @@ def _check_alphas(state: dict[str, torch.Tensor], where: str) -> None:
     """DynOPool alphas must be finite and > 0 or the model cannot run: always an error."""
     for key, value in state.items():
         if key.endswith("alpha") and value.dtype.is_floating_point:
-            values = value.detach().flatten().tolist()
-            if not all(math.isfinite(v) and v > 0 for v in values):
-                raise CheckpointError(
-                    f"{where}: {key} is {values}, but a DynOPool's alpha must be finite and > 0; the file is damaged"
-                )
+            try:
+                check_alpha(value.detach().flatten().tolist(), f"{where}: {key}")
+            except ValueError as exc:
+                raise CheckpointError(f"{exc}; the file is damaged") from None
 
 
 def load(path: str | os.PathLike[str], *, trust_code: bool = False, strict_values: bool = False) -> fx.GraphModule:
