@@ -149,10 +149,12 @@ def exit_code_of(exc: BaseException) -> int:
 
 def one_line(exc: BaseException) -> str:
     """Return the exception's message on one line (its type name when it has none)."""
+    from .render import visible
+
     text = " ".join(str(exc).split())
     if isinstance(exc, KeyError):
         text = text.strip("'\"")
-    return text or type(exc).__name__
+    return visible(text) or type(exc).__name__
 
 
 def report_error(exc: BaseException) -> int:
@@ -179,7 +181,9 @@ def _show_warning(
 ) -> None:
     """Print dynoswap's own warnings as one ``warning:`` line; others as Python prints them."""
     if f"{os.sep}dynoswap{os.sep}" in filename:
-        sys.stderr.write(f"warning: {' '.join(str(message).split())}\n")
+        from .render import visible
+
+        sys.stderr.write(f"warning: {visible(' '.join(str(message).split()))}\n")
         return
     _default_showwarning(message, category, filename, lineno, file, line)
 

@@ -190,7 +190,7 @@ def convert_cmd(
     from ..io.output import replace_output
     from ..io.recipe import HEADS, resolve_leaf
     from ..io.saving import SAVED_MODEL, verify_saved, write_saved
-    from .render import compare_table, dynopool_table, mismatch_table, replacement_table, skipped_table
+    from .render import compare_table, dynopool_table, mismatch_table, replacement_table, safe, skipped_table
     from .summary import summarize
 
     plan = make_plan(
@@ -242,7 +242,7 @@ def convert_cmd(
     console.print(compare_table(before, after))
     console.print(dynopool_table(after.dynopools))
     if output is not None:
-        console.print(f"saved to {output}")
+        console.print(f"saved to {safe(output)}")
 
 
 def register(app: typer.Typer) -> None:

@@ -73,8 +73,10 @@ def export_cmd(
     h, w = result.input_size
     batch_dim = "N" if result.dynamic_batch else str(result.batch)
     opset_note = f", opset {result.opset}" if result.opset is not None else ""
+    from .render import safe
+
     console = out_console()
-    console.print(f"wrote {result.path} ({result.format}{opset_note}, {result.file_bytes / 1e6:.1f} MB)")
+    console.print(f"wrote {safe(result.path)} ({result.format}{opset_note}, {result.file_bytes / 1e6:.1f} MB)")
     console.print(f"input: ({batch_dim}, C, {h}, {w}); {result.dynopools} DynOPools frozen at their sizes for {h}x{w}")
     if result.freeze_max_abs_diff is not None:
         console.print(f"frozen vs converted (eager): max abs diff {result.freeze_max_abs_diff:.3g}")

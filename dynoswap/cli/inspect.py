@@ -43,7 +43,7 @@ def inspect_cmd(
 ) -> None:
     """Show a model's GMACs, params, stage sizes and, for converted models, every DynOPool."""
     from ..io.recipe import input_size_of
-    from .render import dynopool_table, layer_table, mismatch_table, summary_table
+    from .render import dynopool_table, layer_table, mismatch_table, safe, summary_table
     from .summary import summarize
 
     if plot is not None:
@@ -74,7 +74,7 @@ def inspect_cmd(
     if summary.layers:
         console.print(layer_table(summary.layers))
     if plot is not None:
-        console.print(f"stage plot written to {plot}")
+        console.print(f"stage plot written to {safe(plot)}")
 
 
 def register(app: typer.Typer) -> None:

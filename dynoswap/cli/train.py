@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from .common import DebugOption, ModelKwargsOption, TrustCodeOption, UsageError, handle_errors, parse_kwargs
+from .render import safe
 
 if TYPE_CHECKING:
     from torch import nn
@@ -134,7 +135,7 @@ def _announce(
     console.print(
         f"training {model_spec} on {data.name} ({len(data.train)} images, {data.num_classes} classes, "
         f"{data.input_size[0]}x{data.input_size[1]}) on {ctx.device}{world}: {hyper.epochs} epochs, "
-        f"batch {hyper.batch_size}, lr {hyper.lr:g}, alpha lr {hyper.alpha_lr:g}, {cost} -> {out}"
+        f"batch {hyper.batch_size}, lr {hyper.lr:g}, alpha lr {hyper.alpha_lr:g}, {cost} -> {safe(out)}"
     )
 
 
@@ -304,7 +305,7 @@ def train_cmd(
                 from ..train.plot import plot_history
 
                 plot_history(read_log(run_dir), plot, title=f"{model} on {bundle.name}", force=force)
-                console.print(f"plot: {plot}")  # type: ignore[union-attr]
+                console.print(f"plot: {safe(plot)}")  # type: ignore[union-attr]
             if target_gmacs is not None:
                 from ..cost import count_gmacs
 
@@ -312,7 +313,7 @@ def train_cmd(
                 console.print(  # type: ignore[union-attr]
                     f"final GMACs {final:.4g}, target {target_gmacs:g} ({final / target_gmacs - 1:+.1%})"
                 )
-            console.print(f"log: {run_dir / 'log.jsonl'}  checkpoint: {run_dir / 'checkpoint'}")  # type: ignore[union-attr]
+            console.print(f"log: {safe(run_dir / 'log.jsonl')}  checkpoint: {safe(run_dir / 'checkpoint')}")  # type: ignore[union-attr]
     finally:
         if ctx.enabled:
             import torch.distributed as dist
