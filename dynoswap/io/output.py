@@ -134,6 +134,11 @@ def _identity(path: Path) -> list[int]:
     return [st.st_dev, st.st_ino]
 
 
+def _is_recorded(entry: Path, record: dict[str, list[int]] | None, key: str) -> bool:
+    """Whether ``entry`` is what the swap record names (same device and inode) and not a link."""
+    return record is not None and _exists(entry) and not entry.is_symlink() and _identity(entry) == record.get(key)
+
+
 def open_private(path: Path, flags: int = os.O_WRONLY, mode: int = 0o600) -> int:
     """Create ``path`` and open it, never through a link: ``O_CREAT | O_EXCL | O_NOFOLLOW``.
 
@@ -237,7 +242,8 @@ def _work_folders(path: Path) -> list[Path]:
         if not entry.name.startswith(prefix):
             continue
         st = entry.stat(follow_symlinks=False)
-        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+        # mkdtemp makes a folder of ours that only we may enter: anything else was not made by a writer.
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077:
             found.append(Path(entry.path))
     return sorted(found)
 
@@ -265,11 +271,11 @@ def repair(path: Path) -> str | None:
     for work in _work_folders(path):
         record = _recorded(work)
         new, old = work / _NEW, work / _OLD
-        if record is not None and not _exists(path) and _exists(new) and _identity(new) == record.get(_NEW):
+        if not _exists(path) and _is_recorded(new, record, _NEW):
             os.replace(new, path)
             _fsync_dir(path.parent)
             done = f"finished an interrupted replacement of {path}"
-        elif _exists(old) and not _exists(path) and record is not None and _identity(old) == record.get(_OLD):
+        elif not _exists(path) and _is_recorded(old, record, _OLD):
             os.replace(old, path)  # no new output to finish with: put the old one back
             _fsync_dir(path.parent)
             done = f"rolled back an interrupted replacement of {path}"

@@ -400,12 +400,16 @@ def find_checkpoint(out_dir: str | Path) -> Path | None:
     """Return the newest intact checkpoint folder under ``out_dir``, or ``None`` when there is none.
 
     A kill between the two renames of a save leaves only ``checkpoint.prev``: it is used.
+    The caller resumes the run, so this process takes the run lock (see :func:`hold_run_lock`).
 
     Raises:
+        OutputLockedError: Another process is training into ``out_dir``.
         CheckpointError: The newest checkpoint is damaged (the message names the file and any earlier
             intact checkpoint).
     """
     out = Path(out_dir)
+    if out.is_dir():
+        hold_run_lock(out)  # a resume is a trainer: refused while another one writes the run
     final, previous = out / CHECKPOINT_DIR, out / PREVIOUS_DIR
     if final.exists():
         try:
@@ -472,6 +476,20 @@ def load_checkpoint(folder: str | Path, model: nn.Module) -> dict[str, Any]:
     return state
 
 
+def _refuse_foreign_entries(out: Path) -> list[str]:
+    """Return the run entries in ``out``, refusing them when the folder carries no run marker."""
+    if not out.is_dir():
+        return []
+    present = [name for name in RUN_ENTRIES if os.path.lexists(out / name)]
+    present += [p.name for p in _temp_folders(out)]
+    if present and not is_marked_run(out):
+        raise OutputExistsError(
+            f"{out} holds {', '.join(present)} but no dynoswap run marker ({MARKER_FILE}): they are not a dynoswap "
+            "run; refusing to replace them"
+        )
+    return present
+
+
 def prepare_run_folder(out_dir: str | Path, force: bool = False) -> Path:
     """Make ``out_dir`` ready for a new run and lock it for this process.
 
@@ -487,15 +505,10 @@ def prepare_run_folder(out_dir: str | Path, force: bool = False) -> Path:
     out = Path(out_dir)
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise OutputExistsError(f"run folder {out} is {describe(out)}, not a folder")
+    _refuse_foreign_entries(out)  # before the lock: a foreign folder gets nothing written into it
     out.mkdir(parents=True, exist_ok=True)
     hold_run_lock(out)
-    present = [name for name in RUN_ENTRIES if os.path.lexists(out / name)]
-    present += [p.name for p in _temp_folders(out)]
-    if present and not is_marked_run(out):
-        raise OutputExistsError(
-            f"{out} holds {', '.join(present)} but no dynoswap run marker ({MARKER_FILE}): they are not a dynoswap "
-            "run; refusing to replace them"
-        )
+    present = _refuse_foreign_entries(out)
     if present and not force:
         raise OutputExistsError(
             f"{out} already holds a training run ({', '.join(present)}); continue it with resume, or start it over",
