@@ -495,3 +495,41 @@ def test_a_bad_init_scale_is_refused_up_front_without_a_frame_dump():
         result = convert_cli("--init-scale", value)
         assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
         assert "Exception raised from" not in result.stderr and "frame #" not in result.stderr
+
+
+def test_a_pt2_export_prints_no_torch_warnings_and_carries_dynoswap_s_mark(tmp_path, tiny, capfd):
+    import zipfile
+
+    from dynoswap.export import export_model
+    from dynoswap.io.output import get_output_kind
+
+    export_model(tiny, tmp_path / "m.pt2", "pt2")
+    assert "Unable to load package" not in capfd.readouterr().err
+    assert get_output_kind("pt2 export").detect(tmp_path / "m.pt2")
+    with zipfile.ZipFile(tmp_path / "m.pt2") as archive, zipfile.ZipFile(tmp_path / "foreign.pt2", "w") as foreign:
+        for info in archive.infolist():  # the same archive without dynoswap's extra file
+            if not info.filename.endswith("/extra/dynoswap"):
+                foreign.writestr(info, archive.read(info))
+    assert not get_output_kind("pt2 export").detect(tmp_path / "foreign.pt2")
+    with pytest.raises(OutputExistsError, match="not a dynoswap pt2 export"):
+        export_model(tiny, tmp_path / "foreign.pt2", "pt2", overwrite=True)
+
+
+def test_onnx_files_are_dynoswap_s_only_with_its_metadata_mark(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import helper
+
+    from dynoswap.export.formats import MARK_KEY, MARK_VALUE
+    from dynoswap.io.output import get_output_kind
+
+    graph = helper.make_graph([], "g", [], [])
+    for name, props in (
+        ("foreign.onnx", {}),
+        ("other.onnx", {"dynoswap": "other"}),
+        ("mine.onnx", {MARK_KEY: MARK_VALUE}),
+    ):
+        model = helper.make_model(graph)
+        helper.set_model_props(model, props)
+        onnx.save(model, str(tmp_path / name))
+    detect = get_output_kind("onnx export").detect
+    assert [detect(tmp_path / n) for n in ("foreign.onnx", "other.onnx", "mine.onnx")] == [False, False, True]
