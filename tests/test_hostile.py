@@ -463,6 +463,19 @@ def test_markup_and_control_characters_in_output_paths(tmp_path, name):
     assert "\x1b" not in result.stdout and (tmp_path / name).is_dir()
 
 
+def test_markup_in_a_run_folder_and_plot_name_is_printed_as_is(tmp_path):
+    pytest.importorskip("matplotlib")
+    run, plot = tmp_path / "run[/x]", tmp_path / "[bold]p.png"
+    args = ["train", *TINY[:1], "--data", "barcodes", "--model-kwargs", "widths=[8, 16]", "--out", str(run)]
+    result = runner.invoke(
+        app, [*args, "--max-steps", "1", "--epochs", "1", "--no-progress", "--plot", str(plot)], env=ENV
+    )
+    assert result.exit_code == 0, result.output
+    printed = "".join(result.stdout.split())  # long paths wrap
+    assert f"->{run}" in printed and f"plot:{plot}" in printed
+    assert (run / "checkpoint").is_dir() and plot.is_file()
+
+
 def test_error_lines_show_control_characters(tmp_path):
     result = runner.invoke(app, ["inspect", str(tmp_path / "no\x1b[2Jsuch")], env=ENV)
     assert result.exit_code == 2 and "\x1b" not in result.stderr and "no\\x1b[2Jsuch" in result.stderr
