@@ -202,10 +202,18 @@ def _temp_folders(out: Path) -> list[Path]:
 _HELD: dict[str, int] = {}
 
 
+def _other_rank() -> bool:
+    """Whether this process is a distributed rank other than 0 (rank 0 holds the run lock for all)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
+
+
 def hold_run_lock(out: Path) -> None:
     """Lock ``out`` for this process until it exits (or :func:`release_run_lock`): one trainer per run.
 
     The lock file is opened with ``O_NOFOLLOW``. On read-only media no lock is needed (nothing can write).
+    Under torch.distributed only rank 0 takes it: the other ranks of the same run never write it.
 
     Raises:
         OutputLockedError: Another process is training into ``out``.
@@ -214,7 +222,7 @@ def hold_run_lock(out: Path) -> None:
     import fcntl
 
     key = os.path.realpath(out)
-    if key in _HELD:
+    if key in _HELD or _other_rank():
         return
     lock = out / RUN_LOCK_FILE
     try:
