@@ -147,3 +147,10 @@ def check_convert_args(model: Any, input_size: Any, sizes: Any = None) -> tuple[
     if sizes is not None:
         check_target_sizes(sizes)
     return size
+
+
+# -- a forward's memory, estimated before it runs ---------------------------------------------
+#: Most activation memory one forward may ask for (estimated by :func:`dynoswap.cost.memory.estimate_forward_bytes`).
+MAX_FORWARD_BYTES = 8 << 30
+#: Side of the probe input the estimate runs at.
+PROBE_SIDE = 64

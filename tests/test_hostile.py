@@ -446,6 +446,7 @@ def test_bomb_refusals_are_one_line_with_exit_code_2(tmp_path):
         (["inspect", "vgg-tiny", "--input-size", "100000", "100000"], "--input-size 100000x100000 is too large"),
         (["convert", *TINY, "--init-scale", "1e30"], "--init-scale must be a finite number > 0 and at most 8"),
         (["inspect", "resnet50", "--model-kwargs", "width_per_group=2048"], "1,000,000,000 parameters"),
+        (["inspect", "resnet50", "--input-size", "8192", "8192"], "GiB of activations in one forward, more than"),
     ]
     for args, text in cases:
         result = runner.invoke(app, args, env=ENV)

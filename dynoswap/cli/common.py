@@ -254,6 +254,16 @@ def parse_input_size(value: tuple[int, int] | None, default: tuple[int, int] = D
         raise UsageError(str(exc)) from None
 
 
+def check_forward(model: nn.Module, size: tuple[int, int], batch: int = 1) -> None:
+    """Refuse an input size whose forward would ask for more activation memory than dynoswap allows."""
+    from ..cost.memory import check_forward_budget
+
+    try:
+        check_forward_budget(model, size, "--input-size", batch)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def parse_size(text: str, option: str = "--sizes") -> tuple[int, int]:
     """``"100x96"`` → (100, 96); a single number means a square."""
     parts = text.strip().lower().split("x")

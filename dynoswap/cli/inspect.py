@@ -16,6 +16,7 @@ from .common import (
     StrictValuesOption,
     TrustCodeOption,
     WeightsOption,
+    check_forward,
     err_console,
     handle_errors,
     load_model,
@@ -54,6 +55,7 @@ def inspect_cmd(
         check_plot_path(plot, force)
     loaded = load_model(model, num_classes, model_kwargs, weights, allow_missing, trust_code, strict_values)
     size = parse_input_size(input_size, input_size_of(loaded.model) or (224, 224))
+    check_forward(loaded.model, size)
     summary = summarize(loaded.model, size, model, loaded.source.library, depth=depth)
     if plot is not None:
         from .plot import plot_stages

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..cost.memory import check_forward_budget
 from ..errors import ExportError, FrozenSizeError, OptionError
 from ..layers import DynOPool2d
 from ..validate import check_input_budget
@@ -197,6 +198,7 @@ def export_model(
         raise ExportError(f"an input size (H, W) is needed to export {type(model).__name__}, got {input_size!r}")
     try:
         check_input_budget(size, "input size", max(batch, 2) if dynamic_batch else batch)
+        check_forward_budget(model, size, "input size", max(batch, 2) if dynamic_batch else batch)
     except ValueError as exc:
         raise OptionError(str(exc)) from None
     h, w = size
