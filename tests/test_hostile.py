@@ -296,6 +296,46 @@ def test_a_full_disk_during_a_checkpoint_leaves_the_previous_one_and_no_temp(tmp
     assert tree(run) == before and verify_checkpoint(run / "checkpoint") == 1
 
 
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A 4 MiB tmpfs (skipped where mounting is not allowed); yields its mount point."""
+    point = tmp_path / "tmpfs"
+    point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(point)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("needs permission to mount a tmpfs")
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", "-l", str(point)], check=True)
+
+
+def test_a_really_full_disk_during_a_checkpoint_leaves_no_temp(tmpfs, tiny):
+    run = tmpfs / "run"
+    save_checkpoint(run, tiny, {"epoch": 1}, log_record={"epoch": 1})
+    before = tree(run)
+    with open(tmpfs / "filler", "wb") as fh:  # fill the disk
+        with pytest.raises(OSError):
+            while True:
+                fh.write(b"x" * 65536)
+                fh.flush()
+    with pytest.raises(OSError) as caught:
+        save_checkpoint(run, tiny, {"epoch": 2}, log_record={"epoch": 2})
+    assert caught.value.errno == errno.ENOSPC or "No space" in str(caught.value)
+    assert tree(run) == before and verify_checkpoint(run / "checkpoint") == 1
+
+
+def test_a_model_on_read_only_media_reads_despite_leftovers(tmpfs, tiny):
+    path = dynoswap.save(tiny, tmpfs / "m")
+    (tmpfs / ".m.dynoswap-lock").write_text("")
+    (tmpfs / ".m.dynoswap-work-leftover").mkdir(mode=0o700)
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    assert dynoswap.load(path) is not None
+    result = runner.invoke(app, ["inspect", str(path), "--json"], env=ENV)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmpfs.iterdir()) == [".m.dynoswap-lock", ".m.dynoswap-work-leftover", "m"]
+
+
 @pytest.mark.parametrize("entry", ["../../victim", "/etc/hostname", "a/../../victim", "", "..\\victim"])
 def test_a_manifest_entry_outside_the_checkpoint_is_refused(tmp_path, tiny, entry):
     run = tmp_path / "run"
