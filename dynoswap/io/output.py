@@ -317,15 +317,8 @@ def repair_if_needed(path: str | os.PathLike[str]) -> str | None:
 
 
 # -- checks -----------------------------------------------------------------------------
-def _is_empty_folder(path: Path) -> bool:
-    return not path.is_symlink() and path.is_dir() and next(path.iterdir(), None) is None
-
-
 def check_output(path: str | os.PathLike[str], kind: str, force: bool = False) -> Path:
     """Refuse an output path that may not be written: occupied without ``force``, or by something else.
-
-    An empty folder is replaced with ``force``; anything else only when its content proves it is a
-    ``kind`` output.
 
     Raises:
         OutputExistsError: Something is at ``path`` and ``force`` is False, or it is not a ``kind`` output.
@@ -334,10 +327,6 @@ def check_output(path: str | os.PathLike[str], kind: str, force: bool = False) -
     if not _exists(target):
         return target
     detected = get_output_kind(kind).detect(target)
-    if not detected and _is_empty_folder(target):
-        if force:
-            return target  # an empty folder holds nothing to lose: the explicit flag may replace it
-        raise OutputExistsError(f"{target} is an empty folder", replaceable=True)
     if not detected:
         raise OutputExistsError(f"{target} holds {describe(target)}, not a dynoswap {kind}; refusing to replace it")
     if not force:
