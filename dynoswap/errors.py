@@ -96,3 +96,26 @@ class ExportError(DynoswapError, RuntimeError):
 
 class FrozenSizeError(DynoswapError, ValueError):
     """A frozen model called with an input size it was not frozen for."""
+
+
+# -- messages of errors raised by other libraries ----------------------------------------
+#: Longest text kept from another library's error message.
+MAX_FOREIGN_MESSAGE = 200
+_UNSAFE_ADVICE = ("weights_only", "arbitrary code")
+
+
+def foreign_message(exc: BaseException) -> str:
+    """Return another library's error (torch, safetensors) as a short line: what it said, never how it got there.
+
+    Keeps the first sentence, drops C++ frame dumps and any advice to load a file unsafely
+    (``weights_only=False``), and cuts it at :data:`MAX_FOREIGN_MESSAGE` characters.
+    """
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    first = lines[0] if lines else type(exc).__name__
+    first = first.split("Exception raised from", 1)[0].strip() or type(exc).__name__
+    text = first.split(". ", 1)[0].rstrip(".")
+    if any(word in text for word in _UNSAFE_ADVICE):
+        text = "it is not in a format that is safe to load"
+    if len(text) > MAX_FOREIGN_MESSAGE:
+        text = text[: MAX_FOREIGN_MESSAGE - 3].rstrip() + "..."
+    return text

@@ -261,18 +261,14 @@ def available_presets() -> dict[str, Path]:
 
 def load_preset_file(path: str | Path, trust_code: bool = False) -> Preset:
     """Read and validate one YAML preset file (YAML's safe loader: no objects are built)."""
-    import yaml
+    from .io.bounded import read_yaml
 
     path = Path(path)
     if path.is_dir():
         raise PresetError(f"config file {path} is a folder, not a YAML file")
     if not path.is_file():
         raise PresetError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        detail = " ".join(str(exc).split())
-        raise PresetError(f"{path}: not valid YAML ({detail})") from None
+    data = read_yaml(path, PresetError)
     return parse_preset(data, str(path), path, trust_code)
 
 

@@ -379,6 +379,56 @@ BUILDERS: dict[str, Callable[[str, dict[str, Any]], nn.Module]] = {
 }
 
 
+#: Most parameters an allow-listed architecture may have once a file's or a flag's arguments are applied
+#: (4 GB in float32).
+MAX_PARAMS = 1_000_000_000
+#: Most parameter tensors such an architecture may have (a depth argument must not cost minutes of CPU).
+MAX_PARAM_TENSORS = 10_000
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def check_size_estimate(library: str, name: str, kwargs: dict[str, Any], where: str = "") -> None:
+    """Build the architecture on the meta device (no memory) and refuse it when it is too large.
+
+    Parameters are counted as they are created, so a huge width or depth argument stops
+    at :data:`MAX_PARAMS` parameters or :data:`MAX_PARAM_TENSORS` tensors instead of running
+    on. A builder that cannot run on the meta device is left to the real build.
+
+    Raises:
+        ModelError: The arguments ask for more than the limits (names the file and the arguments).
+    """
+    import torch
+    from torch.nn.modules.module import register_module_parameter_registration_hook
+
+    at = f" in {where}" if where else ""
+    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    tensors = params = 0
+
+    def counted(module: nn.Module, param_name: str, param: Any) -> None:
+        nonlocal tensors, params
+        tensors += 1
+        params += param.numel() if param is not None else 0
+        if tensors > MAX_PARAM_TENSORS or params > MAX_PARAMS:
+            raise _TooLarge
+
+    handle = register_module_parameter_registration_hook(counted)
+    try:
+        with torch.device("meta"):
+            BUILDERS[library](name, kwargs)
+    except _TooLarge:
+        raise ModelError(
+            f"{library}:{name}{at} with {args} asks for more than {MAX_PARAMS:,} parameters or "
+            f"{MAX_PARAM_TENSORS:,} parameter tensors, the most dynoswap builds from arguments; refusing it"
+        ) from None
+    except Exception:  # noqa: BLE001, S110 - the real build reports its own error
+        pass
+    finally:
+        handle.remove()
+
+
 def build_model(
     library: str, name: str, kwargs: dict[str, Any] | None = None, *, trust_code: bool = False, where: str = ""
 ) -> nn.Module:
@@ -400,6 +450,8 @@ def build_model(
     kwargs = dict(source.kwargs)
     if library in TRUSTED_LIBRARIES:
         kwargs = {k: v for k, v in kwargs.items() if k not in FILE_KWARGS}
+        if kwargs:  # the defaults are known; arguments from a file or a flag are estimated first
+            check_size_estimate(library, name, kwargs, where)
     # A third-party builder's error on the given arguments is the spec's fault; dynoswap's own zoo only
     # blames the arguments for what refuses them (TypeError, ValueError): anything else there is a bug.
     own = library == "dynoswap" or (library == "user" and _zoo_entry_for_factory(name) is not None)

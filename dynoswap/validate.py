@@ -18,6 +18,20 @@ from .errors import OptionError
 #: (``dynoswap.layers.sizing.MIN_SIZE``), so 2 is the smallest size a target can hit exactly.
 MIN_OUTPUT_SIDE = 2
 
+# -- limits on sizes an untrusted file or argument may ask for (allocations stay bounded) --------
+#: Largest input side (H or W).
+MAX_INPUT_SIDE = 16384
+#: Largest input area H * W of one image (8192 x 8192).
+MAX_INPUT_PIXELS = 8192 * 8192
+#: Largest batch of an export or a measurement.
+MAX_BATCH = 4096
+#: Largest batch * H * W of one forward (e.g. 64 images of 2048 x 2048).
+MAX_BATCH_PIXELS = 1 << 28
+#: Largest scale factor r = 1 / alpha of a DynOPool (upsampling by at most this much per axis).
+MAX_SCALE = 8.0
+#: Largest target size relative to the input side (the same bound, for sizes given as integers).
+MAX_UPSAMPLE = 8
+
 
 def _is_int(value: Any) -> bool:
     # bool is an int subclass but never a size; numpy integers are Integral too.
@@ -41,6 +55,27 @@ def check_size(value: Any, what: str, low: int = 1) -> tuple[int, int]:
     h, w = (int(v) for v in values)
     if min(h, w) < low:
         raise OptionError(f"{what} must be at least {low} on each side, got {(h, w)}")
+    return h, w
+
+
+def check_input_budget(size: Sequence[int], what: str, batch: int = 1) -> tuple[int, int]:
+    """Refuse an input size or batch that would allocate without bound; returns (H, W).
+
+    Raises:
+        ValueError: A side over :data:`MAX_INPUT_SIDE`, an area over :data:`MAX_INPUT_PIXELS`, a batch
+            over :data:`MAX_BATCH`, or batch * H * W over :data:`MAX_BATCH_PIXELS`.
+    """
+    h, w = (int(v) for v in size)
+    if max(h, w) > MAX_INPUT_SIDE or h * w > MAX_INPUT_PIXELS:
+        raise ValueError(
+            f"{what} {h}x{w} is too large: at most {MAX_INPUT_SIDE} on a side and {MAX_INPUT_PIXELS} pixels in all"
+        )
+    if not 1 <= batch <= MAX_BATCH:
+        raise ValueError(f"batch {batch} is out of range: 1 to {MAX_BATCH}")
+    if batch * h * w > MAX_BATCH_PIXELS:
+        raise ValueError(
+            f"batch {batch} of {h}x{w} inputs is too large: batch x H x W must be at most {MAX_BATCH_PIXELS}"
+        )
     return h, w
 
 
@@ -78,9 +113,22 @@ def check_scale(value: Any, what: str) -> tuple[float, float]:
     pair = tuple(values)
     if len(pair) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair):
         raise TypeError(f"{what} must be a number or an (h, w) pair of numbers, got {value!r}")
-    if not all(math.isfinite(v) and v > 0 for v in pair):
-        raise OptionError(f"{what} must be finite and > 0, got {value!r}")
+    if not all(math.isfinite(v) and 0 < v <= MAX_SCALE for v in pair):
+        raise OptionError(f"{what} must be finite, > 0 and at most {MAX_SCALE:g}, got {value!r}")
     return float(pair[0]), float(pair[1])
+
+
+def check_alpha(values: Sequence[float], what: str) -> None:
+    """Refuse DynOPool alphas that are not finite or ask for more than :data:`MAX_SCALE` upsampling.
+
+    Raises:
+        ValueError: An alpha that is NaN, infinite, <= 0 or below ``1 / MAX_SCALE``.
+    """
+    if not all(math.isfinite(a) and a >= 1 / MAX_SCALE for a in values):
+        raise ValueError(
+            f"{what} is {list(values)}, but a DynOPool's alpha must be finite and at least {1 / MAX_SCALE:g} "
+            f"(a scale of at most {MAX_SCALE:g})"
+        )
 
 
 def check_convert_args(model: Any, input_size: Any, sizes: Any = None) -> tuple[int, int]:
@@ -99,6 +147,14 @@ def check_convert_args(model: Any, input_size: Any, sizes: Any = None) -> tuple[
         hint = " (build it first, e.g. dynoswap.models.resolve(name)[0])" if isinstance(model, str) else ""
         raise TypeError(f"convert needs a torch.nn.Module, got {type(model).__name__} {model!r:.60}{hint}")
     size = check_size(input_size, "input_size")
+    check_input_budget(size, "input_size")
     if sizes is not None:
         check_target_sizes(sizes)
     return size
+
+
+# -- a forward's memory, estimated before it runs ---------------------------------------------
+#: Most activation memory one forward may ask for (estimated by :func:`dynoswap.cost.memory.estimate_forward_bytes`).
+MAX_FORWARD_BYTES = 8 << 30
+#: Side of the probe input the estimate runs at.
+PROBE_SIDE = 64

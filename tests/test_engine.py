@@ -216,7 +216,8 @@ def test_init_scale_and_overrides() -> None:
         ({"nope": 0.5}, "names no replaced resizer"),
         ({"maxpool": 0.5}, "merged into 'conv1_dynopool'"),
         ({"layer2.0.conv1": 0.5, "layer2.0.downsample.0": 0.6}, "disagree within one tie group"),
-        ({"conv1": -1.0}, "finite and > 0"),
+        ({"conv1": -1.0}, "finite, > 0 and at most 8"),
+        ({"conv1": 1e30}, "finite, > 0 and at most 8"),
     ],
 )
 def test_bad_overrides(overrides, match) -> None:

@@ -115,8 +115,8 @@ def test_sizes_and_scales():
         check_target_sizes("8x8")
     assert check_size(torch.Size([3, 4]), "x") == (3, 4)
     assert check_scale(0.5, "r") == (0.5, 0.5)
-    for bad in (float("nan"), float("inf"), 0, -1, (0.5, float("nan"))):
-        with pytest.raises(ValueError, match="finite and > 0"):
+    for bad in (float("nan"), float("inf"), 0, -1, (0.5, float("nan")), 8.5, 1e30):
+        with pytest.raises(ValueError, match="finite, > 0 and at most 8"):
             check_scale(bad, "r")
     with pytest.raises(TypeError):
         check_scale(True, "r")

@@ -187,13 +187,29 @@ def test_a_failed_write_keeps_the_old_output(tmp_path):
 
 
 def test_inspect_after_a_kill_between_the_renames_finds_the_model(tmp_path):
-    source = ModelSource("dynoswap", "vgg-tiny", {"num_classes": 10, "widths": [8, 16]})
-    gm, _ = dynoswap.convert(source.build(), (32, 32), source=source)
-    path = dynoswap.save(gm, tmp_path / "m")
+    path = tmp_path / "m"
+    saver = textwrap.dedent(
+        """
+        import os, signal, sys
+        import dynoswap
+        from dynoswap.io import output
+        from dynoswap.models import ModelSource
+
+        source = ModelSource("dynoswap", "vgg-tiny", {"num_classes": 10, "widths": [8, 16]})
+        gm, _ = dynoswap.convert(source.build(), (32, 32), source=source)
+        dynoswap.save(gm, sys.argv[1])
+        output.STEP_HOOK = lambda step: step == "moved-old" and os.kill(os.getpid(), signal.SIGKILL)
+        dynoswap.save(gm, sys.argv[1])
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", saver, str(path)], env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True
+    )
     # The state a kill leaves between "moved-old" and "moved-new": no model at the path.
-    os.replace(path, tmp_path / ".m.dynoswap-old")
+    assert proc.returncode == -signal.SIGKILL and not path.exists() and output.pending_repair(path)
     result = runner.invoke(app, ["inspect", str(path), "--json"], env=ENV)
     assert result.exit_code == 0, result.output
+    assert result.stderr == f"warning: dynoswap: finished an interrupted replacement of {path}\n"
     assert path.is_dir() and leftovers(tmp_path, "m") == []
 
 

@@ -25,6 +25,7 @@ from dynoswap.cli.common import exit_code_of, one_line
 from dynoswap.errors import CheckpointError, DynoswapError, RecipeError
 from dynoswap.io.recipe import FORMAT, RECIPE_FILE, Recipe, recipe_of
 from dynoswap.models import ModelSource
+from dynoswap.validate import MAX_SCALE
 
 ENV = {"COLUMNS": "150", "NO_COLOR": "1", "TERM": "dumb"}
 SOURCE = ModelSource("dynoswap", "vgg-tiny", {"num_classes": 10, "widths": [8, 16, 16]})
@@ -109,7 +110,7 @@ def test_a_folder_without_weights_is_a_checkpoint_failure_like_other_weight_prob
     assert runner.invoke(app, ["inspect", str(folder)], env=ENV).exit_code == 1
 
 
-@pytest.mark.parametrize("value", [math.nan, math.inf, -2.0, 0.0])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -2.0, 0.0, 1e-30, 0.1])
 def test_bad_alpha_is_refused_before_any_forward(saved, tmp_path, value):
     state = load_file(str(saved / "model.safetensors"))
     key = next(k for k in state if k.endswith("alpha"))
@@ -117,7 +118,7 @@ def test_bad_alpha_is_refused_before_any_forward(saved, tmp_path, value):
     weights = tmp_path / "w.safetensors"
     save_file(state, str(weights))
     folder = write_copy(saved, tmp_path / "m", (saved / RECIPE_FILE).read_text(), weights.read_bytes())
-    with pytest.raises(CheckpointError, match=f"{key} is .* must be finite and > 0; the file is damaged"):
+    with pytest.raises(CheckpointError, match=f"{key} is .* must be finite and at least 0.125 .*; the file is damaged"):
         dynoswap.load(folder)
     result = runner.invoke(app, ["inspect", str(folder)], env=ENV)
     assert result.exit_code == 1 and "tlparse" not in result.stderr and "Traceback" not in result.stderr
@@ -230,7 +231,8 @@ def test_saved_alphas_of_any_value_load_or_are_refused_cleanly(saved, tmp_path, 
     weights = tmp_path / "w.safetensors"
     save_file(state, str(weights))
     folder = write_copy(saved, tmp_path / "m", (saved / RECIPE_FILE).read_text(), weights.read_bytes())
-    valid = all(math.isfinite(v) and v > 0 for v in state[key].tolist())  # as stored: 1e300 is inf in float32
+    # As stored (1e300 is inf in float32); alphas below 1 / MAX_SCALE would allocate out of bounds.
+    valid = all(math.isfinite(v) and v >= 1 / MAX_SCALE for v in state[key].tolist())
     try:
         gm = dynoswap.load(folder)
     except CheckpointError:

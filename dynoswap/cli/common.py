@@ -169,10 +169,12 @@ def debug_requested(flag: bool = False) -> bool:
 
 def one_line(exc: BaseException) -> str:
     """Return the exception's message on one line (its type name when it has none)."""
+    from .render import visible
+
     text = " ".join(str(exc).split())
     if isinstance(exc, KeyError):
         text = text.strip("'\"")
-    return text or type(exc).__name__
+    return visible(text) or type(exc).__name__
 
 
 def internal_error_line(exc: BaseException) -> str:
@@ -212,7 +214,9 @@ def _show_warning(
 ) -> None:
     """Print dynoswap's own warnings as one ``warning:`` line; others as Python prints them."""
     if f"{os.sep}dynoswap{os.sep}" in filename:
-        sys.stderr.write(f"warning: {' '.join(str(message).split())}\n")
+        from .render import visible
+
+        sys.stderr.write(f"warning: {visible(' '.join(str(message).split()))}\n")
         return
     _default_showwarning(message, category, filename, lineno, file, line)
 
@@ -273,10 +277,25 @@ def parse_input_size(value: tuple[int, int] | None, default: tuple[int, int] = D
     """Return a validated (H, W), or ``default`` when not given."""
     if not value:
         return default
+    from ..validate import check_input_budget
+
     h, w = (int(v) for v in value)
     if h < 1 or w < 1:
         raise UsageError(f"--input-size must be two positive integers H W, got {h} {w}")
-    return h, w
+    try:
+        return check_input_budget((h, w), "--input-size")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def check_forward(model: nn.Module, size: tuple[int, int], batch: int = 1) -> None:
+    """Refuse an input size whose forward would ask for more activation memory than dynoswap allows."""
+    from ..cost.memory import check_forward_budget
+
+    try:
+        check_forward_budget(model, size, "--input-size", batch)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def parse_size(text: str, option: str = "--sizes") -> tuple[int, int]:
@@ -336,13 +355,17 @@ def parse_kwargs(items: list[str] | None) -> dict[str, Any]:
     """``["drop_rate=0.1", "width=[1, 2]"]`` → {"drop_rate": 0.1, "width": [1, 2]} (values read as YAML)."""
     import yaml
 
+    from ..errors import OptionError
+    from ..io.bounded import loads_yaml
+
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip().isidentifier():
             raise UsageError(f"--model-kwargs: {item!r} must look like KEY=VALUE, e.g. drop_rate=0.1")
         try:
-            out[key.strip()] = yaml.safe_load(value) if value else None
+            where = f"--model-kwargs {key.strip()}"
+            out[key.strip()] = loads_yaml(value, where, OptionError, syntax_errors=False) if value else None
         except yaml.YAMLError:
             out[key.strip()] = value
     return out

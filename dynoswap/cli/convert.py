@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from ..errors import DynoswapError
+from ..validate import MAX_SCALE
 from .common import (
     AllowMissingOption,
     DebugOption,
@@ -80,8 +82,8 @@ def make_plan(
     chosen = placement or (opts.placement if opts else "post")
     if chosen not in PLACEMENTS:
         raise UsageError(f"--placement must be one of {', '.join(PLACEMENTS)}, got {chosen!r}")
-    if init_scale is not None and not (math.isfinite(init_scale) and init_scale > 0):
-        raise UsageError(f"--init-scale must be a finite number > 0, got {init_scale}")
+    if init_scale is not None and not (math.isfinite(init_scale) and 0 < init_scale <= MAX_SCALE):
+        raise UsageError(f"--init-scale must be a finite number > 0 and at most {MAX_SCALE:g}, got {init_scale}")
     return ConvertPlan(
         input_size=parse_input_size(input_size, opts.input_size if opts else (224, 224)),
         num_classes=num_classes if num_classes is not None else (opts.num_classes if opts else None),
@@ -183,7 +185,7 @@ def convert_cmd(
     from ..io.output import replace_output
     from ..io.recipe import HEADS, resolve_leaf
     from ..io.saving import SAVED_MODEL, verify_saved, write_saved
-    from .render import compare_table, dynopool_table, mismatch_table, replacement_table, skipped_table
+    from .render import compare_table, dynopool_table, mismatch_table, replacement_table, safe, skipped_table
     from .summary import summarize
 
     plan = make_plan(
@@ -235,7 +237,7 @@ def convert_cmd(
     console.print(compare_table(before, after))
     console.print(dynopool_table(after.dynopools))
     if output is not None:
-        console.print(f"saved to {output}")
+        console.print(f"saved to {safe(output)}")
 
 
 def register(app: typer.Typer) -> None:

@@ -49,7 +49,9 @@ def export_cmd(
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     spec = lookup_format(fmt)
-    spec.check_available()  # a missing extra or an occupied -o fails before any slow work
+    spec.check_available()  # a missing extra, a wrong suffix or an occupied -o fails before any slow work
+    if output.suffix.lower() != spec.suffix:
+        raise UsageError(f"-o {output}: a {spec.name} file must be named *{spec.suffix} (or pick --format)")
     check_output(output, spec.output_kind, force)
     loaded = load_model(model, num_classes, model_kwargs, weights, allow_missing)
     size = parse_input_size(input_size, default_input_size(loaded.model) or (224, 224))
@@ -71,8 +73,10 @@ def export_cmd(
     h, w = result.input_size
     batch_dim = "N" if result.dynamic_batch else str(result.batch)
     opset_note = f", opset {result.opset}" if result.opset is not None else ""
+    from .render import safe
+
     console = out_console()
-    console.print(f"wrote {result.path} ({result.format}{opset_note}, {result.file_bytes / 1e6:.1f} MB)")
+    console.print(f"wrote {safe(result.path)} ({result.format}{opset_note}, {result.file_bytes / 1e6:.1f} MB)")
     console.print(f"input: ({batch_dim}, C, {h}, {w}); {result.dynopools} DynOPools frozen at their sizes for {h}x{w}")
     if result.freeze_max_abs_diff is not None:
         console.print(f"frozen vs converted (eager): max abs diff {result.freeze_max_abs_diff:.3g}")

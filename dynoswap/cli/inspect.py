@@ -16,6 +16,7 @@ from .common import (
     StrictValuesOption,
     TrustCodeOption,
     WeightsOption,
+    check_forward,
     err_console,
     handle_errors,
     load_model,
@@ -37,25 +38,29 @@ def inspect_cmd(
     strict_values: bool = StrictValuesOption,
     depth: int | None = typer.Option(None, "--depth", min=1, help="Per-layer table down to N dotted name levels."),
     plot: Path | None = typer.Option(None, "--plot", metavar="FILE.png", help="Draw the stages to scale (matplotlib)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --plot file that dynoswap wrote."),
     json_out: bool = JsonOption,
     debug: bool = DebugOption,
 ) -> None:
     """Show a model's GMACs, params, stage sizes and, for converted models, every DynOPool."""
     from ..io.recipe import input_size_of
-    from .render import dynopool_table, layer_table, mismatch_table, summary_table
+    from .render import dynopool_table, layer_table, mismatch_table, safe, summary_table
     from .summary import summarize
 
     if plot is not None:
+        from ..io.figures import check_plot_path
         from .plot import require_matplotlib
 
         require_matplotlib()
+        check_plot_path(plot, force)
     loaded = load_model(model, num_classes, model_kwargs, weights, allow_missing, trust_code, strict_values)
     size = parse_input_size(input_size, input_size_of(loaded.model) or (224, 224))
+    check_forward(loaded.model, size)
     summary = summarize(loaded.model, size, model, loaded.source.library, depth=depth)
     if plot is not None:
         from .plot import plot_stages
 
-        plot_stages({model: summary.stages}, plot)
+        plot_stages({model: summary.stages}, plot, force)
     if json_out:
         data = summary.to_dict()
         if loaded.mismatch:
@@ -71,7 +76,7 @@ def inspect_cmd(
     if summary.layers:
         console.print(layer_table(summary.layers))
     if plot is not None:
-        console.print(f"stage plot written to {plot}")
+        console.print(f"stage plot written to {safe(plot)}")
 
 
 def register(app: typer.Typer) -> None:

@@ -7,6 +7,7 @@ import sys
 import typer
 
 from .common import DebugOption, UsageError, err_console, handle_errors
+from .render import safe
 
 # CLI spelling of each library, as accepted by the model resolver.
 SPELLING = {"torchvision": "tv:", "timm": "timm:", "dynoswap": ""}  # zoo names are typed bare
@@ -26,7 +27,7 @@ def list_cmd(
     except ModelError as exc:
         raise UsageError(str(exc)) from exc
     if not rows:
-        err_console().print(f"no model matches {pattern!r}")
+        err_console().print(f"no model matches {safe(repr(pattern))}")
         raise typer.Exit(1)
     sys.stdout.write("".join(f"{SPELLING[library]}{name}\n" for library, name in rows))
 

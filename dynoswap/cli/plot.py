@@ -16,12 +16,13 @@ def require_matplotlib() -> None:
         raise CliError("--plot needs matplotlib: pip install 'dynoswap[plot]'") from exc
 
 
-def plot_stages(models: dict[str, Sequence[Sequence[int]]], path: Path) -> Path:
+def plot_stages(models: dict[str, Sequence[Sequence[int]]], path: Path, force: bool = False) -> Path:
     """Draw each model's stages as a row of W x H rectangles, one row per model, same scale.
 
     Args:
         models: Label → stage sizes [(h, w), ...].
-        path: Image file to write (format from its suffix).
+        path: PNG file to write (see :func:`dynoswap.io.figures.save_figure`).
+        force: Replace an existing dynoswap plot.
 
     Returns:
         The path written.
@@ -54,8 +55,9 @@ def plot_stages(models: dict[str, Sequence[Sequence[int]]], path: Path) -> Path:
     ax.set_ylim(0, fig_h + gap * 0.5)
     ax.set_aspect("equal")
     ax.axis("off")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    from ..io.figures import save_figure
+
+    try:
+        return save_figure(fig, path, force, dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(fig)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -13,6 +14,16 @@ if TYPE_CHECKING:
     from .summary import LayerRow, ModelSummary
 
 BOX = box.SIMPLE_HEAD
+
+
+def visible(text: object) -> str:
+    r"""Return ``text`` with control characters shown as escapes (``\x1b``, ``\n``): names never drive a terminal."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in str(text))
+
+
+def safe(text: object) -> str:
+    """Return a user string (a path, a name from a file) ready for rich: control characters visible, markup escaped."""
+    return escape(visible(text))
 
 
 def fmt_size(size: Sequence[float] | None) -> str:
@@ -39,8 +50,8 @@ def summary_table(summary: ModelSummary, title: str | None = None) -> Table:
     table = Table(title=title, box=BOX, show_header=False)
     table.add_column("key", style="bold")
     table.add_column("value")
-    table.add_row("model", summary.model)
-    table.add_row("source", summary.source)
+    table.add_row("model", safe(summary.model))
+    table.add_row("source", safe(summary.source))
     table.add_row("input size", fmt_size(summary.input_size))
     table.add_row("GMACs", fmt_gmacs(summary.gmacs))
     table.add_row("params", f"{summary.params:,}")
@@ -144,19 +155,19 @@ def layer_table(rows: list[LayerRow]) -> Table:
     table.add_column("GMACs", justify="right")
     for row in rows:
         shape = "x".join(str(v) for v in row.out_shape) if row.out_shape else "-"
-        table.add_row(row.name, row.kind, shape, fmt_gmacs(row.gmacs))
+        table.add_row(safe(row.name), safe(row.kind), shape, fmt_gmacs(row.gmacs))
     return table
 
 
 def mismatch_table(mismatch: KeyMismatch, limit: int = 40) -> Table:
     """Missing, unexpected and reshaped checkpoint keys (at most ``limit`` rows, then a count)."""
-    table = Table(title=f"Checkpoint keys: {mismatch.summary()}", box=BOX)
+    table = Table(title=f"Checkpoint keys: {safe(mismatch.summary())}", box=BOX)
     table.add_column("problem")
     table.add_column("key")
     table.add_column("detail")
     rows = mismatch.rows()
     for problem, key, detail in rows[:limit]:
-        table.add_row(problem, key, detail)
+        table.add_row(problem, safe(key), safe(detail))
     if len(rows) > limit:
         table.add_row("…", f"{len(rows) - limit} more", "")
     return table

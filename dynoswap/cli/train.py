@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from .common import DebugOption, ModelKwargsOption, TrustCodeOption, UsageError, handle_errors, parse_kwargs
+from .render import safe
 
 if TYPE_CHECKING:
     from torch import nn
@@ -165,7 +166,7 @@ def _announce(
     console.print(
         f"training {model_spec} on {data.name} ({len(data.train)} images, {data.num_classes} classes, "
         f"{data.input_size[0]}x{data.input_size[1]}) on {ctx.device}{world}: {hyper.epochs} epochs, "
-        f"batch {hyper.batch_size}, lr {hyper.lr:g}, alpha lr {hyper.alpha_lr:g}, {cost} -> {out}"
+        f"batch {hyper.batch_size}, lr {hyper.lr:g}, alpha lr {hyper.alpha_lr:g}, {cost} -> {safe(out)}"
     )
 
 
@@ -268,6 +269,7 @@ def train_cmd(
     """
     import torch
 
+    from ..io.figures import check_plot_path
     from ..train.checkpointing import prepare_run_folder
     from ..train.data import load_data, make_loaders
     from ..train.distributed import init_from_env
@@ -294,6 +296,8 @@ def train_cmd(
     run_dir = out or Path("runs") / f"{Path(model).name.replace(':', '_')}-{data.split(':')[0]}"
     if resume and force:
         raise UsageError("give either --resume (continue the run) or --force (start it over), not both")
+    if plot is not None:
+        check_plot_path(plot, force)  # before any work: a .png name, not someone else's file
     if not resume and os.environ.get("RANK", "0") == "0":
         prepare_run_folder(run_dir, force)  # before any slow work; only the process that writes the run
     ctx = init_from_env(device)
@@ -358,8 +362,8 @@ def train_cmd(
             if plot is not None:
                 from ..train.plot import plot_history
 
-                plot_history(read_log(run_dir), plot, title=f"{model} on {bundle.name}")
-                console.print(f"plot: {plot}")  # type: ignore[union-attr]
+                plot_history(read_log(run_dir), plot, title=f"{model} on {bundle.name}", force=force)
+                console.print(f"plot: {safe(plot)}")  # type: ignore[union-attr]
             if target_gmacs is not None:
                 from ..cost import count_gmacs
 
@@ -367,7 +371,7 @@ def train_cmd(
                 console.print(  # type: ignore[union-attr]
                     f"final GMACs {final:.4g}, target {target_gmacs:g} ({final / target_gmacs - 1:+.1%})"
                 )
-            console.print(f"log: {run_dir / 'log.jsonl'}  checkpoint: {run_dir / 'checkpoint'}")  # type: ignore[union-attr]
+            console.print(f"log: {safe(run_dir / 'log.jsonl')}  checkpoint: {safe(run_dir / 'checkpoint')}")  # type: ignore[union-attr]
     finally:
         if ctx.enabled:
             import torch.distributed as dist

@@ -21,7 +21,7 @@ from ..graph.propagate import eval_mode
 from ..io.recipe import HEADS, RECIPE_KEY, Recipe, RecipeOptions
 from ..layers import DynOPool2d
 from ..sources import ModelSource
-from ..validate import check_convert_args
+from ..validate import MAX_SCALE, check_convert_args
 from ..version import __version__
 from .find import Resizer, Skip, find_resizers
 from .report import ConversionError, ConversionReport, Replacement, Skipped
@@ -58,8 +58,8 @@ def _pair(value: Any, what: str) -> tuple[float, float]:
 
 def _check_scale(value: Any, what: str) -> tuple[float, float]:
     pair = _pair(value, what)
-    if not all(math.isfinite(v) and v > 0 for v in pair):
-        raise OptionError(f"{what} must be finite and > 0, got {value!r}")
+    if not all(math.isfinite(v) and 0 < v <= MAX_SCALE for v in pair):
+        raise OptionError(f"{what} must be finite, > 0 and at most {MAX_SCALE:g}, got {value!r}")
     return pair
 
 

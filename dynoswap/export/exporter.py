@@ -12,8 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ExportError, FrozenSizeError
+from ..cost.memory import check_forward_budget
+from ..errors import ExportError, FrozenSizeError, OptionError
 from ..layers import DynOPool2d
+from ..validate import check_input_budget
 from .formats import DEFAULT_OPSET, Format, format_of_path, leaves, lookup_format
 from .freeze import FROZEN_KEY, RECIPE_KEY, example_input, freeze, is_frozen
 
@@ -185,6 +187,8 @@ def export_model(
 
     spec: Format = lookup_format(fmt)
     spec.check_available()
+    if Path(path).suffix.lower() != spec.suffix:
+        raise ExportError(f"{path}: a {spec.name} file must be named *{spec.suffix}")
     if opset < DEFAULT_OPSET:
         raise ExportError(f"opset {opset} is too old: the exporter needs opset >= {DEFAULT_OPSET}")
     if batch < 1:
@@ -192,6 +196,11 @@ def export_model(
     size = tuple(int(v) for v in input_size) if input_size is not None else default_input_size(model)
     if size is None or len(size) != 2 or min(size) < 1:
         raise ExportError(f"an input size (H, W) is needed to export {type(model).__name__}, got {input_size!r}")
+    try:
+        check_input_budget(size, "input size", max(batch, 2) if dynamic_batch else batch)
+        check_forward_budget(model, size, "input size", max(batch, 2) if dynamic_batch else batch)
+    except ValueError as exc:
+        raise OptionError(str(exc)) from None
     h, w = size
     frozen_at = (model.meta[RECIPE_KEY][FROZEN_KEY].get("input_size") if is_frozen(model) else None) or None  # type: ignore[union-attr,index]
     if frozen_at is not None and tuple(frozen_at) != (h, w):

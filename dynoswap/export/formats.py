@@ -24,6 +24,9 @@ from ..errors import ExportError
 #: One line for a missing optional dependency.
 EXTRA_HINT = "pip install 'dynoswap[export]'"
 DEFAULT_OPSET = 18
+#: The mark an exported file carries (ONNX metadata_props, a pt2 extra file): what ``--force`` may replace.
+MARK_KEY = "dynoswap"
+MARK_VALUE = "export"
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,7 @@ def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, dynamic_bat
         )
         if program is None:
             raise ExportError("torch.onnx.export returned no program")
+        program.model.metadata_props[MARK_KEY] = MARK_VALUE  # what proves the file is dynoswap's
         program.save(str(path))
 
 
@@ -152,32 +156,76 @@ def _run_onnx(path: Path, inputs: list[torch.Tensor]) -> list[list[torch.Tensor]
 def _write_pt2(model: nn.Module, example: torch.Tensor, path: Path, dynamic_batch: bool, opset: int) -> None:
     with _quiet():
         program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(dynamic_batch))
-        torch.export.save(program, str(path))
+        # Through a file object: torch warns about any path (the work path) not ending in .pt2.
+        with open(path, "wb") as fh:
+            torch.export.save(program, fh, extra_files={MARK_KEY: MARK_VALUE})
 
 
 def _run_pt2(path: Path, inputs: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    with _quiet():
-        module = torch.export.load(str(path)).module()
+    with _quiet(), open(path, "rb") as fh:
+        module = torch.export.load(fh).module()
     with torch.no_grad():
         return [leaves(module(x)) for x in inputs]
 
 
+def _varint(fh: Any) -> int | None:
+    value = shift = 0
+    while shift < 64:
+        byte = fh.read(1)
+        if not byte:
+            return None
+        value |= (byte[0] & 0x7F) << shift
+        if not byte[0] & 0x80:
+            return value
+        shift += 7
+    return None
+
+
+def _onnx_metadata(fh: Any) -> dict[bytes, bytes]:
+    """Read an ONNX ModelProto's metadata_props (field 14), skipping every other field unread."""
+    found: dict[bytes, bytes] = {}
+    for _ in range(64):  # a ModelProto has a dozen top-level fields
+        tag = _varint(fh)
+        if tag is None:
+            break
+        field, wire = tag >> 3, tag & 7
+        if wire == 0:
+            if _varint(fh) is None:
+                break
+        elif wire == 2:
+            length = _varint(fh)
+            if length is None:
+                break
+            if field == 14 and length <= 4096:
+                entry, fields = io.BytesIO(fh.read(length)), {}
+                while (sub_tag := _varint(entry)) is not None and (size := _varint(entry)) is not None:
+                    fields[sub_tag] = entry.read(size)  # StringStringEntryProto: key = 1, value = 2 (strings)
+                key, value = fields.get(0x0A, b""), fields.get(0x12, b"")
+                found[key] = value
+            else:
+                fh.seek(length, 1)
+        else:
+            break  # ModelProto has no other wire types at the top level
+    return found
+
+
 def _is_onnx_file(path: Path) -> bool:
-    # An ONNX model is a protobuf whose first field is ir_version (field 1, varint): byte 0x08.
-    if not path.is_file() or path.suffix.lower() != ".onnx":
+    """Return whether ``path`` is an ONNX file dynoswap wrote: ``.onnx``, and dynoswap's mark in its metadata_props."""
+    if path.is_symlink() or not path.is_file() or path.suffix.lower() != ".onnx":
         return False
     with open(path, "rb") as fh:
-        return fh.read(1) == b"\x08"
+        return _onnx_metadata(fh).get(MARK_KEY.encode()) == MARK_VALUE.encode()
 
 
 def _is_pt2_file(path: Path) -> bool:
-    # torch.export.save writes a zip archive with an ``<name>/archive_format`` entry.
+    """Return whether ``path`` is a torch.export archive dynoswap wrote (``.pt2``, its mark in ``extra/``)."""
     import zipfile
 
-    if not path.is_file() or path.suffix.lower() != ".pt2" or not zipfile.is_zipfile(path):
+    if path.is_symlink() or not path.is_file() or path.suffix.lower() != ".pt2" or not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("/archive_format") for name in archive.namelist())
+        marks = [i for i in archive.infolist() if i.filename.endswith(f"/extra/{MARK_KEY}") and i.file_size < 64]
+        return any(archive.read(i) == MARK_VALUE.encode() for i in marks)
 
 
 register_format(

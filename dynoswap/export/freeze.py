@@ -38,6 +38,7 @@ from ..errors import ExportError, FrozenSizeError, RecipeError
 from ..io.recipe import RECIPE_KEY
 from ..layers import DynOPool2d, cells
 from ..layers.dynopool import AGGREGATES
+from ..validate import check_alpha, check_input_budget
 
 FROZEN_KEY = "frozen"
 FROZEN_VERSION = 1
@@ -94,11 +95,15 @@ class FrozenPool:
             raise RecipeError(f"frozen layer record {dict(data)!r} is malformed: {exc}") from None
         if pool.aggregate not in AGGREGATES or pool.precision not in _PRECISIONS:
             raise RecipeError(f"frozen layer {pool.name!r}: unknown aggregate or precision in {dict(data)!r}")
-        if not all(a > 0 and a < float("inf") for a in pool.alpha):
-            raise RecipeError(f"frozen layer {pool.name!r}: alpha must be finite and > 0, got {list(pool.alpha)}")
-        for size in (pool.in_size, pool.out_size):
-            if size is not None and min(size) < 1:
-                raise RecipeError(f"frozen layer {pool.name!r}: sizes must be positive, got {size}")
+        try:
+            check_alpha(pool.alpha, f"frozen layer {pool.name!r}: alpha")
+            for size in (pool.in_size, pool.out_size):
+                if size is not None and min(size) < 1:
+                    raise ValueError(f"frozen layer {pool.name!r}: sizes must be positive, got {size}")
+                if size is not None:
+                    check_input_budget(size, f"frozen layer {pool.name!r}: size")
+        except ValueError as exc:
+            raise RecipeError(str(exc)) from None
         return pool
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, foreign_message
 
 if TYPE_CHECKING:
     import torch
@@ -65,13 +65,51 @@ class KeyMismatchError(CheckpointError):
 
 
 # -- reading ------------------------------------------------------------------
+#: Largest safetensors header read (the JSON index of the tensors), in bytes.
+MAX_SAFETENSORS_HEADER = 100 << 20
+#: Largest pickle stream scanned for code opcodes (a checkpoint's data.pkl is a few MB at most).
+MAX_PICKLE_SCAN = 64 << 20
+
+
+def check_safetensors_header(path: Path) -> None:
+    """Check a safetensors file from its header alone: size, JSON, every tensor's bytes inside the file.
+
+    Raises:
+        CheckpointError: The header is too large, not JSON or names bytes outside the file.
+    """
+    import struct
+
+    from .bounded import loads_json
+
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < length <= min(MAX_SAFETENSORS_HEADER, size - 8):
+            raise CheckpointError(f"cannot read {path} as safetensors (damaged or another format: bad header length)")
+        header = loads_json(fh.read(length), f"{path}: safetensors header", CheckpointError)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"cannot read {path} as safetensors (damaged or another format: bad header)")
+    data = size - 8 - length
+    for name, entry in header.items():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) and name != "__metadata__" else None
+        if name != "__metadata__" and not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(v, int) for v in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data
+        ):
+            raise CheckpointError(f"cannot read {path} as safetensors: tensor {name!r} lies outside the file")
+
+
 def _read_safetensors(path: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
+    check_safetensors_header(path)
     try:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises its own SafetensorError
-        detail = " ".join(str(exc).split()) or type(exc).__name__
+        detail = foreign_message(exc)
         raise CheckpointError(f"cannot read {path} as safetensors (damaged or another format: {detail})") from None
 
 
@@ -80,17 +118,21 @@ CODE_OPCODES = frozenset({"GLOBAL", "STACK_GLOBAL", "REDUCE", "INST", "OBJ", "NE
 
 
 def _pickle_calls_code(path: Path) -> bool:
-    """Whether the file's pickle stream uses opcodes that import or call (read with pickletools: nothing runs)."""
+    """Whether the file's pickle stream uses opcodes that import or call (read with pickletools: nothing runs).
+
+    Reads at most :data:`MAX_PICKLE_SCAN` bytes: the file is never read whole.
+    """
     import pickletools
     import zipfile
 
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
-                name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
-                data = archive.read(name) if name else b""
+                info = next((i for i in archive.infolist() if i.filename.endswith("data.pkl")), None)
+                data = archive.read(info) if info is not None and info.file_size <= MAX_PICKLE_SCAN else b""
         else:
-            data = path.read_bytes()
+            with open(path, "rb") as fh:
+                data = fh.read(MAX_PICKLE_SCAN)
         return any(op.name in CODE_OPCODES for op, _, _ in pickletools.genops(data))
     except Exception:  # not a pickle stream at all: random bytes, another format
         return False
@@ -122,7 +164,7 @@ def _read_pickle(path: Path) -> Any:
     except EOFError:
         raise CheckpointError(f"cannot read {path}: the file ends early (truncated or damaged)") from None
     except (RuntimeError, OSError, ValueError) as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = foreign_message(exc)
         raise CheckpointError(f"cannot read {path}: not a readable PyTorch checkpoint ({detail})") from None
 
 

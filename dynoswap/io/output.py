@@ -2,27 +2,38 @@
 
 ``replace_output(path, kind, force)`` is the one way dynoswap writes an output:
 
-1. It takes an exclusive lock on a sibling lock file (``fcntl.flock``): a second writer
-   to the same path fails at once with :class:`~dynoswap.errors.OutputLockedError`.
-2. It repairs what a killed writer left (:func:`repair`): a finished but interrupted
-   swap is completed, an unfinished one rolled back, partial work removed.
-3. An existing output is replaced only with ``force`` and only if it is a dynoswap
-   output of the same ``kind`` (a saved model folder, a training run, ...); anything
-   else is refused with a line saying what is there.
-4. The caller writes to a work path next to the output; on success the files are
-   flushed to disk, given the umask's normal modes, and swapped in with renames
-   recorded so that every interruption is repaired by the next run.
+1. It takes an exclusive lock on a sibling lock file (``fcntl.flock``), opened with
+   ``O_NOFOLLOW``: a second writer to the same path fails at once with
+   :class:`~dynoswap.errors.OutputLockedError`, and a link planted at the lock's name
+   is refused, never followed.
+2. It repairs what a killed writer left (:func:`repair`): a swap that was recorded as
+   ready is finished, other partial work removed. Only private work folders that
+   dynoswap made (``mkdtemp``) are touched, and only entries whose inode the record
+   names are renamed.
+3. An existing output is replaced only with ``force`` and only if its content proves
+   it is a dynoswap output of the same ``kind`` (a saved model whose recipe parses, a
+   plot carrying dynoswap's mark, ...); anything else is refused with a line saying
+   what is there.
+4. The caller writes to a work path inside a private folder made with ``mkdtemp`` next
+   to the output; on success the files are flushed to disk, given the umask's normal
+   modes, and swapped in with renames recorded so that every interruption is repaired
+   by the next run.
 
-Sibling names (``.NAME.dynoswap-new``, ``-old``, ``-ready``, ``-lock``) are fixed, so a
-killed run's leftovers are found and cleaned by the next one.
+Sibling names start with ``.NAME.`` (``NAME`` shortened with a hash when the full name
+would pass the 255-byte limit), so a killed run's leftovers are found and cleaned by
+the next one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
+import json
 import os
 import shutil
+import stat
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -76,13 +87,35 @@ def folder_of_only(names: set[str], required: str) -> Callable[[Path], bool]:
 
 
 # -- sibling names --------------------------------------------------------------------
+#: Longest file name most filesystems take, in bytes.
+NAME_MAX = 255
+#: Room kept for the longest tag and mkdtemp's suffix.
+_TAG_ROOM = 40
+
+
+def sibling_stem(name: str) -> str:
+    """Return the part of dynoswap's sibling names that stands for the output ``name``.
+
+    The name itself when ``.NAME.dynoswap-TAG`` fits in :data:`NAME_MAX` bytes; otherwise
+    its start and a hash of the whole, so a name near the limit still gets short siblings.
+    """
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) + _TAG_ROOM <= NAME_MAX:
+        return name
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    return raw[:64].decode("utf-8", "ignore") + "~" + digest
+
+
 def _sibling(path: Path, tag: str) -> Path:
-    return path.parent / f".{path.name}.dynoswap-{tag}"
+    return path.parent / f".{sibling_stem(path.name)}.dynoswap-{tag}"
 
 
-def work_path(path: Path) -> Path:
-    """Where the new output is written before it is swapped in."""
-    return _sibling(path, "new")
+def _work_prefix(path: Path) -> str:
+    return f".{sibling_stem(path.name)}.dynoswap-work-"
+
+
+#: Name of the output inside a private work folder, of what it replaces, and of the swap record.
+_NEW, _OLD, _RECORD = "new", "old", "record.json"
 
 
 def _exists(path: Path) -> bool:
@@ -94,6 +127,25 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif _exists(path):
         path.unlink()
+
+
+def _identity(path: Path) -> list[int]:
+    st = path.lstat()
+    return [st.st_dev, st.st_ino]
+
+
+def _is_recorded(entry: Path, record: dict[str, list[int]] | None, key: str) -> bool:
+    """Whether ``entry`` is what the swap record names (same device and inode) and not a link."""
+    return record is not None and _exists(entry) and not entry.is_symlink() and _identity(entry) == record.get(key)
+
+
+def open_private(path: Path, flags: int = os.O_WRONLY, mode: int = 0o600) -> int:
+    """Create ``path`` and open it, never through a link: ``O_CREAT | O_EXCL | O_NOFOLLOW``.
+
+    Raises:
+        FileExistsError: Something (a file, a planted link) is already at ``path``.
+    """
+    return os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
 
 
 def describe(path: Path) -> str:
@@ -112,29 +164,52 @@ def describe(path: Path) -> str:
 
 
 # -- the lock -------------------------------------------------------------------------
+def lock_path(path: Path) -> Path:
+    """Return the sibling file whose lock guards writes to ``path``."""
+    return _sibling(path, "lock")
+
+
+def _open_lock(lock: Path, target: Path) -> int:
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OutputExistsError(
+                f"{lock} is a symbolic link, not dynoswap's lock file for {target}; refusing to follow it"
+            ) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OutputExistsError(f"{lock} is not dynoswap's lock file for {target} (not a plain file)")
+    return fd
+
+
 @contextlib.contextmanager
-def output_lock(path: Path) -> Iterator[None]:
+def output_lock(path: Path, *, busy: str = "is being written by another process") -> Iterator[None]:
     """Hold an exclusive lock on ``path``'s sibling lock file; another holder fails at once.
 
-    The lock file is removed on release; a holder checks that the file it locked is
-    still the one at the path, so a removal never lets two writers in.
+    The lock file is opened with ``O_NOFOLLOW`` (a planted link is refused) and removed on
+    release; a holder checks that the file it locked is still the one at the path, so a
+    removal never lets two writers in.
+
+    Args:
+        path: The output (or run folder) the lock guards.
+        busy: What the refusal says about ``path`` when another process holds the lock.
     """
     import fcntl
 
-    lock = _sibling(path, "lock")
+    lock = lock_path(path)
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock(lock, path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise OutputLockedError(
-                    f"{path} is being written by another process; wait for it or choose another path"
-                ) from None
+                raise OutputLockedError(f"{path} {busy}; wait for it or choose another path") from None
             raise
         try:
-            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+            same = os.path.samestat(os.fstat(fd), os.lstat(lock))
         except FileNotFoundError:
             same = False
         if same:
@@ -143,54 +218,101 @@ def output_lock(path: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(lock)
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.fstat(fd), os.lstat(lock)):
+                os.unlink(lock)
         os.close(fd)
 
 
 # -- repair -----------------------------------------------------------------------------
-def repair(path: Path) -> str | None:
-    """Finish or roll back a swap that a killed writer left; remove its partial work.
+def _notice(text: str) -> None:
+    """Tell the user what a repair did: a warning attributed to this module (the CLI prints it as one line)."""
+    warnings.warn_explicit(f"dynoswap: {text}", UserWarning, __file__, 0, module=__name__)
 
-    Call with the lock held. Returns what was done, or None when nothing was pending.
+
+def _work_folders(path: Path) -> list[Path]:
+    """Return the private work folders a writer of ``path`` made: real folders of ours with the work prefix."""
+    prefix = _work_prefix(path)
+    found = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.name.startswith(prefix):
+            continue
+        st = entry.stat(follow_symlinks=False)
+        # mkdtemp makes a folder of ours that only we may enter: anything else was not made by a writer.
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077:
+            found.append(Path(entry.path))
+    return sorted(found)
+
+
+def _recorded(work: Path) -> dict[str, list[int]] | None:
+    """Return the swap record of a work folder, or None when there is none (or it is not ours)."""
+    record = work / _RECORD
+    try:
+        if not stat.S_ISREG(record.lstat().st_mode) or record.lstat().st_size > 4096:
+            return None
+        data = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def repair(path: Path) -> str | None:
+    """Finish a swap that a killed writer recorded as ready; remove its partial work.
+
+    Call with the lock held. Only folders made by a writer's ``mkdtemp`` are touched, and
+    only the entry whose device and inode the swap record names is renamed into ``path``:
+    nothing planted at dynoswap's names is ever moved. Returns what was done, or None.
     """
-    new, old, ready = work_path(path), _sibling(path, "old"), _sibling(path, "ready")
     done = None
-    if _exists(old) and not _exists(path):
-        if _exists(ready) and _exists(new):
+    for work in _work_folders(path):
+        record = _recorded(work)
+        new, old = work / _NEW, work / _OLD
+        if not _exists(path) and _is_recorded(new, record, _NEW):
             os.replace(new, path)
+            _fsync_dir(path.parent)
             done = f"finished an interrupted replacement of {path}"
-        else:
-            os.replace(old, path)
+        elif not _exists(path) and _is_recorded(old, record, _OLD):
+            os.replace(old, path)  # no new output to finish with: put the old one back
+            _fsync_dir(path.parent)
             done = f"rolled back an interrupted replacement of {path}"
-    if _exists(old):
-        _remove(old)
-        done = done or f"removed the previous output of {path} left by an interrupted replacement"
-    if _exists(new):
-        _remove(new)
-        done = done or f"removed unfinished output left by an interrupted write of {path}"
-    if _exists(ready):
-        ready.unlink()
+        elif done is None:
+            had_old = _exists(old)
+            done = (
+                f"removed the previous output of {path} left by an interrupted replacement"
+                if had_old
+                else f"removed unfinished output left by an interrupted write of {path}"
+            )
+        shutil.rmtree(work)
     if done:
-        warnings.warn(f"dynoswap: {done}", stacklevel=3)
+        _notice(done)
     return done
 
 
 def pending_repair(path: Path) -> bool:
-    """Whether a killed writer left work for :func:`repair` at ``path``."""
-    # A lock file alone is what a kill after the swap leaves: taking and releasing the lock removes it.
-    return any(_exists(_sibling(path, tag)) for tag in ("new", "old", "ready", "lock"))
+    """Whether a killed writer left work for :func:`repair` at ``path``.
+
+    A lock file alone is what a kill after the swap leaves: taking and releasing the lock removes it.
+    """
+    return _exists(lock_path(path)) or bool(_work_folders(path))
 
 
 def repair_if_needed(path: str | os.PathLike[str]) -> str | None:
-    """Repair ``path`` when a killed writer left it incomplete (takes the lock; a busy path is left alone)."""
+    """Repair ``path`` when a killed writer left it incomplete; a reader's call.
+
+    Takes the lock; a busy path, a planted lock name or a folder that cannot be written
+    (read-only media) is left as it is: reading never needs a write.
+    """
     target = Path(path)
-    if not pending_repair(target) or not target.parent.is_dir():
+    if not target.parent.is_dir() or not pending_repair(target):
         return None
     try:
         with output_lock(target):
             return repair(target)
-    except OutputLockedError:
+    except (OutputExistsError, OSError):
         return None
 
 
@@ -254,12 +376,25 @@ def _step(name: str) -> None:
         STEP_HOOK(name)
 
 
-def commit(path: Path) -> None:
-    """Swap the finished work path in for ``path`` (with the lock held)."""
-    new, old, ready = work_path(path), _sibling(path, "old"), _sibling(path, "ready")
+def _write_record(work: Path, record: dict[str, list[int]]) -> None:
+    fd = open_private(work / _RECORD)
+    try:
+        os.write(fd, json.dumps(record).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _fsync_dir(work)
+
+
+def commit(path: Path, work: Path) -> None:
+    """Swap the finished ``work/new`` in for ``path`` (with the lock held), then remove ``work``."""
+    new, old = work / _NEW, work / _OLD
     settle(new)
     _step("written")
-    ready.touch()
+    record = {_NEW: _identity(new)}
+    if _exists(path):
+        record[_OLD] = _identity(path)
+    _write_record(work, record)
     _fsync_dir(path.parent)
     _step("ready")
     if _exists(path):
@@ -268,15 +403,13 @@ def commit(path: Path) -> None:
     os.replace(new, path)
     _fsync_dir(path.parent)
     _step("moved-new")
-    ready.unlink()
-    if _exists(old):
-        _remove(old)
+    shutil.rmtree(work)
     _step("cleaned")
 
 
 @contextlib.contextmanager
 def replace_output(path: str | os.PathLike[str], kind: str, force: bool = False) -> Iterator[Path]:
-    """Write an output crash-safely: lock, repair, check, write to a work path, swap in.
+    """Write an output crash-safely: lock, repair, check, write to a private work path, swap in.
 
     Args:
         path: The final file or folder.
@@ -284,11 +417,12 @@ def replace_output(path: str | os.PathLike[str], kind: str, force: bool = False)
         force: Replace an existing output of the same kind.
 
     Yields:
-        The work path to write (it does not exist yet; create a file or a folder there).
+        The work path to write (it does not exist yet; create a file or a folder there). It
+        lies in a folder made with ``mkdtemp`` beside ``path``: nothing else can be there.
 
     Raises:
         OutputLockedError: Another process is writing ``path``.
-        OutputExistsError: ``path`` is occupied and may not be replaced.
+        OutputExistsError: ``path`` is occupied and may not be replaced, or a link is planted at the lock's name.
     """
     target = Path(path)
     blocker = next((p for p in target.parents if _exists(p)), None)
@@ -298,16 +432,17 @@ def replace_output(path: str | os.PathLike[str], kind: str, force: bool = False)
     with output_lock(target):
         repair(target)
         check_output(target, kind, force)
-        new = work_path(target)
+        work = Path(tempfile.mkdtemp(prefix=_work_prefix(target), dir=target.parent))
         try:
-            yield new
-            if not _exists(new):
+            yield work / _NEW
+            if not _exists(work / _NEW):
                 raise OutputExistsError(f"nothing was written for {target}")
-            commit(target)
+            commit(target, work)
         except BaseException:
             # A failed write leaves the old output as it was; an interrupted swap is finished or rolled back.
-            if _exists(_sibling(target, "ready")):
-                repair(target)
-            elif _exists(new):
-                _remove(new)
+            if _exists(work):
+                if _recorded(work) is not None:
+                    repair(target)
+                else:
+                    shutil.rmtree(work)
             raise

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import RecipeError, UntrustedCodeError
 from ..sources import LIBRARIES, ModelSource
+from ..validate import MAX_INPUT_SIDE, MAX_UPSAMPLE, check_input_budget
+from .bounded import MAX_JSON_BYTES, loads_json, read_capped
 
 if TYPE_CHECKING:
     from torch import nn
@@ -41,10 +43,6 @@ PLACEMENTS = ("post", "pre")
 PATCHIFY = ("post", "skip")
 #: What convert(head=...) accepts: keep a fixed-size head ("none") or pool to its size before it ("adapt").
 HEADS = ("none", "adapt")
-#: Largest input side a recipe may ask for (a crafted file must not allocate without bound).
-MAX_INPUT_SIDE = 16384
-#: Largest target size relative to the input side (upsampling is allowed, within reason).
-MAX_UPSAMPLE = 8
 # Packages whose already-imported classes a recipe may name as leaf modules without trust_code.
 TRUSTED_LEAF_PACKAGES = ("torch", "torchvision", "timm", "dynoswap")
 
@@ -262,6 +260,10 @@ class Recipe:
             source = ModelSource(library, name, dict(kwargs))
         size = lambda v, path: read.integer(v, path, 1, MAX_INPUT_SIDE)  # noqa: E731
         input_size = read.pair(read.get(data, "input_size", "recipe."), "recipe.input_size", size)
+        try:
+            check_input_budget(input_size, "is")
+        except ValueError as exc:
+            raise read.fail("recipe.input_size", str(exc)) from None
         options = RecipeOptions.parse(read.get(data, "options", "recipe."), read, input_size)
         rows = {}
         for key in ("replacements", "skipped"):
@@ -311,10 +313,9 @@ class Recipe:
     @classmethod
     def from_json(cls, text: str | bytes, where: str = RECIPE_FILE) -> Recipe:
         """Parse and validate a recipe document; any problem is one ``RecipeError`` naming ``where``."""
-        try:
-            document = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise RecipeError(f"{where}: not valid JSON ({exc})") from None
+        if len(text) > MAX_JSON_BYTES:
+            raise RecipeError(f"{where}: larger than {MAX_JSON_BYTES} bytes, the most dynoswap reads; refusing it")
+        document = loads_json(text, where, RecipeError)
         read = _Reader(where)
         if not isinstance(document, dict) or document.get("format") != FORMAT:
             found = document.get("format") if isinstance(document, dict) else _kind(document)
@@ -337,11 +338,7 @@ class Recipe:
             raise RecipeError(f"{folder} is not a saved dynoswap model (not a folder)")
         if not file.is_file():
             raise RecipeError(f"{folder} is not a saved dynoswap model (no {RECIPE_FILE})")
-        try:
-            text = file.read_bytes()
-        except OSError as exc:
-            raise RecipeError(f"cannot read {file}: {exc.strerror or exc}") from None
-        return cls.from_json(text, str(file))
+        return cls.from_json(read_capped(file, MAX_JSON_BYTES, RecipeError, "recipe"), str(file))
 
 
 def _read_v1(document: dict[str, Any], read: _Reader) -> Recipe:

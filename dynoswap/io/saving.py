@@ -10,7 +10,6 @@ and reads what it wrote back before reporting success.
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from pathlib import Path
@@ -29,7 +28,8 @@ from ..errors import (
     SaveError,
 )
 from ..sources import SAVED, build_model, check_source
-from .output import folder_of_only, register_output_kind, replace_output
+from ..validate import check_alpha
+from .output import register_output_kind, replace_output
 from .recipe import (
     FORMAT,
     FORMAT_VERSION,
@@ -65,7 +65,32 @@ __all__ = [
 
 #: The output kind ``save(..., overwrite=True)`` and ``convert -o --force`` may replace.
 SAVED_MODEL = "saved model"
-register_output_kind(SAVED_MODEL, folder_of_only({RECIPE_FILE, WEIGHTS_FILE}, RECIPE_FILE))
+
+
+def is_own_saved_model(path: Path) -> bool:
+    """Whether ``path`` is, by its content, a saved model dynoswap wrote: what ``--force`` may replace.
+
+    A real folder (not a link) holding only the recipe and weights files, whose recipe
+    parses as a dynoswap saved-model recipe. A folder that only has the right file names
+    (another tool's ``recipe.json``) is not one.
+    """
+    import stat
+
+    if path.is_symlink() or not path.is_dir():
+        return False
+    entries = {p.name for p in path.iterdir()}
+    if RECIPE_FILE not in entries or not entries <= {RECIPE_FILE, WEIGHTS_FILE}:
+        return False
+    if not all(stat.S_ISREG((path / name).lstat().st_mode) for name in entries):
+        return False
+    try:
+        Recipe.read(path)
+    except (DynoswapError, ValueError, OSError):
+        return False
+    return True
+
+
+register_output_kind(SAVED_MODEL, is_own_saved_model)
 
 
 def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -244,11 +269,10 @@ def _check_alphas(state: dict[str, torch.Tensor], where: str) -> None:
     """DynOPool alphas must be finite and > 0 or the model cannot run: always an error."""
     for key, value in state.items():
         if key.endswith("alpha") and value.dtype.is_floating_point:
-            values = value.detach().flatten().tolist()
-            if not all(math.isfinite(v) and v > 0 for v in values):
-                raise CheckpointError(
-                    f"{where}: {key} is {values}, but a DynOPool's alpha must be finite and > 0; the file is damaged"
-                )
+            try:
+                check_alpha(value.detach().flatten().tolist(), f"{where}: {key}")
+            except ValueError as exc:
+                raise CheckpointError(f"{exc}; the file is damaged") from None
 
 
 def load(path: str | os.PathLike[str], *, trust_code: bool = False, strict_values: bool = False) -> fx.GraphModule:

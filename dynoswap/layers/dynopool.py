@@ -34,6 +34,17 @@ def _check_alpha(alpha: Sequence[float]) -> None:
         raise ValueError(f"DynOPool2d alpha must be finite and > 0, got {list(alpha)}")
 
 
+def _check_counts(counts: tuple[int, int], in_size: tuple[int, int]) -> None:
+    """Refuse an output that would allocate out of bounds: more than MAX_SCALE times the input per axis."""
+    from ..validate import MAX_SCALE
+
+    if any(n > MAX_SCALE * max(side, 1) + 2 for n, side in zip(counts, in_size, strict=True)):
+        raise ValueError(
+            f"DynOPool2d alpha asks for a {counts[0]}x{counts[1]} output from a {in_size[0]}x{in_size[1]} input: "
+            f"more than {MAX_SCALE:g}x upsampling; alpha must be at least {1 / MAX_SCALE:g}"
+        )
+
+
 def query_positions(n_in: int, n_out: torch.Tensor, count: int | None = None) -> torch.Tensor:
     """Pixel coordinates of the two query points per output cell along one axis (eq. 2).
 
@@ -170,6 +181,8 @@ class DynOPool2d(nn.Module):
         """
         if x.dim() != 4:
             raise ValueError(f"DynOPool2d expects a 4D (N, C, H, W) input, got shape {tuple(x.shape)}")
+        if not torch.compiler.is_compiling() and (x.shape[1] == 0 or x.shape[2] == 0 or x.shape[3] == 0):
+            raise ValueError(f"DynOPool2d needs at least one channel and a non-empty image, got shape {tuple(x.shape)}")
         h, w = x.shape[-2:]
         alpha = self.alpha
         pos_dtype = torch.promote_types(alpha.dtype, torch.float32)
@@ -205,6 +218,7 @@ class DynOPool2d(nn.Module):
             parts.append(in_size_st.detach().to(size.dtype).to(size.device))
         values = torch.cat(parts).tolist()
         _check_alpha(values[2:4])
+        _check_counts((int(values[0]), int(values[1])), in_size)
         if in_size_st is not None and values[4:6] != list(in_size):
             raise ValueError(
                 f"in_size_st {values[4:6]} does not match the input's spatial size {list(in_size)}: "

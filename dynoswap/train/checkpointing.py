@@ -12,28 +12,37 @@ Layout of a run folder ``OUT/``::
       log.jsonl          the log up to this checkpoint's epoch: the log and the weights commit together
       manifest.json      sha256 of every file above, written last
     checkpoint.prev/     the checkpoint before it, kept so that a damaged newest one has a fallback
+    .dynoswap-run        the run marker: proves the folder's run entries are dynoswap's (``--force``
+                         replaces them only when it is there)
+    .dynoswap-run-lock   locked (``flock``) while a trainer writes the run: a second one is refused
 
-A checkpoint is written to ``checkpoint.tmp`` and renamed into place; at every moment a
+A checkpoint is written to a private ``checkpoint.tmp-*`` folder (``mkdtemp``) and renamed into place; at every moment a
 complete checkpoint exists under ``checkpoint`` or ``checkpoint.prev``, and ``OUT/log.jsonl``
 is restored from the checkpoint that ``--resume`` continues from, so no epoch's line is lost.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
-from pathlib import Path
+import stat
+import tempfile
+from pathlib import Path, PurePosixPath
 from typing import Any, cast
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..errors import CheckpointError, OutputExistsError
-from ..io.output import settle
+from ..errors import CheckpointError, OutputExistsError, OutputLockedError, foreign_message
+from ..io.bounded import MAX_LOG_BYTES, MAX_LOG_LINE_BYTES, loads_json, read_capped, read_json
+from ..io.output import describe, open_private, settle
 
 CHECKPOINT_DIR = "checkpoint"
 PREVIOUS_DIR = "checkpoint.prev"
@@ -44,8 +53,15 @@ MODEL_DIR = "model"
 LOG_FILE = "log.jsonl"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "dynoswap-checkpoint"
+#: The run marker: a run folder holding it was started by dynoswap.
+MARKER_FILE = ".dynoswap-run"
+MARKER_FORMAT = "dynoswap-run"
+#: The file locked while a trainer writes the run.
+RUN_LOCK_FILE = ".dynoswap-run-lock"
 #: Entries of a run folder that belong to a training run (``--force`` replaces them, nothing else).
 RUN_ENTRIES = (LOG_FILE, CHECKPOINT_DIR, PREVIOUS_DIR, TEMP_DIR, "checkpoint.old")
+#: Most files a checkpoint manifest may list.
+MAX_MANIFEST_ENTRIES = 10_000
 
 
 def rng_state() -> dict[str, Any]:
@@ -113,7 +129,34 @@ def _sha256(path: Path) -> str:
 
 
 def _files(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+    """Every entry under ``folder`` that is not a folder (links included: a planted link is an extra file)."""
+    return sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if (p.is_symlink() or not p.is_dir()) and p.relative_to(folder).as_posix() != MANIFEST_FILE
+    )
+
+
+def parse_log(text: str, where: str) -> list[dict[str, Any]]:
+    """Parse a training log's lines, each a JSON object within the bounds of :mod:`dynoswap.io.bounded`.
+
+    Raises:
+        CheckpointError: A line is too long, too deep or not JSON (the message names the file and line).
+    """
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        if len(line) > MAX_LOG_LINE_BYTES:
+            raise CheckpointError(f"{where}: line {number} is longer than {MAX_LOG_LINE_BYTES} bytes; refusing it")
+        records.append(loads_json(line, f"{where}: line {number}", CheckpointError))
+    return records
+
+
+def read_log_file(path: Path) -> list[dict[str, Any]]:
+    """Read a training log of at most :data:`~dynoswap.io.bounded.MAX_LOG_BYTES` through :func:`parse_log`."""
+    data = read_capped(path, MAX_LOG_BYTES, CheckpointError, "training log")
+    return parse_log(data.decode("utf-8", "replace"), str(path))
 
 
 def _log_lines(out: Path, epoch: int) -> list[dict[str, Any]]:
@@ -121,15 +164,150 @@ def _log_lines(out: Path, epoch: int) -> list[dict[str, Any]]:
     path = out / LOG_FILE
     if not path.is_file():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = read_log_file(path)
     return [r for r in records if isinstance(r, dict) and isinstance(r.get("epoch"), int) and r["epoch"] < epoch]
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    settle(tmp)
-    os.replace(tmp, path)
+    """Replace ``path`` by ``text`` through a temp file made with ``mkstemp`` (O_EXCL, never through a link)."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        settle(Path(name))
+        os.replace(name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+        raise
+
+
+def _remove_entry(path: Path) -> None:
+    """Remove a run entry: a link itself (never what it points to), a file, or a folder."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def _temp_folders(out: Path) -> list[Path]:
+    """Private checkpoint work folders a killed save left (real folders only)."""
+    try:
+        return [p for p in out.glob(f"{TEMP_DIR}-*") if p.is_dir() and not p.is_symlink()]
+    except OSError:
+        return []
+
+
+# -- the run folder: marker and lock ---------------------------------------------------
+_HELD: dict[str, int] = {}
+
+
+def _other_rank() -> bool:
+    """Whether this process is a distributed rank other than 0 (rank 0 holds the run lock for all)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
+
+
+def hold_run_lock(out: Path) -> None:
+    """Lock ``out`` for this process until it exits (or :func:`release_run_lock`): one trainer per run.
+
+    The lock file is opened with ``O_NOFOLLOW``. On read-only media no lock is needed (nothing can write).
+    Under torch.distributed only rank 0 takes it: the other ranks of the same run never write it.
+
+    Raises:
+        OutputLockedError: Another process is training into ``out``.
+        OutputExistsError: A link or something else is planted at the lock's name.
+    """
+    import fcntl
+
+    key = os.path.realpath(out)
+    if key in _HELD or _other_rank():
+        return
+    lock = out / RUN_LOCK_FILE
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OutputExistsError(f"{lock} is a symbolic link, not dynoswap's run lock; not following it") from None
+        if exc.errno in (errno.EROFS, errno.EACCES):
+            return
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OutputExistsError(f"{lock} is not dynoswap's run lock (not a plain file)")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise OutputLockedError(
+            f"{out} is being trained into by another process; wait for it or choose another run folder"
+        ) from None
+    _HELD[key] = fd
+
+
+def release_run_lock(out: Path) -> None:
+    """Release this process's lock on ``out`` (a no-op when it holds none)."""
+    fd = _HELD.pop(os.path.realpath(out), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def is_marked_run(out: Path) -> bool:
+    """Whether ``out`` carries a run marker that dynoswap wrote (a plain file with the marker format)."""
+    marker = out / MARKER_FILE
+    try:
+        if not stat.S_ISREG(marker.lstat().st_mode):
+            return False
+        data = read_json(marker, CheckpointError, limit=4096)
+    except (OSError, CheckpointError):
+        return False
+    return isinstance(data, dict) and data.get("format") == MARKER_FORMAT
+
+
+def _has_manifest(folder: Path) -> bool:
+    try:
+        data = read_json(folder / MANIFEST_FILE, CheckpointError)
+    except (OSError, CheckpointError):
+        return False
+    return isinstance(data, dict) and data.get("format") == MANIFEST_FORMAT
+
+
+def _mark(out: Path) -> None:
+    """Write the run marker (O_EXCL | O_NOFOLLOW: never through a planted link)."""
+    fd = open_private(out / MARKER_FILE, mode=0o644)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps({"format": MARKER_FORMAT, "version": 1}) + "\n")
+    settle(out / MARKER_FILE)
+
+
+def claim_run_folder(out: Path) -> Path:
+    """Lock ``out`` and make sure it is dynoswap's run folder, marking it when it holds no run yet.
+
+    An unmarked folder is adopted when none of the run's entries is there, or when its
+    checkpoint carries dynoswap's manifest (a run started before markers existed).
+
+    Raises:
+        OutputExistsError: ``out`` is not a folder, or holds run entries that are not dynoswap's.
+        OutputLockedError: Another process is training into ``out``.
+    """
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise OutputExistsError(f"run folder {out} is {describe(out)}, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    hold_run_lock(out)
+    if is_marked_run(out):
+        return out
+    present = [name for name in RUN_ENTRIES if os.path.lexists(out / name)]
+    adoptable = any(_has_manifest(out / name) for name in (CHECKPOINT_DIR, PREVIOUS_DIR))
+    if present and not adoptable:
+        raise OutputExistsError(
+            f"{out} holds {', '.join(present)} but no dynoswap run marker ({MARKER_FILE}): they are not a dynoswap "
+            "run; refusing to replace them"
+        )
+    if os.path.lexists(out / MARKER_FILE):
+        raise OutputExistsError(f"{out / MARKER_FILE} is {describe(out / MARKER_FILE)}, not dynoswap's run marker")
+    _mark(out)
+    return out
 
 
 def save_checkpoint(
@@ -146,25 +324,30 @@ def save_checkpoint(
     Returns:
         The checkpoint folder.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    final, previous, tmp = out / CHECKPOINT_DIR, out / PREVIOUS_DIR, out / TEMP_DIR
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    if not _save_model_dir(model, tmp / MODEL_DIR):
-        save_file(_state_dict_for_file(model), str(tmp / WEIGHTS_FILE))
-    torch.save(state, tmp / STATE_FILE)
-    epoch = int(state.get("epoch", 0))
-    records = _log_lines(out, epoch if log_record is not None else epoch + 1)
-    if log_record is not None:
-        records.append(log_record)
-    (tmp / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
-    manifest = {"format": MANIFEST_FORMAT, "epoch": epoch, "sha256": {f: _sha256(tmp / f) for f in _files(tmp)}}
-    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    settle(tmp)
+    out = claim_run_folder(Path(out_dir))
+    final, previous = out / CHECKPOINT_DIR, out / PREVIOUS_DIR
+    for stale in [*_temp_folders(out), out / TEMP_DIR]:
+        _remove_entry(stale)  # a killed save's partial work (ours: the run folder is marked)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_DIR}-", dir=out))
+    try:
+        if not _save_model_dir(model, tmp / MODEL_DIR):
+            save_file(_state_dict_for_file(model), str(tmp / WEIGHTS_FILE))
+        torch.save(state, tmp / STATE_FILE)
+        epoch = int(state.get("epoch", 0))
+        records = _log_lines(out, epoch if log_record is not None else epoch + 1)
+        if log_record is not None:
+            records.append(log_record)
+        (tmp / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+        hashes = {f: _sha256(tmp / f) for f in _files(tmp)}
+        manifest = {"format": MANIFEST_FORMAT, "epoch": epoch, "sha256": hashes}
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        settle(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # disk full, a kill signal turned exception: no partial work left
+        raise
     # Swap: a complete checkpoint exists under one of the two names at every moment.
     if final.exists():
-        shutil.rmtree(previous, ignore_errors=True)
+        _remove_entry(previous)
         final.rename(previous)
     tmp.rename(final)
     # The log follows the checkpoint: a kill before this line is repaired by restore_log on resume.
@@ -182,17 +365,20 @@ def verify_checkpoint(folder: str | Path) -> int:
     manifest_path = folder / MANIFEST_FILE
     if not manifest_path.is_file():
         raise CheckpointError(f"checkpoint {folder} has no {MANIFEST_FILE}: it is incomplete or damaged")
+    manifest = read_json(manifest_path, CheckpointError)
     try:
-        manifest = json.loads(manifest_path.read_text())
         hashes = manifest["sha256"]
         epoch = int(manifest["epoch"])
         if manifest.get("format") != MANIFEST_FORMAT or not isinstance(hashes, dict):
             raise ValueError("unknown format")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError) as exc:
         raise CheckpointError(f"{manifest_path} is damaged ({exc})") from None
+    if len(hashes) > MAX_MANIFEST_ENTRIES:
+        raise CheckpointError(f"{manifest_path}: lists more than {MAX_MANIFEST_ENTRIES} files; refusing it")
     for name, expected in sorted(hashes.items()):
+        _check_entry(name, expected, manifest_path)
         path = folder / name
-        if not path.is_file():
+        if path.is_symlink() or not path.is_file():
             raise CheckpointError(f"checkpoint {folder} is damaged: {path} is missing")
         if _sha256(path) != expected:
             raise CheckpointError(f"checkpoint {folder} is damaged: {path} does not match its recorded sha256")
@@ -200,6 +386,15 @@ def verify_checkpoint(folder: str | Path) -> int:
     if extra:
         raise CheckpointError(f"checkpoint {folder} is damaged: {folder / extra[0]} is not in its manifest")
     return epoch
+
+
+def _check_entry(name: Any, expected: Any, manifest_path: Path) -> None:
+    """Check that a manifest entry names a file inside the checkpoint (relative, no ``..``) and a sha256 digest."""
+    parts = PurePosixPath(name).parts if isinstance(name, str) else ()
+    if not parts or name.startswith("/") or "\\" in name or any(p in ("..", ".") for p in parts) or "\0" in name:
+        raise CheckpointError(f"{manifest_path}: entry {name!r} is not a file inside the checkpoint; refusing it")
+    if not (isinstance(expected, str) and len(expected) == 64 and all(c in "0123456789abcdef" for c in expected)):
+        raise CheckpointError(f"{manifest_path}: the sha256 of {name!r} is not a sha256 digest")
 
 
 def _intact_epoch(folder: Path) -> int | None:
@@ -213,13 +408,16 @@ def find_checkpoint(out_dir: str | Path) -> Path | None:
     """Return the newest intact checkpoint folder under ``out_dir``, or ``None`` when there is none.
 
     A kill between the two renames of a save leaves only ``checkpoint.prev``: it is used.
+    The caller resumes the run, so this process takes the run lock (see :func:`hold_run_lock`).
 
     Raises:
+        OutputLockedError: Another process is training into ``out_dir``.
         CheckpointError: The newest checkpoint is damaged (the message names the file and any earlier
             intact checkpoint).
     """
     out = Path(out_dir)
-    shutil.rmtree(out / TEMP_DIR, ignore_errors=True)  # a killed save's partial work
+    if out.is_dir():
+        hold_run_lock(out)  # a resume is a trainer: refused while another one writes the run
     final, previous = out / CHECKPOINT_DIR, out / PREVIOUS_DIR
     if final.exists():
         try:
@@ -242,9 +440,12 @@ def find_checkpoint(out_dir: str | Path) -> Path | None:
 
 def restore_log(folder: str | Path, out_dir: str | Path) -> list[dict[str, Any]]:
     """Make ``out_dir/log.jsonl`` the log committed with checkpoint ``folder``; returns its records."""
-    text = (Path(folder) / LOG_FILE).read_text()
-    _write_text_atomic(Path(out_dir) / LOG_FILE, text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    file = Path(folder) / LOG_FILE
+    text = read_capped(file, MAX_LOG_BYTES, CheckpointError, "training log").decode("utf-8", "replace")
+    records = parse_log(text, str(file))
+    out = claim_run_folder(Path(out_dir))
+    _write_text_atomic(out / LOG_FILE, text)
+    return records
 
 
 def load_checkpoint(folder: str | Path, model: nn.Module) -> dict[str, Any]:
@@ -271,30 +472,56 @@ def load_checkpoint(folder: str | Path, model: nn.Module) -> dict[str, Any]:
         )
     try:
         state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"refused {folder / STATE_FILE}: it holds pickled objects, not only tensors and containers, so dynoswap "
+            "did not write it; start the run over"
+        ) from None
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read {folder / STATE_FILE}: {first}") from None
+        raise CheckpointError(f"cannot read {folder / STATE_FILE}: {foreign_message(exc)}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{folder / STATE_FILE} holds {type(state).__name__}, not a training state")
     return state
 
 
+def _refuse_foreign_entries(out: Path) -> list[str]:
+    """Return the run entries in ``out``, refusing them when the folder carries no run marker."""
+    if not out.is_dir():
+        return []
+    present = [name for name in RUN_ENTRIES if os.path.lexists(out / name)]
+    present += [p.name for p in _temp_folders(out)]
+    if present and not is_marked_run(out):
+        raise OutputExistsError(
+            f"{out} holds {', '.join(present)} but no dynoswap run marker ({MARKER_FILE}): they are not a dynoswap "
+            "run; refusing to replace them"
+        )
+    return present
+
+
 def prepare_run_folder(out_dir: str | Path, force: bool = False) -> Path:
-    """Make ``out_dir`` ready for a new run: an existing run is refused, or with ``force`` its entries removed.
+    """Make ``out_dir`` ready for a new run and lock it for this process.
+
+    An existing dynoswap run (a folder with dynoswap's run marker) is refused, or with
+    ``force`` its run entries are removed. Entries of a run folder without the marker are
+    never removed: they are not provably dynoswap's.
 
     Raises:
-        OutputExistsError: ``out_dir`` is a file, or holds a run and ``force`` is False.
+        OutputExistsError: ``out_dir`` is a file, holds a run and ``force`` is False, or holds
+            run entries that are not dynoswap's.
+        OutputLockedError: Another process is training into ``out_dir``.
     """
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"run folder {out} is a file of {out.stat().st_size} bytes, not a folder")
-    present = [name for name in RUN_ENTRIES if (out / name).exists()]
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise OutputExistsError(f"run folder {out} is {describe(out)}, not a folder")
+    _refuse_foreign_entries(out)  # before the lock: a foreign folder gets nothing written into it
+    out.mkdir(parents=True, exist_ok=True)
+    hold_run_lock(out)
+    present = _refuse_foreign_entries(out)
     if present and not force:
         raise OutputExistsError(
             f"{out} already holds a training run ({', '.join(present)}); continue it with resume, or start it over",
             replaceable=True,
         )
     for name in present:
-        path = out / name
-        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-    return out
+        _remove_entry(out / name)
+    return claim_run_folder(out)

@@ -21,7 +21,9 @@ def _pyplot():
     return plt
 
 
-def plot_history(records: list[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
+def plot_history(
+    records: list[dict[str, Any]], path: str | Path, title: str | None = None, force: bool = False
+) -> Path:
     """Save a three-panel figure of a run's epoch records (``log.jsonl`` lines).
 
     Left: height (solid) and width (dashed) of each tie group's output, one colour per
@@ -31,8 +33,9 @@ def plot_history(records: list[dict[str, Any]], path: str | Path, title: str | N
 
     Args:
         records: Epoch records as written by ``fit``.
-        path: Output image file (``.png``, ``.svg``, ...).
+        path: Output PNG file (see :func:`dynoswap.io.figures.save_figure`).
         title: Figure title.
+        force: Replace an existing dynoswap plot.
 
     Returns:
         The written path.
@@ -88,8 +91,9 @@ def plot_history(records: list[dict[str, Any]], path: str | Path, title: str | N
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    from ..io.figures import save_figure
+
+    try:
+        return save_figure(fig, path, force, dpi=110)
+    finally:
+        plt.close(fig)

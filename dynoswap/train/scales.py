@@ -25,6 +25,7 @@ from torch import nn
 
 from ..errors import OptionError
 from ..layers import DynOPool2d
+from ..validate import MAX_SCALE as LARGEST_SCALE
 
 #: Per group (in :func:`leaders` order), its largest input length (h, w) at the current alphas.
 InputLengths = Callable[[], list[tuple[int, int]]]
@@ -60,9 +61,11 @@ def alphas_set_to(groups: Sequence[DynOPool2d], values: Sequence[torch.Tensor]) 
 
 
 def check_scale_option(name: str, value: float | None) -> None:
-    """Refuse a scale bound that is not a finite number > 0 (``OptionError``)."""
-    if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise OptionError(f"{name} must be a finite number > 0, got {value}")
+    """Refuse a scale bound that is not a finite number in (0, :data:`dynoswap.validate.MAX_SCALE`]."""
+    if value is not None and not (
+        isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= LARGEST_SCALE
+    ):
+        raise OptionError(f"{name} must be a finite number > 0 and at most {LARGEST_SCALE:g}, got {value}")
 
 
 @dataclass
