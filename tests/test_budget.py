@@ -310,3 +310,11 @@ def test_train_cli_target_gmacs_reports_final_cost_and_plots(tmp_path):
     )
     assert no_weights.exit_code != 0 and "no pretrained weights for dynoswap:vgg-tiny" in no_weights.output
     assert "Traceback" not in no_weights.output
+
+
+def test_an_input_too_small_for_any_scale_is_an_option_error():
+    import torchvision
+
+    gm, _ = convert(torchvision.models.resnet18(num_classes=10), (1, 1))
+    with pytest.raises(OptionError, match="too small to relate sizes to scales: DynOPool 'conv1_dynopool'"):
+        gmacs_loss(gm)

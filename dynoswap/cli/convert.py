@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from ..errors import DynoswapError
 from ..validate import MAX_SCALE
 from .common import (
     AllowMissingOption,

@@ -35,6 +35,7 @@ from torch import fx, nn
 
 from ..graph import SIZE_RULES, NodeFailure, Resolution, SizeRule, analyse, eval_mode, make_worlds, tensor_inputs
 from ..graph.modal import graph_for
+from ..errors import OptionError
 from ..layers import DynOPool2d, continuous_size
 from .count import count_gmacs, infer_in_chans
 from .instrument import instrumented
@@ -440,7 +441,13 @@ def resolution_graph(
     try:
         builder = _record(gm, model, size)
     except _PinnedSize:
-        with _alphas_at_conversion(model):
-            builder = _record(gm, model, size)
+        try:
+            with _alphas_at_conversion(model):
+                builder = _record(gm, model, size)
+        except _PinnedSize as pinned:
+            raise OptionError(
+                f"input size {size} is too small to relate sizes to scales: DynOPool '{pinned}' outputs its "
+                "2-cell floor whatever its alpha; use a larger input size"
+            ) from pinned
     _CACHE[model] = builder.res
     return builder.res

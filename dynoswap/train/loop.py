@@ -8,7 +8,6 @@ identical on every rank, checkpoints every epoch and can resume exactly.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -431,7 +430,7 @@ def fit(
         console = Console()
     log_path = Path(out) / LOG_FILE if out is not None else None
     if log_path is not None and main:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
+        checkpointing.claim_run_folder(Path(out))  # type: ignore[arg-type]  # locked, and provably a dynoswap run
         if not resume and log_path.exists():
             log_path.unlink()
         elif resume:
@@ -617,7 +616,7 @@ def read_log(out: str | Path) -> list[dict[str, Any]]:
     """Read the epoch records of a run folder's ``log.jsonl``."""
     path = Path(out)
     path = path / LOG_FILE if path.is_dir() else path
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return checkpointing.read_log_file(path)
 
 
 def mean_log_aspect(pools: list[dict[str, Any]]) -> float:
