@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from ..errors import OptionError
 from ..graph import SIZE_RULES, NodeFailure, Resolution, SizeRule, analyse, eval_mode, make_worlds, tensor_inputs
 from ..graph.modal import graph_for
-from ..errors import OptionError
 from ..layers import DynOPool2d, continuous_size
 from .count import count_gmacs, infer_in_chans
 from .instrument import instrumented
