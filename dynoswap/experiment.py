@@ -220,8 +220,8 @@ def write_markdown(summary: list[dict[str, Any]], args: argparse.Namespace) -> s
         f"Small VGG (`{MODEL}`: widths 16-32-64-64, three pooling stages), CPU, {args.epochs} epochs, batch "
         f"{args.batch_size}, SGD momentum 0.9, cosine annealing, lr {args.lr}, alpha lr {args.alpha_lr} (the "
         f"typical relative change of an alpha per step), seeds {seeds}; mean +- std over seeds. Training "
-        "protocol (`dynoswap.fit` defaults): alphas held for the first 10% of the steps, learned on the budget until 50%, then "
-        "landed on integer sizes that the weights train on for the rest.",
+        "protocol (`dynoswap.fit` defaults): alphas held for the first 10% of the steps, learned on the budget "
+        "until 50%, then landed on integer sizes that the weights train on for the rest.",
         "",
         "Cost convention: every design is costed as the model it runs, at its own input size, by "
         "`count_gmacs` (fvcore; a pooling layer counts 16 MACs per output cell for all three, and the "
