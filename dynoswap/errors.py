@@ -88,3 +88,7 @@ class ExportError(DynoswapError, RuntimeError):
 
 class FrozenSizeError(DynoswapError, ValueError):
     """A frozen model called with an input size it was not frozen for."""
+
+
+class LatencyTableError(OptionError):
+    """A latency table that cannot be read, does not fit the model, or a backend that cannot run here."""
