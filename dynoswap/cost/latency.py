@@ -7,7 +7,8 @@ on one backend (:data:`BACKENDS`: CPU eager, ONNX Runtime, CUDA eager). Each lay
 piecewise-linear curve of latency (ms) against the pixel count of its node in the
 resolution graph (:mod:`dynoswap.cost.resolution`). What the layers do not see (activations,
 additions, the classifier, framework overhead) is calibrated on the whole frozen model at a
-few random size settings: ``total = scale * sum(layers) + offset_ms``. The table is a small
+few random size settings: ``total = scale * sum(layers) + offset_ms`` (:func:`profile` keeps
+the median ratio as the scale, offset 0). The table is a small
 JSON file (:meth:`LatencyTable.save` / :meth:`LatencyTable.load`).
 
 :func:`latency_cost` evaluates a table on a model through the same straight-through sizes as
@@ -643,14 +644,10 @@ def profile(
 
 
 def _calibration(results: list[SettingResult]) -> tuple[float, float]:
-    """Least squares ``measured = scale * predicted + offset`` (scale 1 and the mean gap if ill-posed)."""
-    if not results:
-        return 1.0, 0.0
-    xs, ys = [r.predicted for r in results], [r.measured for r in results]
-    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
-    var = sum((x - mean_x) ** 2 for x in xs)
-    if len(results) >= 2 and var > 0:
-        scale = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / var
-        if scale > 0:
-            return scale, mean_y - scale * mean_x
-    return 1.0, mean_y - mean_x
+    """``measured = scale * predicted``, scale the median ratio (robust to a preempted timing); no offset.
+
+    What the layers leave out (activations, additions) grows with the same feature maps, so it
+    scales with them; a free intercept fitted on a few noisy settings extrapolates badly.
+    """
+    ratios = [r.measured / r.predicted for r in results if r.predicted > 0]
+    return (statistics.median(ratios), 0.0) if ratios else (1.0, 0.0)
