@@ -33,7 +33,7 @@ def test_export_is_verified_against_eager(tmp_path, name, fmt):
     result = export_model(gm, path, fmt, input_size=case.input_size, dynamic_batch=(name == "resnet18"))
     assert path.is_file() and result.path == path and result.file_bytes == path.stat().st_size
     assert result.max_abs_diff <= 1e-4 and result.freeze_max_abs_diff is not None
-    assert result.freeze_max_abs_diff <= 1e-6
+    assert result.freeze_max_abs_diff <= 1e-5  # batch norm folded into the convs: float rounding only
     assert result.dynopools == sum(isinstance(m, DynOPool2d) for m in gm.modules())
     # Checked again here, independently of the exporter, on a fresh input.
     x = torch.randn(result.verified_batches[-1], 3, *case.input_size)

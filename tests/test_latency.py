@@ -178,12 +178,11 @@ def test_profile_measures_every_deployed_layer_and_restores_the_alphas(resnet18)
     assert all(r.predicted > 0 and r.measured > 0 for r in result.validation)
 
 
-def test_cli_profile_then_inspect_with_the_table(tmp_path):
+def test_cli_profile_then_inspect_and_convert_with_the_table(tmp_path):
     runner = CliRunner()
     saved = tmp_path / "model"
-    out = runner.invoke(
-        app, ["convert", "resnet18", "--num-classes", "10", "--input-size", "64", "56", "-o", str(saved)]
-    )
+    convert = ["convert", "resnet18", "--num-classes", "10", "--input-size", "64", "56"]
+    out = runner.invoke(app, [*convert, "-o", str(saved)])
     assert out.exit_code == 0, out.output
     table = tmp_path / "t.json"
     args = ["profile", str(saved), "-o", str(table), "--repeats", "1", "--calibrate", "2", "--validate", "2"]
@@ -196,6 +195,10 @@ def test_cli_profile_then_inspect_with_the_table(tmp_path):
     data = json.loads(out.output)
     model = dynoswap.load(saved)
     assert data["latency"]["predicted_ms"] == pytest.approx(predict_latency(model, loaded, SIZE))
+    # convert reports what the table predicts for the model it converts (the saved one, before training).
+    out = runner.invoke(app, [*convert, "--latency-table", str(table), "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["latency"]["predicted_ms"] == pytest.approx(data["latency"]["predicted_ms"])
     # A second run refuses to overwrite; a missing table and an unknown backend are bad usage.
     assert runner.invoke(app, args).exit_code == 2
     assert runner.invoke(app, ["inspect", str(saved), "--latency-table", str(tmp_path / "no.json")]).exit_code == 2
