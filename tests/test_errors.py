@@ -53,6 +53,7 @@ def test_bad_input_exits_2_and_failures_exit_1():
         "PresetError",
         "DataError",
         "OptionError",
+        "LatencyTableError",
         "OutputExistsError",
         "OutputLockedError",
         "FrozenSizeError",
