@@ -627,12 +627,18 @@ def profile(
             def raw() -> float:
                 return predict_latency(model, draft, size)
 
-            fitted = _at_settings(model, leaders, base, settings[:calibrate], measure, raw)
-            scale, offset = _calibration(fitted)
+            # Calibration settings spread over the run: a change of load on a shared machine then hits
+            # the calibration and the held-out settings alike.
+            measured = _at_settings(model, leaders, base, settings, measure, raw)
+            total = len(settings)
+            picked = {round(i * total / calibrate) for i in range(calibrate)} if calibrate else set()
+            scale, offset = _calibration([measured[i] for i in sorted(picked)])
             table = LatencyTable(draft.model, draft.backend, draft.device, size, batch, layers, scale, offset)
-            held_out = _at_settings(
-                model, leaders, base, settings[calibrate:], measure, lambda: predict_latency(model, table, size)
-            )
+            held_out = [
+                SettingResult(r.factors, r.predicted * scale + offset, r.measured)
+                for i, r in enumerate(measured)
+                if i not in picked
+            ]
     finally:
         model.train(was_training)
     if held_out:
