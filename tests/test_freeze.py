@@ -302,11 +302,15 @@ def test_folded_freeze_has_no_batch_norm_and_equals_the_eval_model(name):
     with torch.no_grad():
         expected = case.output(gm(x))
     frozen = freeze(gm, case.input_size, fold_bn=True).eval()
-    assert _norms(gm) and not _norms(frozen)
+    assert not _norms(frozen)
     record = frozen.meta["dynoswap"][FROZEN_KEY]
-    assert record["version"] == 2 and len(record["folded"]) == len(_norms(gm))
+    assert len(record.get("folded", [])) == len(_norms(gm))  # every batch norm here follows its conv
     with torch.no_grad():
         torch.testing.assert_close(case.output(frozen(x)), expected, rtol=0, atol=1e-5)
+    if not _norms(gm):  # convnext: layer norms only, nothing to fold (and the record stays version 1)
+        assert record["version"] == 1
+        return
+    assert record["version"] == 2
     # The folded conv carries the norm: bias = beta - gamma * mean / sqrt(var + eps), weight scaled.
     conv_name, norm_name = record["folded"][0]
     conv, norm = gm.get_submodule(conv_name), gm.get_submodule(norm_name)
