@@ -119,3 +119,7 @@ def foreign_message(exc: BaseException) -> str:
     if len(text) > MAX_FOREIGN_MESSAGE:
         text = text[: MAX_FOREIGN_MESSAGE - 3].rstrip() + "..."
     return text
+
+
+class LatencyTableError(OptionError):
+    """A latency table that cannot be read, does not fit the model, or a backend that cannot run here."""

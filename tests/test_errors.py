@@ -64,6 +64,7 @@ def test_bad_input_exits_2_and_failures_exit_1():
         "DataError",
         "OptionError",
         "BudgetError",
+        "LatencyTableError",
         "OutputExistsError",
         "OutputLockedError",
         "FrozenSizeError",

@@ -286,3 +286,105 @@ def test_freeze_matches_the_layer_at_any_size_and_scale(h, w, r_h, r_w, aggregat
         expected = model(x)
         torch.testing.assert_close(freeze(model, (h, w))(x), expected, rtol=0, atol=1e-6)
         torch.testing.assert_close(freeze(model)(x), expected, rtol=0, atol=1e-6)
+
+
+# -- deployment options: batch norm folded, channels_last ---------------------------------
+def _norms(model: nn.Module) -> list[str]:
+    modules = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    calls = [n.name for n in model.graph.nodes if n.target in (F.batch_norm, torch.batch_norm)]
+    return modules + calls
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_folded_freeze_has_no_batch_norm_and_equals_the_eval_model(name):
+    case, gm = CASES[name], moved(name)
+    x = torch.randn(2, 3, *case.input_size)
+    with torch.no_grad():
+        expected = case.output(gm(x))
+    frozen = freeze(gm, case.input_size, fold_bn=True).eval()
+    assert not _norms(frozen)
+    record = frozen.meta["dynoswap"][FROZEN_KEY]
+    assert len(record.get("folded", [])) == len(_norms(gm))  # every batch norm here follows its conv
+    with torch.no_grad():
+        torch.testing.assert_close(case.output(frozen(x)), expected, rtol=0, atol=1e-5)
+    if not _norms(gm):  # convnext: layer norms only, nothing to fold (and the record stays version 1)
+        assert record["version"] == 1
+        return
+    assert record["version"] == 2
+    # The folded conv carries the norm: bias = beta - gamma * mean / sqrt(var + eps), weight scaled.
+    conv_name, norm_name = record["folded"][0]
+    conv, norm = gm.get_submodule(conv_name), gm.get_submodule(norm_name)
+    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+    folded = frozen.get_submodule(conv_name)
+    torch.testing.assert_close(folded.weight, conv.weight * scale.view(-1, 1, 1, 1))
+    torch.testing.assert_close(folded.bias, norm.bias - scale * norm.running_mean + scale * (conv.bias or 0))
+
+
+def test_channels_last_freeze_is_exact_and_converts_its_input():
+    gm = moved("resnet18")
+    x = torch.randn(2, 3, 64, 56)
+    with torch.no_grad():
+        expected = gm(x)
+        frozen = freeze(gm, (64, 56), fold_bn=True, channels_last=True).eval()
+        torch.testing.assert_close(frozen(x), expected, rtol=0, atol=1e-5)
+        ratio = freeze(gm, channels_last=True).eval()
+        torch.testing.assert_close(ratio(x), expected, rtol=0, atol=1e-6)
+    weights = [m.weight for m in frozen.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+    assert frozen.meta["dynoswap"][FROZEN_KEY]["channels_last"] is True
+    # Without deployment options the record stays version 1, as before.
+    assert freeze(gm, (64, 56)).meta["dynoswap"][FROZEN_KEY]["version"] == 1
+
+
+class _SharedNorm(nn.Module):
+    """A norm after an addition and a conv whose output is used twice: neither may fold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+        self.norm, self.norm2 = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        self.c, self.norm3 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.pool = DynOPool2d(0.6)
+
+    def forward(self, x):
+        a = self.a(x)
+        y = self.norm(a + self.b(x)) + self.norm2(a)
+        return self.norm3(self.c(self.pool(y)))
+
+
+def test_only_a_conv_feeding_only_its_norm_folds(seeded):
+    model = _SharedNorm()
+    for norm in (model.norm, model.norm2, model.norm3):
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+    model.eval()
+    x = torch.randn(2, 3, 12, 10)
+    frozen = freeze(model, (12, 10), fold_bn=True)
+    assert frozen.meta["dynoswap"][FROZEN_KEY]["folded"] == [["c", "norm3"]]
+    assert sorted(_norms(frozen)) == ["norm", "norm2"]
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), model(x), rtol=0, atol=1e-5)
+
+
+def test_folded_frozen_model_saves_and_loads(tmp_path):
+    source = dynoswap.ModelSource("torchvision", "resnet18", {"num_classes": 10})
+    gm, _ = dynoswap.convert(
+        dynoswap.build_model("torchvision", "resnet18", {"num_classes": 10}), (64, 56), source=source
+    )
+    for m in gm.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+    frozen = freeze(gm.eval(), (64, 56), fold_bn=True, channels_last=True)
+    dynoswap.save(frozen, tmp_path / "frozen")
+    loaded = dynoswap.load(tmp_path / "frozen")
+    assert not _norms(loaded) and loaded.code == frozen.code
+    x = torch.randn(2, 3, 64, 56)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), frozen(x))
+    record = _json(frozen.meta["dynoswap"][FROZEN_KEY])
+    record["folded"].append(["fc", "bn1"])
+    with pytest.raises(RecipeError, match="which this model does not have"):
+        refreeze(gm, record)
+    record["folded"] = "all"
+    with pytest.raises(RecipeError, match="list of \\[conv, norm\\] pairs"):
+        refreeze(gm, record)

@@ -7,7 +7,7 @@ import importlib
 import typer
 
 # Command modules under dynoswap.cli; a module that is not there (yet) is skipped.
-COMMANDS: tuple[str, ...] = ("convert", "inspect", "list", "train", "export", "paper")
+COMMANDS: tuple[str, ...] = ("convert", "inspect", "list", "train", "export", "profile", "paper")
 
 
 def _version(value: bool) -> None:

@@ -33,6 +33,7 @@ from .common import (
     parse_sizes,
     print_json,
 )
+from .profile import LatencyTableOption, load_table, predicted_line
 
 if TYPE_CHECKING:
     from torch import nn
@@ -175,6 +176,7 @@ def convert_cmd(
     force: bool = typer.Option(False, "--force", help="Replace an existing saved model at -o (nothing else)."),
     trust_code: bool = TrustCodeOption,
     strict_values: bool = StrictValuesOption,
+    latency_table: Path | None = LatencyTableOption,
     json_out: bool = JsonOption,
     allow_missing: bool = AllowMissingOption,
     debug: bool = DebugOption,
@@ -190,6 +192,7 @@ def convert_cmd(
     plan = make_plan(
         _load_preset(preset, config, trust_code), input_size, num_classes, placement, init_scale, override, sizes
     )
+    table = load_table(latency_table)
     with contextlib.ExitStack() as stack:
         # -o is locked and checked before any slow work, and held until the model is written.
         work = stack.enter_context(replace_output(output, SAVED_MODEL, force)) if output is not None else None
@@ -205,6 +208,11 @@ def convert_cmd(
         before = summarize(loaded.model, plan.input_size, model, loaded.source.library, stages=before_stages)
         after = summarize(gm, plan.input_size, model, loaded.source.library)
         report_dict = report.to_dict()
+        latency = None
+        if table is not None:
+            from ..cost.latency import predict_latency
+
+            latency = predict_latency(gm, table, plan.input_size)
         if work is not None:
             write_saved(gm, work)
             verify_saved(gm, work)
@@ -220,6 +228,8 @@ def convert_cmd(
             skipped=list(report_dict.get("skipped") or []),
             output=str(output) if output is not None else None,
         )
+        if table is not None:
+            data["latency"] = {"predicted_ms": latency, "backend": table.backend, "batch": table.batch}
         if loaded.mismatch:
             data["checkpoint"] = {"missing": loaded.mismatch.missing, "unexpected": loaded.mismatch.unexpected}
         print_json(data)
@@ -234,6 +244,8 @@ def convert_cmd(
         if report_dict.get("skipped"):
             console.print(skipped_table(report_dict["skipped"]))
     console.print(compare_table(before, after))
+    if table is not None and latency is not None:
+        console.print(predicted_line(latency, table))
     console.print(dynopool_table(after.dynopools))
     if output is not None:
         console.print(f"saved to {safe(output)}")

@@ -24,6 +24,7 @@ from .common import (
     parse_input_size,
     print_json,
 )
+from .profile import LatencyTableOption, load_table, predicted_line
 
 
 @handle_errors
@@ -39,6 +40,7 @@ def inspect_cmd(
     depth: int | None = typer.Option(None, "--depth", min=1, help="Per-layer table down to N dotted name levels."),
     plot: Path | None = typer.Option(None, "--plot", metavar="FILE.png", help="Draw the stages to scale (matplotlib)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --plot file that dynoswap wrote."),
+    latency_table: Path | None = LatencyTableOption,
     json_out: bool = JsonOption,
     debug: bool = DebugOption,
 ) -> None:
@@ -53,10 +55,16 @@ def inspect_cmd(
 
         require_matplotlib()
         check_plot_path(plot, force)
+    table = load_table(latency_table)
     loaded = load_model(model, num_classes, model_kwargs, weights, allow_missing, trust_code, strict_values)
     size = parse_input_size(input_size, input_size_of(loaded.model) or (224, 224))
     check_forward(loaded.model, size)
     summary = summarize(loaded.model, size, model, loaded.source.library, depth=depth)
+    latency = None
+    if table is not None:
+        from ..cost.latency import predict_latency
+
+        latency = predict_latency(loaded.model, table, size)
     if plot is not None:
         from .plot import plot_stages
 
@@ -65,12 +73,16 @@ def inspect_cmd(
         data = summary.to_dict()
         if loaded.mismatch:
             data["checkpoint"] = {"missing": loaded.mismatch.missing, "unexpected": loaded.mismatch.unexpected}
+        if table is not None:
+            data["latency"] = {"predicted_ms": latency, "backend": table.backend, "batch": table.batch}
         print_json(data)
         return
     console = out_console()
     if loaded.mismatch:
         err_console().print(mismatch_table(loaded.mismatch))
     console.print(summary_table(summary))
+    if table is not None and latency is not None:
+        console.print(predicted_line(latency, table))
     if summary.dynopools:
         console.print(dynopool_table(summary.dynopools))
     if summary.layers:

@@ -166,7 +166,8 @@ def export_model(
     The file is verified before it is moved into place: a file that does not match is never left at ``path``.
 
     Args:
-        model: A converted model (frozen here), a frozen model, or a plain model (written as is).
+        model: A converted model (frozen here, batch norm folded), a frozen model, or a plain model
+            (written as is).
         path: Output file.
         fmt: ``"onnx"`` (``torch.onnx.export(dynamo=True)``) or ``"pt2"`` (``torch.export.save``).
         input_size: (H, W); default: the size the model was frozen or converted at.
@@ -211,7 +212,8 @@ def export_model(
     model.eval()
     try:
         dynopools = sum(isinstance(m, DynOPool2d) for m in model.modules())
-        target = freeze(model, (h, w)).eval() if dynopools else model
+        # An exported file is for inference: batch norm folded into its conv (no BatchNormalization node).
+        target = freeze(model, (h, w), fold_bn=True).eval() if dynopools else model
         # Tracing a batch of 1 would pin a dynamic batch dimension to 1.
         trace_batch = max(batch, 2) if dynamic_batch else batch
         example = example_input(model, (h, w), trace_batch, seed=VERIFY_SEED)
