@@ -203,3 +203,61 @@ def test_cli_profile_then_inspect_and_convert_with_the_table(tmp_path):
     assert runner.invoke(app, args).exit_code == 2
     assert runner.invoke(app, ["inspect", str(saved), "--latency-table", str(tmp_path / "no.json")]).exit_code == 2
     assert runner.invoke(app, [*args[:4], "--backend", "tpu"]).exit_code == 2
+
+
+def _vgg_tiny_and_table():
+    from dynoswap.models import ModelSource
+
+    torch.manual_seed(0)
+    source = ModelSource("dynoswap", "vgg-tiny", {"num_classes": 10})
+    gm, _ = dynoswap.convert(source.build(), (32, 32), source=source)
+    knots = (4.0, 64.0, 256.0, 1024.0)
+    layers = {}
+    for i, layer in enumerate(resolution_graph(gm).layers):
+        if layer.name not in layers and isinstance(gm.get_submodule(layer.name), (torch.nn.Conv2d, DynOPool2d)):
+            ms = tuple(0.002 * (i + 1) * k ** (0.9 + 0.05 * j) for j, k in enumerate(knots))
+            layers[layer.name] = LayerLatency(layer.name, knots, ms)
+    return gm, LatencyTable("vgg-tiny", "eager", "test", (32, 32), 1, layers, scale=1.0, offset_ms=0.1)
+
+
+def test_training_to_a_latency_budget_lands_on_the_tables_prediction():
+    from functools import partial
+
+    from dynoswap.train import fit, load_data, make_loaders
+    from dynoswap.train.loop import epoch_line
+
+    gm, table = _vgg_tiny_and_table()
+    bundle = load_data("barcodes", seed=0)
+    train, val = make_loaders(bundle, 64, seed=0)
+    target = 0.6 * predict_latency(gm, table)
+    records = fit(gm, train, val, epochs=2, max_steps=6, lr=0.05, input_size=(32, 32), progress=False,
+                  cost_fn=partial(latency_cost, table=table), target_gmacs=target, cost_unit="ms")  # fmt: skip
+    final = predict_latency(gm, table)
+    assert abs(final / target - 1) <= 0.03
+    assert records[-1]["gmacs"] == pytest.approx(final, rel=1e-9) and records[-1]["cost_unit"] == "ms"
+    assert f"ms {final:.4g} (target {target:.4g}" in epoch_line(records[-1], 2)
+
+
+def test_cli_trains_to_a_latency_budget_and_checks_its_flags(tmp_path):
+    runner = CliRunner()
+    gm, table = _vgg_tiny_and_table()
+    path = tmp_path / "t.json"
+    table.save(path)
+    target = round(0.6 * predict_latency(gm, table), 4)
+    base = ["train", "vgg-tiny", "--data", "barcodes", "--epochs", "2", "--max-steps", "4", "--no-progress"]
+    out = runner.invoke(
+        app, [*base, "--out", str(tmp_path / "run"), "--latency-table", str(path), "--target-latency", str(target)]
+    )
+    assert out.exit_code == 0, out.output
+    assert f"target {target:g} ms (real cost, projected every step)" in out.stdout
+    line = next(line for line in out.stdout.splitlines() if line.startswith("final ms"))
+    assert abs(float(line.split()[2].rstrip(",")) / target - 1) <= 0.03, line
+    for extra, message in (
+        (["--cost", "latency"], "--cost latency needs --latency-table"),
+        (["--latency-table", str(path)], "--latency-table is used with --cost latency"),
+        (["--latency-table", str(path), "--target-latency", "1", "--target-gmacs", "1"], "with --cost latency give"),
+        (["--target-latency", "nan", "--latency-table", str(path)], "--target-latency must be a finite number > 0"),
+        (["--cost", "watts"], "--cost must be gmacs or latency"),
+    ):
+        bad = runner.invoke(app, [*base, "--out", str(tmp_path / "bad"), *extra])
+        assert bad.exit_code == 2 and message in bad.output, (extra, bad.output)

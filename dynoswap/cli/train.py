@@ -6,6 +6,7 @@ nccl on GPU, gloo on CPU; only rank 0 prints and saves).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from .common import DebugOption, ModelKwargsOption, TrustCodeOption, UsageError, handle_errors, parse_kwargs
+from .profile import load_table
 from .render import safe
 
 if TYPE_CHECKING:
@@ -154,15 +156,42 @@ def _check_saved_model(model: nn.Module, spec: str, input_size: tuple[int, int],
         raise UsageError(f"{spec} has {out.shape[-1]} outputs but the data has {num_classes} classes")
 
 
+def check_cost_flags(
+    cost: str, latency_table: Path | None, target_gmacs: float | None, target_latency: float | None
+) -> tuple[float | None, str]:
+    """Check --cost, --latency-table and the targets together; return the target and the cost's unit."""
+    if cost not in ("gmacs", "latency"):
+        raise UsageError(f"--cost must be gmacs or latency, got {cost!r}")
+    if target_latency is not None and not (math.isfinite(target_latency) and target_latency > 0):
+        raise UsageError(f"--target-latency must be a finite number > 0, got {target_latency}")
+    if target_latency is not None:
+        cost = "latency"
+    if cost == "latency":
+        if latency_table is None:
+            raise UsageError("--cost latency needs --latency-table T.json (make one with `dynoswap profile`)")
+        if target_gmacs is not None:
+            raise UsageError("--target-gmacs is a GMACs budget: with --cost latency give --target-latency MS")
+        return target_latency, "ms"
+    if latency_table is not None:
+        raise UsageError("--latency-table is used with --cost latency (or --target-latency)")
+    return target_gmacs, "GMACs"
+
+
 def _announce(
-    ctx: DistContext, console: Any, model_spec: str, data: Any, hyper: Hyper, out: Path, target: float | None
+    ctx: DistContext,
+    console: Any,
+    model_spec: str,
+    data: Any,
+    hyper: Hyper,
+    out: Path,
+    target: float | None,
+    unit: str = "GMACs",
 ) -> None:
     if not ctx.is_main:
         return
     world = f", {ctx.world_size} processes" if ctx.enabled else ""
-    cost = (
-        f"target {target:g} GMACs (real cost, projected every step)" if target is not None else f"lambda {hyper.lam:g}"
-    )
+    budget = f"target {target:g} {unit} (real cost, projected every step)"
+    cost = budget if target is not None else f"lambda {hyper.lam:g}"
     console.print(
         f"training {model_spec} on {data.name} ({len(data.train)} images, {data.num_classes} classes, "
         f"{data.input_size[0]}x{data.input_size[1]}) on {ctx.device}{world}: {hyper.epochs} epochs, "
@@ -207,6 +236,20 @@ def train_cmd(
             "onto it, and the final model lands within 3% of G. A budget the model cannot reach is refused "
             "before training, with the reachable range."
         ),
+    ),
+    cost: str = typer.Option(
+        "gmacs",
+        "--cost",
+        help="What lambda and the budget weigh: gmacs (fvcore, the paper's loss) or latency (needs --latency-table).",
+    ),
+    latency_table: Path | None = typer.Option(
+        None, "--latency-table", metavar="T.json", help="Latency table from `dynoswap profile` (for --cost latency)."
+    ),
+    target_latency: float | None = typer.Option(
+        None,
+        "--target-latency",
+        metavar="MS",
+        help="Train to a latency budget in ms (predicted by --latency-table), like --target-gmacs.",
     ),
     min_scale: float | None = typer.Option(
         None, "--min-scale", metavar="R", help="Lower bound on every scale r (default: at least one cell)."
@@ -278,6 +321,8 @@ def train_cmd(
     from .convert import _load_preset
 
     check_training_flags(target_gmacs, min_scale, max_scale, max_alpha_step, warmup, search_end)
+    target, cost_unit = check_cost_flags(cost, latency_table, target_gmacs, target_latency)
+    table = load_table(latency_table)
     if floor_gradient not in ("pass", "stop"):
         raise UsageError(f"--floor-gradient must be pass or stop, got {floor_gradient!r}")
     preset_obj = _load_preset(preset, None, trust_code)
@@ -329,7 +374,12 @@ def train_cmd(
             pin_memory=ctx.device.type == "cuda",
         )
         console = out_console() if ctx.is_main else None
-        _announce(ctx, console or err_console(), model, bundle, hyper, run_dir, target_gmacs)
+        _announce(ctx, console or err_console(), model, bundle, hyper, run_dir, target, cost_unit)
+        cost_fn = None
+        if table is not None:
+            from ..cost.latency import latency_cost
+
+            cost_fn = functools.partial(latency_cost, table=table)
         fit(
             net,
             train_loader,
@@ -350,7 +400,9 @@ def train_cmd(
             resume=resume,
             progress=progress and ctx.is_main,
             console=console,
-            target_gmacs=target_gmacs,
+            target_gmacs=target,
+            cost_fn=cost_fn,
+            cost_unit=cost_unit,
             min_scale=min_scale,
             max_scale=max_scale,
             max_alpha_step=max_alpha_step,
@@ -364,12 +416,17 @@ def train_cmd(
 
                 plot_history(read_log(run_dir), plot, title=f"{model} on {bundle.name}", force=force)
                 console.print(f"plot: {safe(plot)}")  # type: ignore[union-attr]
-            if target_gmacs is not None:
-                from ..cost import count_gmacs
+            if target is not None:
+                if table is not None:
+                    from ..cost.latency import predict_latency
 
-                final = count_gmacs(net, bundle.input_size).total
+                    final = predict_latency(net, table, bundle.input_size)
+                else:
+                    from ..cost import count_gmacs
+
+                    final = count_gmacs(net, bundle.input_size).total
                 console.print(  # type: ignore[union-attr]
-                    f"final GMACs {final:.4g}, target {target_gmacs:g} ({final / target_gmacs - 1:+.1%})"
+                    f"final {cost_unit} {final:.4g}, target {target:g} ({final / target - 1:+.1%})"
                 )
             console.print(f"log: {safe(run_dir / 'log.jsonl')}  checkpoint: {safe(run_dir / 'checkpoint')}")  # type: ignore[union-attr]
     finally:

@@ -284,6 +284,7 @@ def fit(
     warmup: float = WARMUP,
     search_end: float = SEARCH_END,
     floor_gradient: str = "pass",
+    cost_unit: str = "GMACs",
 ) -> list[dict[str, Any]]:
     """Train ``model`` with the loss of eq. 8: ``task + lam * GMACs loss``.
 
@@ -340,6 +341,8 @@ def fit(
             end, then landed).
         floor_gradient: ``"pass"``: the size's gradient passes below the 2-cell floor (paper
             section 5), ``"stop"``: the literal ``max(n / alpha, 1.5)``.
+        cost_unit: What ``cost_fn`` measures, for messages and the epoch line (``"GMACs"``; ``"ms"``
+            with :func:`dynoswap.cost.latency.latency_cost`).
 
     Returns:
         One record per epoch trained in this call (also appended to ``out/log.jsonl``);
@@ -383,7 +386,7 @@ def fit(
             raw, lambda: _group_input_sizes(raw, size, dev), min_scale, max_scale, max_alpha_step
         )
         if target is not None:
-            check_reachable(target, made, real_cost)
+            check_reachable(target, made, real_cost, cost_unit)
         return made
 
     if input_size is not None:
@@ -546,7 +549,7 @@ def fit(
                 sums["drift"] = max(sums["drift"], drift)
                 if on_step is not None:
                     on_step(step, metrics)
-                stats = f"loss {metrics['loss']:.3f}  train_acc {correct / n:.3f}  GMACs {metrics['gmacs']:.4g}"
+                stats = f"loss {metrics['loss']:.3f}  train_acc {correct / n:.3f}  {cost_unit} {metrics['gmacs']:.4g}"
                 if bar is not None:
                     bar.update(task_id, advance=1, stats=stats)
                 elif plain_every and ((i + 1) % plain_every == 0 or i + 1 == steps_per_epoch):
@@ -568,6 +571,7 @@ def fit(
                 "lambda_steps": lambda_steps,
                 "phase": phase,  # of the epoch's last step
             }
+            record["cost_unit"] = cost_unit
             if target is not None:
                 record["target_gmacs"] = target
             if epoch == 0 and initial is not None:
@@ -604,7 +608,7 @@ def epoch_line(record: dict[str, Any], epochs: int) -> str:
     parts = [f"epoch {record['epoch']}/{epochs}", f"loss {record['loss']:.4f}", f"train_acc {record['train_acc']:.4f}"]
     if "val_acc" in record:
         parts.append(f"val_acc {record['val_acc']:.4f}")
-    gmacs = f"GMACs {record['gmacs']:.4g}"
+    gmacs = f"{record.get('cost_unit', 'GMACs')} {record['gmacs']:.4g}"
     if "target_gmacs" in record:
         gmacs += f" (target {record['target_gmacs']:.4g}, {record['gmacs'] / record['target_gmacs'] - 1:+.1%})"
     parts.append(gmacs)
