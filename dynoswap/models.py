@@ -136,12 +136,12 @@ def resolve(
         return load(spec, trust_code=trust_code, strict_values=strict_values), ModelSource(SAVED, spec, {})
     try:
         source = resolve_source(spec, num_classes, model_kwargs)
-    except ModelError:
+    except ModelError as exc:
         # A path that is not a saved model deserves its own message, not name suggestions.
         if Path(spec).is_dir():
-            raise ModelError(f"{spec} is a directory without {RECIPE_FILE}: not a saved dynoswap model") from None
+            raise ModelError(f"{spec} is a directory without {RECIPE_FILE}: not a saved dynoswap model") from exc
         if Path(spec).exists():
-            raise ModelError(f"{spec} is a file, not a model name; load checkpoints into a named model") from None
+            raise ModelError(f"{spec} is a file, not a model name; load checkpoints into a named model") from exc
         raise
     return source.build(trust_code=trust_code), source
 

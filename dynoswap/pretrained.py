@@ -73,7 +73,7 @@ def _torchvision_state(name: str) -> tuple[dict[str, Any], str]:
         raise ModelError(
             f"pretrained {name}: {path} is not in torchvision's cache and downloading it failed ({err}); "
             "put the file there or retry with network access"
-        ) from None
+        ) from err
     return state, path
 
 
@@ -91,7 +91,7 @@ def _timm_state(name: str, kwargs: dict[str, Any]) -> tuple[dict[str, Any], str]
         raise ModelError(
             f"pretrained {name}: {looked} is not there and downloading it failed ({reason}); "
             "put the file there or retry with network access"
-        ) from None
+        ) from err
     return model.state_dict(), f"timm:{name}"
 
 

@@ -418,11 +418,11 @@ def check_size_estimate(library: str, name: str, kwargs: dict[str, Any], where: 
     try:
         with torch.device("meta"):
             BUILDERS[library](name, kwargs)
-    except _TooLarge:
+    except _TooLarge as exc:
         raise ModelError(
             f"{library}:{name}{at} with {args} asks for more than {MAX_PARAMS:,} parameters or "
             f"{MAX_PARAM_TENSORS:,} parameter tensors, the most dynoswap builds from arguments; refusing it"
-        ) from None
+        ) from exc
     except Exception:  # noqa: BLE001, S110 - the real build reports its own error
         pass
     finally:

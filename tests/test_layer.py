@@ -457,3 +457,11 @@ def test_copies_after_a_training_forward_drop_the_graph_tensor():
         assert clone.last_size_st is None
         assert torch.equal(clone.alpha, pool.alpha)
         assert clone.last_out_size == pool.last_out_size == (4, 8)
+
+
+def test_double_backward_says_what_to_do_instead():
+    layer = DynOPool2d((0.47, 0.6))
+    x = torch.randn(1, 2, 9, 9, requires_grad=True)
+    (grad,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)  # a first derivative works
+    with pytest.raises(RuntimeError, match="DynOPool2d has no second derivative.*dynoswap.export.freeze"):
+        grad.sum().backward()

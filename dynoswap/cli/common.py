@@ -237,9 +237,9 @@ def handle_errors(fn: F) -> F:
                 return fn(*args, **kwargs)
         except (typer.Exit, click.exceptions.ClickException, click.exceptions.Abort):
             raise
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             sys.stderr.write("error: interrupted\n")
-            raise typer.Exit(130) from None
+            raise typer.Exit(130) from exc
         except Exception as exc:
             if debug_requested(bool(kwargs.get("debug"))):
                 raise
@@ -285,7 +285,7 @@ def parse_input_size(value: tuple[int, int] | None, default: tuple[int, int] = D
     try:
         return check_input_budget((h, w), "--input-size")
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(str(exc)) from exc
 
 
 def check_forward(model: nn.Module, size: tuple[int, int], batch: int = 1) -> None:
@@ -295,7 +295,7 @@ def check_forward(model: nn.Module, size: tuple[int, int], batch: int = 1) -> No
     try:
         check_forward_budget(model, size, "--input-size", batch)
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(str(exc)) from exc
 
 
 def parse_size(text: str, option: str = "--sizes") -> tuple[int, int]:

@@ -172,9 +172,9 @@ class LatencyTable:
                 validation={str(k): float(v) for k, v in data["validation"].items()} if data["validation"] else None,
             )
         except LatencyTableError as exc:
-            raise LatencyTableError(f"{source}: {exc}") from None
+            raise LatencyTableError(f"{source}: {exc}") from exc
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise LatencyTableError(f"{source} is malformed ({type(exc).__name__}: {exc})") from None
+            raise LatencyTableError(f"{source} is malformed ({type(exc).__name__}: {exc})") from exc
         if not (math.isfinite(table.scale) and table.scale > 0 and math.isfinite(table.offset_ms)):
             raise LatencyTableError(f"{source}: scale must be finite and > 0 and offset_ms finite")
         return table
@@ -197,11 +197,11 @@ class LatencyTable:
         try:
             text = Path(path).read_text()
         except OSError as exc:
-            raise LatencyTableError(f"cannot read latency table {path}: {exc.strerror or exc}") from None
+            raise LatencyTableError(f"cannot read latency table {path}: {exc.strerror or exc}") from exc
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise LatencyTableError(f"latency table {path} is not JSON ({exc.msg}, line {exc.lineno})") from None
+            raise LatencyTableError(f"latency table {path} is not JSON ({exc.msg}, line {exc.lineno})") from exc
         return cls.from_dict(data, source=f"latency table {path}")
 
 

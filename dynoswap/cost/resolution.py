@@ -224,7 +224,7 @@ def _analyse(gm: fx.GraphModule, model: nn.Module, size: tuple[int, int]) -> Res
             return analyse(gm, worlds, alpha_of, chans, device)
         except NodeFailure as failure:
             if failure.world == 0:
-                raise failure.cause from None
+                raise failure.cause from None  # the cause itself, re-raised without its wrapper
     raise AssertionError("unreachable: the reference world alone cannot fail in a moved world")
 
 

@@ -301,7 +301,7 @@ def _prepare(
         except ConversionError as err:
             if mode is None:
                 raise
-            raise ConversionError(f"in {mode} mode, {err}") from None
+            raise ConversionError(f"in {mode} mode, {err}") from err
     resizers, skips = find_resizers(view)
     sites, kept = plan_sites(view, resizers, placement, patchify)
     original_out = {s.name: _original_out(s) for s in sites}  # read before the rewrite drops the nodes

@@ -139,7 +139,7 @@ def verify_export(
         try:
             outputs = spec.run(path, inputs)
         except Exception as exc:
-            raise ExportError(f"{spec.runner} cannot run {path}: {type(exc).__name__}: {_first_line(exc)}") from None
+            raise ExportError(f"{spec.runner} cannot run {path}: {type(exc).__name__}: {_first_line(exc)}") from exc
         what = f"{path.name} ({spec.runner})"
         worst = max(_max_abs_diff(got, _eager(model, x), what) for got, x in zip(outputs, inputs, strict=True))
     finally:
@@ -201,7 +201,7 @@ def export_model(
         check_input_budget(size, "input size", max(batch, 2) if dynamic_batch else batch)
         check_forward_budget(model, size, "input size", max(batch, 2) if dynamic_batch else batch)
     except ValueError as exc:
-        raise OptionError(str(exc)) from None
+        raise OptionError(str(exc)) from exc
     h, w = size
     frozen_at = (model.meta[RECIPE_KEY][FROZEN_KEY].get("input_size") if is_frozen(model) else None) or None  # type: ignore[union-attr,index]
     if frozen_at is not None and tuple(frozen_at) != (h, w):
@@ -229,7 +229,7 @@ def export_model(
                 name = type(model).__name__
                 raise ExportError(
                     f"{spec.name} export of {name} failed: {type(exc).__name__}: {_first_line(exc)}"
-                ) from None
+                ) from exc
             written = time.perf_counter()
             worst = verify_export(
                 tmp, model, (h, w), batch=batch, dynamic_batch=dynamic_batch, fmt=spec.name, atol=atol

@@ -87,8 +87,8 @@ def lookup_format(name: str) -> Format:
     """Return the registered format ``name``."""
     try:
         return _FORMATS[name]
-    except KeyError:
-        raise ExportError(f"unknown export format {name!r}; known: {', '.join(sorted(_FORMATS))}") from None
+    except KeyError as exc:
+        raise ExportError(f"unknown export format {name!r}; known: {', '.join(sorted(_FORMATS))}") from exc
 
 
 def format_names() -> list[str]:

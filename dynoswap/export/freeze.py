@@ -105,7 +105,7 @@ class FrozenPool:
                 out_size=_ints(data["out_size"]) if data.get("out_size") is not None else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise RecipeError(f"frozen layer record {dict(data)!r} is malformed: {exc}") from None
+            raise RecipeError(f"frozen layer record {dict(data)!r} is malformed: {exc}") from exc
         if pool.aggregate not in AGGREGATES or pool.precision not in _PRECISIONS:
             raise RecipeError(f"frozen layer {pool.name!r}: unknown aggregate or precision in {dict(data)!r}")
         try:
@@ -116,7 +116,7 @@ class FrozenPool:
                 if size is not None:
                     check_input_budget(size, f"frozen layer {pool.name!r}: size")
         except ValueError as exc:
-            raise RecipeError(str(exc)) from None
+            raise RecipeError(str(exc)) from exc
         return pool
 
 
@@ -178,15 +178,15 @@ class FrozenSpec:
         try:
             input_size = _ints(data["input_size"]) if data.get("input_size") is not None else None
         except (TypeError, ValueError) as exc:
-            raise RecipeError(f"frozen input_size is malformed: {exc}") from None
+            raise RecipeError(f"frozen input_size is malformed: {exc}") from exc
         folded = data.get("folded", [])
         channels_last = data.get("channels_last", False)
         if not isinstance(channels_last, bool) or not isinstance(folded, list):
             raise RecipeError("frozen folded must be a list of [conv, norm] pairs and channels_last a boolean")
         try:
             pairs = tuple((str(conv), str(norm)) for conv, norm in folded)
-        except (TypeError, ValueError):
-            raise RecipeError(f"frozen folded must be a list of [conv, norm] pairs, got {folded!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise RecipeError(f"frozen folded must be a list of [conv, norm] pairs, got {folded!r}") from exc
         spec = cls(mode, input_size, tuple(FrozenPool.from_dict(p) for p in pools), pairs, channels_last)
         if mode == "fixed" and (input_size is None or any(p.out_size is None or p.in_size is None for p in spec.pools)):
             raise RecipeError("a fixed-size frozen section needs input_size and every layer's in_size and out_size")
@@ -255,7 +255,7 @@ def _as_graph_module(model: nn.Module) -> fx.GraphModule:
         raise ExportError(
             f"cannot trace {type(model).__name__} to freeze it ({type(exc).__name__}: {exc}); "
             "freeze the GraphModule that dynoswap.convert returned"
-        ) from None
+        ) from exc
 
 
 def _pool_nodes(gm: fx.GraphModule) -> list[fx.Node]:
@@ -295,7 +295,7 @@ def _sizes_at(gm: fx.GraphModule, nodes: list[fx.Node], input_size: tuple[int, i
         with torch.no_grad():
             gm(example_input(gm, input_size).zero_())
     except Exception as exc:
-        raise ExportError(f"the model does not run at input size {input_size}: {type(exc).__name__}: {exc}") from None
+        raise ExportError(f"the model does not run at input size {input_size}: {type(exc).__name__}: {exc}") from exc
     finally:
         gm.train(was_training)
         for hook in hooks:
@@ -303,8 +303,8 @@ def _sizes_at(gm: fx.GraphModule, nodes: list[fx.Node], input_size: tuple[int, i
     calls = {name: iter(sizes) for name, sizes in seen.items()}
     try:
         return [next(calls[str(n.target)]) for n in nodes]
-    except (KeyError, StopIteration):
-        raise ExportError("a DynOPool2d of the graph did not run at the freeze input size") from None
+    except (KeyError, StopIteration) as exc:
+        raise ExportError("a DynOPool2d of the graph did not run at the freeze input size") from exc
 
 
 def foldable_pairs(gm: fx.GraphModule) -> tuple[tuple[str, str], ...]:

@@ -41,7 +41,7 @@ def read_capped(path: str | os.PathLike[str], limit: int, error: type[DynoswapEr
         with open(path, "rb") as fh:
             data = fh.read(limit + 1)
     except OSError as exc:
-        raise error(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise error(f"cannot read {path}: {exc.strerror or exc}") from exc
     if len(data) > limit:
         raise error(f"{path}: the {what} is larger than {limit} bytes, the most dynoswap reads; refusing it")
     return data
@@ -75,10 +75,10 @@ def loads_json(data: str | bytes, where: str, error: type[DynoswapError], limit:
     """Parse a JSON document, refusing invalid JSON and nesting deeper than ``limit`` (one ``error`` line)."""
     try:
         value = json.loads(data)
-    except RecursionError:
-        raise error(f"{where}: nested deeper than {limit} levels; refusing it") from None
+    except RecursionError as exc:
+        raise error(f"{where}: nested deeper than {limit} levels; refusing it") from exc
     except (ValueError, UnicodeDecodeError) as exc:
-        raise error(f"{where}: not valid JSON ({exc})") from None
+        raise error(f"{where}: not valid JSON ({exc})") from exc
     return check_depth(value, where, error, limit)
 
 
@@ -143,12 +143,12 @@ def loads_yaml(text: str, where: str, error: type[DynoswapError], *, syntax_erro
     loader = _loader(where, error)(text)
     try:
         return loader.get_single_data()
-    except RecursionError:
-        raise error(f"{where}: nested deeper than {MAX_DEPTH} levels; refusing it") from None
+    except RecursionError as exc:
+        raise error(f"{where}: nested deeper than {MAX_DEPTH} levels; refusing it") from exc
     except yaml.YAMLError as exc:
         if not syntax_errors:
             raise
-        raise error(f"{where}: not valid YAML ({' '.join(str(exc).split())})") from None
+        raise error(f"{where}: not valid YAML ({' '.join(str(exc).split())})") from exc
     finally:
         loader.dispose()
 
@@ -159,5 +159,5 @@ def read_yaml(path: str | os.PathLike[str], error: type[DynoswapError]) -> Any:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise error(f"{path}: not valid YAML ({exc})") from None
+        raise error(f"{path}: not valid YAML ({exc})") from exc
     return loads_yaml(text, str(Path(path)), error)

@@ -110,7 +110,7 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises its own SafetensorError
         detail = foreign_message(exc)
-        raise CheckpointError(f"cannot read {path} as safetensors (damaged or another format: {detail})") from None
+        raise CheckpointError(f"cannot read {path} as safetensors (damaged or another format: {detail})") from exc
 
 
 # Pickle opcodes that import or call something: a file using them holds code, not only data.
@@ -155,17 +155,17 @@ def _read_pickle(path: Path) -> Any:
             raise CheckpointError(
                 f"cannot read {path}: it is neither a PyTorch checkpoint nor a safetensors file (damaged or another "
                 "format)"
-            ) from None
+            ) from exc
         # weights_only refuses globals before any of them is called: the code never ran.
         raise CheckpointError(
             f"refused {path}: it contains pickled code or objects, not only tensors ({code}); re-save it as a plain "
             "state_dict (torch.save(model.state_dict(), ...)) or as .safetensors"
-        ) from None
-    except EOFError:
-        raise CheckpointError(f"cannot read {path}: the file ends early (truncated or damaged)") from None
+        ) from exc
+    except EOFError as exc:
+        raise CheckpointError(f"cannot read {path}: the file ends early (truncated or damaged)") from exc
     except (RuntimeError, OSError, ValueError) as exc:
         detail = foreign_message(exc)
-        raise CheckpointError(f"cannot read {path}: not a readable PyTorch checkpoint ({detail})") from None
+        raise CheckpointError(f"cannot read {path}: not a readable PyTorch checkpoint ({detail})") from exc
 
 
 READERS = {".safetensors": _read_safetensors}

@@ -176,7 +176,7 @@ def _open_lock(lock: Path, target: Path) -> int:
         if exc.errno == errno.ELOOP:
             raise OutputExistsError(
                 f"{lock} is a symbolic link, not dynoswap's lock file for {target}; refusing to follow it"
-            ) from None
+            ) from exc
         raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
@@ -206,7 +206,7 @@ def output_lock(path: Path, *, busy: str = "is being written by another process"
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise OutputLockedError(f"{path} {busy}; wait for it or choose another path") from None
+                raise OutputLockedError(f"{path} {busy}; wait for it or choose another path") from exc
             raise
         try:
             same = os.path.samestat(os.fstat(fd), os.lstat(lock))

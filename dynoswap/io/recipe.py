@@ -263,7 +263,7 @@ class Recipe:
         try:
             check_input_budget(input_size, "is")
         except ValueError as exc:
-            raise read.fail("recipe.input_size", str(exc)) from None
+            raise read.fail("recipe.input_size", str(exc)) from exc
         options = RecipeOptions.parse(read.get(data, "options", "recipe."), read, input_size)
         rows = {}
         for key in ("replacements", "skipped"):
@@ -286,7 +286,7 @@ class Recipe:
             try:
                 frozen = FrozenSpec.from_dict(frozen).to_dict()
             except RecipeError as exc:
-                raise read.fail("recipe.frozen", str(exc)) from None
+                raise read.fail("recipe.frozen", str(exc)) from exc
         return cls(
             source=source,
             input_size=input_size,

@@ -272,7 +272,7 @@ def _check_alphas(state: dict[str, torch.Tensor], where: str) -> None:
             try:
                 check_alpha(value.detach().flatten().tolist(), f"{where}: {key}")
             except ValueError as exc:
-                raise CheckpointError(f"{exc}; the file is damaged") from None
+                raise CheckpointError(f"{exc}; the file is damaged") from exc
 
 
 def load(path: str | os.PathLike[str], *, trust_code: bool = False, strict_values: bool = False) -> fx.GraphModule:
@@ -322,5 +322,5 @@ def load(path: str | os.PathLike[str], *, trust_code: bool = False, strict_value
         gm.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise CheckpointError(f"{weights_file} does not fit the model its recipe describes ({first})") from None
+        raise CheckpointError(f"{weights_file} does not fit the model its recipe describes ({first})") from exc
     return gm

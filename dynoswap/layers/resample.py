@@ -25,14 +25,52 @@ that never materialise the product. Inference skips the indices: the max of each
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 _BLAS_DTYPES = (torch.float32, torch.float64)
 _BLOCK = 16  #: column block of the diagonal matmuls: one cache line of float32
+
+
+#: What a second derivative through DynOPool2d says (torch's own message names no layer).
+NO_DOUBLE_BACKWARD = (
+    "DynOPool2d has no second derivative: its fused backward is first-order only, so a double backward "
+    "(create_graph=True, e.g. a gradient penalty) cannot pass through it; freeze the model "
+    "(dynoswap.export.freeze) for plain torch ops that have one"
+)
+
+
+def first_order_only(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Like ``torch.autograd.function.once_differentiable``, with :data:`NO_DOUBLE_BACKWARD` as the error.
+
+    The backward runs without recording a graph; when a graph was asked for (``create_graph=True``),
+    its outputs point to a node that raises the message only if something really differentiates them.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(ctx: Any, *args: Any) -> Any:
+        with torch.no_grad():
+            outputs = fn(ctx, *args)
+        if not torch.is_grad_enabled() or not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return outputs
+        outs = outputs if isinstance(outputs, tuple) else (outputs,)
+        err_fn = torch._C._functions.DelayedError(NO_DOUBLE_BACKWARD.encode(), len(outs))
+
+        def fake_requires_grad(value: torch.Tensor | None) -> torch.Tensor | None:
+            if value is None:
+                return None
+            value = value.detach()
+            value.requires_grad = True
+            return value
+
+        return err_fn(*[fake_requires_grad(v) for v in outs])  # type: ignore[arg-type]  # None passes through
+
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -210,7 +248,7 @@ class _MaxQueryPool(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad_out):
         x, idx = ctx.saved_tensors
         rows, cols = ctx.tables

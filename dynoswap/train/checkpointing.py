@@ -229,7 +229,7 @@ def hold_run_lock(out: Path) -> None:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise OutputExistsError(f"{lock} is a symbolic link, not dynoswap's run lock; not following it") from None
+            raise OutputExistsError(f"{lock} is a symbolic link, not dynoswap's run lock; not following it") from exc
         if exc.errno in (errno.EROFS, errno.EACCES):
             return
         raise
@@ -238,11 +238,11 @@ def hold_run_lock(out: Path) -> None:
         raise OutputExistsError(f"{lock} is not dynoswap's run lock (not a plain file)")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as exc:
         os.close(fd)
         raise OutputLockedError(
             f"{out} is being trained into by another process; wait for it or choose another run folder"
-        ) from None
+        ) from exc
     _HELD[key] = fd
 
 
@@ -372,7 +372,7 @@ def verify_checkpoint(folder: str | Path) -> int:
         if manifest.get("format") != MANIFEST_FORMAT or not isinstance(hashes, dict):
             raise ValueError("unknown format")
     except (ValueError, KeyError, TypeError, OverflowError) as exc:
-        raise CheckpointError(f"{manifest_path} is damaged ({exc})") from None
+        raise CheckpointError(f"{manifest_path} is damaged ({exc})") from exc
     if len(hashes) > MAX_MANIFEST_ENTRIES:
         raise CheckpointError(f"{manifest_path}: lists more than {MAX_MANIFEST_ENTRIES} files; refusing it")
     for name, expected in sorted(hashes.items()):
@@ -430,7 +430,7 @@ def find_checkpoint(out_dir: str | Path) -> Path | None:
                 if epoch is not None
                 else "; no earlier intact checkpoint exists"
             )
-            raise CheckpointError(f"{exc}{hint}") from None
+            raise CheckpointError(f"{exc}{hint}") from exc
         return final
     if previous.exists():
         verify_checkpoint(previous)
@@ -472,13 +472,13 @@ def load_checkpoint(folder: str | Path, model: nn.Module) -> dict[str, Any]:
         )
     try:
         state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"refused {folder / STATE_FILE}: it holds pickled objects, not only tensors and containers, so dynoswap "
             "did not write it; start the run over"
-        ) from None
+        ) from exc
     except Exception as exc:
-        raise CheckpointError(f"cannot read {folder / STATE_FILE}: {foreign_message(exc)}") from None
+        raise CheckpointError(f"cannot read {folder / STATE_FILE}: {foreign_message(exc)}") from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"{folder / STATE_FILE} holds {type(state).__name__}, not a training state")
     return state
