@@ -328,7 +328,8 @@ def test_channels_last_freeze_is_exact_and_converts_its_input():
         frozen = freeze(gm, (64, 56), fold_bn=True, channels_last=True).eval()
         torch.testing.assert_close(frozen(x), expected, rtol=0, atol=1e-5)
         ratio = freeze(gm, channels_last=True).eval()
-        torch.testing.assert_close(ratio(x), expected, rtol=0, atol=1e-6)
+        # channels_last convolutions sum in another order: float32 rounding of about 1e-6 on outputs near 1.
+        torch.testing.assert_close(ratio(x), expected, rtol=0, atol=1e-5)
     weights = [m.weight for m in frozen.modules() if isinstance(m, nn.Conv2d)]
     assert all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
     assert frozen.meta["dynoswap"][FROZEN_KEY]["channels_last"] is True

@@ -190,8 +190,10 @@ def _announce(
     if not ctx.is_main:
         return
     world = f", {ctx.world_size} processes" if ctx.enabled else ""
-    budget = f"target {target:g} {unit} (real cost, projected every step)"
-    cost = budget if target is not None else f"lambda {hyper.lam:g}"
+    if target is not None:
+        cost = f"target {target:g} {unit} (real cost, projected every step)"
+    else:
+        cost = f"lambda {hyper.lam:g}"
     console.print(
         f"training {model_spec} on {data.name} ({len(data.train)} images, {data.num_classes} classes, "
         f"{data.input_size[0]}x{data.input_size[1]}) on {ctx.device}{world}: {hyper.epochs} epochs, "
