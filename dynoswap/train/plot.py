@@ -29,7 +29,8 @@ def plot_history(
     Left: height (solid) and width (dashed) of each tie group's output, one colour per
     group in execution order, from the sizes before training (epoch 0) on; dotted
     horizontal lines mark the original model's sizes. Middle: train_acc and val_acc.
-    Right: GMACs, against the target when the run had one, and lambda per step.
+    Right: the real cost (GMACs, or ms with a latency cost) per epoch, against the target when the
+    run had one, and lambda per step when one was given.
 
     Args:
         records: Epoch records as written by ``fit``.
@@ -75,15 +76,16 @@ def plot_history(
         ax_acc.plot(train_epochs, [r.get("val_acc") for r in records], "-s", color="tab:green", ms=3, label="val_acc")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
     ax_acc.legend(fontsize=8)
-    ax_gmacs.plot(train_epochs, [r["gmacs"] for r in records], "-o", color="tab:red", ms=3, label="GMACs")
+    unit = records[-1].get("cost_unit", "GMACs")
+    ax_gmacs.plot(train_epochs, [r["gmacs"] for r in records], "-o", color="tab:red", ms=3, label=unit)
     target = records[-1].get("target_gmacs")
     if target:
         ax_gmacs.axhline(target, color="black", ls="--", lw=1, label=f"target {target:.4g}")
         ax_gmacs.axhspan(target * 0.97, target * 1.03, color="grey", alpha=0.15, label="target +-3%")
-    ax_gmacs.set(xlabel="epoch", ylabel="GMACs", title="GMACs" + (" against the target" if target else ""))
+    ax_gmacs.set(xlabel="epoch", ylabel=unit, title=f"real cost ({unit})" + (" against the target" if target else ""))
     ax_gmacs.legend(fontsize=8, loc="upper left")
     steps = [lam for r in records for lam in r.get("lambda_steps", [])]
-    if target and steps:
+    if any(steps):  # a lambda was given: its weight per step (a budget alone is projected, with no lambda)
         ax_lam = ax_gmacs.twinx()
         per_step = [i / max(len(steps), 1) * train_epochs[-1] for i in range(1, len(steps) + 1)]
         ax_lam.plot(per_step, steps, color="tab:purple", lw=0.7, alpha=0.6)
