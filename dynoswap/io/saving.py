@@ -27,6 +27,7 @@ from ..errors import (
     RecipeError,
     SaveError,
 )
+from ..layers import DynOPool2d
 from ..sources import SAVED, build_model, check_source
 from ..validate import check_alpha
 from .output import register_output_kind, replace_output
@@ -265,10 +266,15 @@ def check_values(state: dict[str, torch.Tensor], where: str, strict: bool = Fals
     return bad
 
 
-def _check_alphas(state: dict[str, torch.Tensor], where: str) -> None:
-    """DynOPool alphas must be finite and > 0 or the model cannot run: always an error."""
+def _check_alphas(state: dict[str, torch.Tensor], where: str, model: nn.Module) -> None:
+    """DynOPool alphas must be finite and within the scale limit or the model cannot run: always an error.
+
+    Only the alphas of ``model``'s DynOPool2d layers are checked: a model's own parameter that happens
+    to be called ``alpha`` (a layer scale, say) is not a scale.
+    """
+    keys = {f"{name}.alpha" for name, m in model.named_modules() if isinstance(m, DynOPool2d) and m.leader is m}
     for key, value in state.items():
-        if key.endswith("alpha") and value.dtype.is_floating_point:
+        if key in keys and value.dtype.is_floating_point:
             try:
                 check_alpha(value.detach().flatten().tolist(), f"{where}: {key}")
             except ValueError as exc:
@@ -304,7 +310,6 @@ def load(path: str | os.PathLike[str], *, trust_code: bool = False, strict_value
     for leaf in recipe.options.leaf_modules:
         check_leaf(leaf, trust_code=trust_code, where=where)
     state = read_weights(folder, recipe)
-    _check_alphas(state, str(weights_file))
     check_values(state, str(weights_file), strict=strict_values)
     base = build_model(source.library, source.name, source.kwargs, trust_code=trust_code, where=where)
     leaves = [resolve_leaf(s, trust_code=trust_code, where=where) for s in recipe.options.leaf_modules]
@@ -318,6 +323,7 @@ def load(path: str | os.PathLike[str], *, trust_code: bool = False, strict_value
         from ..export.freeze import refreeze
 
         gm = refreeze(gm, recipe.frozen)  # sizes/ratios from the record; the weights hold no alphas
+    _check_alphas(state, str(weights_file), gm)
     try:
         gm.load_state_dict(state, strict=True)
     except RuntimeError as exc:
