@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dynoswap.engine import convert
-from dynoswap.errors import OutputExistsError, RecipeError
+from dynoswap.errors import CheckpointError, OutputExistsError, RecipeError
 from dynoswap.io import SaveError, load, read_recipe, save
 from dynoswap.layers import DynOPool2d
 from dynoswap.models import ModelSource, build_model
@@ -131,3 +131,28 @@ def test_a_model_with_nan_weights_saves_verified_and_warns_on_load(tmp_path: Pat
     with pytest.warns(UserWarning, match="NaN or infinity"):
         loaded = load(out)
     assert torch.isnan(loaded.state_dict()["fc.bias"][0])
+
+
+def test_a_models_own_parameter_named_alpha_is_not_checked_as_a_scale(tmp_path):
+    # timm's efficientvim has a layer scale called ``alpha`` of 1e-4: far below a DynOPool alpha's 1/8 limit.
+    torch.manual_seed(0)
+
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.alpha = torch.nn.Parameter(torch.full((4,), 1e-4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    src = ModelSource("dynoswap", "vgg-tiny", {"num_classes": 10})
+    gm, _ = convert(build_model("dynoswap", "vgg-tiny", {"num_classes": 10}), (32, 32), source=src)
+    gm.add_submodule("layer_scale", Scaled())  # a parameter named alpha that no DynOPool owns
+    state = {k: v.clone() for k, v in gm.state_dict().items()}
+    assert "layer_scale.alpha" in state
+    from dynoswap.io.saving import _check_alphas
+
+    _check_alphas(state, "m/model.safetensors", gm)  # not a DynOPool alpha: not refused
+    state["3_dynopool.alpha"] = torch.tensor([1e-4, 2.0])
+    with pytest.raises(CheckpointError, match="3_dynopool.alpha .*at least 0.125"):
+        _check_alphas(state, "m/model.safetensors", gm)
