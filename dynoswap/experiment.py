@@ -120,16 +120,21 @@ def run_point(dataset: str, design: str, factor: float, seed: int, args: argpars
     torch.manual_seed(seed)
     train, val = make_loaders(used, args.batch_size, seed=seed)
     started = time.perf_counter()
+    learn = design == "dynopool"
+    retrain = learn and args.retrain
     records = fit(
         gm,
         train,
         val,
-        epochs=args.epochs,
+        # A retrained DynOPool searches for as many epochs as it then trains: its final weights see the
+        # same schedule as the baselines'.
+        epochs=args.epochs * 2 if retrain else args.epochs,
         lr=args.lr,
-        alpha_lr=args.alpha_lr if design == "dynopool" else 0.0,
+        alpha_lr=args.alpha_lr if learn else 0.0,
         input_size=used.input_size,
         progress=False,
         target_gmacs=None if design == "human" else budget,
+        retrain=retrain,
     )
     gmacs = count_gmacs(gm, used.input_size).total
     return {
@@ -290,6 +295,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alpha-lr", type=float, default=0.02)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--no-retrain",
+        dest="retrain",
+        action="store_false",
+        help="DynOPool keeps the weights of its search instead of retraining them at the learned sizes",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -269,6 +269,14 @@ def train_cmd(
         metavar="F",
         help="Fraction of the steps after which the sizes land and stay fixed (1: learn to the end).",
     ),
+    retrain: bool = typer.Option(
+        False,
+        "--retrain",
+        help=(
+            "When the sizes land (--search-end), restart the weights from where the run began and train the "
+            "learned architecture for the remaining steps, with a fresh cosine schedule."
+        ),
+    ),
     floor_gradient: str = typer.Option(
         "pass",
         "--floor-gradient",
@@ -411,6 +419,7 @@ def train_cmd(
             warmup=warmup,
             search_end=search_end,
             floor_gradient=floor_gradient,
+            retrain=retrain,
         )
         if ctx.is_main:
             if plot is not None:

@@ -31,6 +31,7 @@ from .scales import MAX_STEP, AlphaStepper, ScaleGuard, leaders
 LOG_FILE = "log.jsonl"
 
 CostFn = Callable[[nn.Module], torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 EpochHook = Callable[[dict[str, Any]], None]
 StepHook = Callable[[int, dict[str, float]], None]
 
@@ -154,20 +155,38 @@ def _progress(enabled: bool, console: Any):
     )
 
 
-def _evaluate(model: nn.Module, loader: DataLoader, ctx: DistContext, amp: bool) -> tuple[float, float]:
+def hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float] | None:
+    """Return (correct, counted) of an argmax over dim 1, or ``None`` where labels are not class indices.
+
+    Classification ``(N, C)`` against ``(N,)`` counts images; segmentation ``(N, C, H, W)`` against
+    ``(N, H, W)`` counts pixels; any other target (regression, soft labels) has no accuracy.
+    """
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or logits.dim() < 2:
+        return None
+    if labels.shape != logits.shape[:1] + logits.shape[2:]:
+        return None
+    return float((logits.argmax(1) == labels).sum()), float(labels.numel())
+
+
+def _evaluate(
+    model: nn.Module, loader: DataLoader, ctx: DistContext, amp: bool, loss_fn: LossFn
+) -> tuple[float, float | None]:
+    """Mean loss per batch element and accuracy (``None`` without class-index labels) over ``loader``."""
     model.eval()
-    loss_sum = correct = count = 0.0
+    loss_sum = correct = counted = count = 0.0
     with torch.no_grad():
         for images, labels in loader:
             images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
             with _autocast(ctx.device, amp):
                 logits = model(images)
-            loss_sum += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
-            correct += float((logits.argmax(1) == labels).sum())
-            count += labels.numel()
+            loss_sum += float(loss_fn(logits.float(), labels)) * len(images)
+            count += len(images)
+            found = hits(logits, labels)
+            if found is not None:
+                correct, counted = correct + found[0], counted + found[1]
     model.train()
-    loss_sum, correct, count = all_reduce_sums([loss_sum, correct, count], ctx)
-    return loss_sum / max(count, 1), correct / max(count, 1)
+    loss_sum, correct, counted, count = all_reduce_sums([loss_sum, correct, counted, count], ctx)
+    return loss_sum / max(count, 1), (correct / counted if counted else None)
 
 
 def _format_sizes(pools: list[dict[str, Any]]) -> str:
@@ -245,6 +264,26 @@ def _cost_grads(model: nn.Module, cost_fn: CostFn, guard: ScaleGuard) -> list[to
     return [g if g is not None else torch.zeros_like(a) for g, a in zip(grads, alphas, strict=True)]
 
 
+def _weights_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copy of every weight and buffer except the DynOPool scales: what a retrain starts from again."""
+    scales = {f"{name}.alpha" for name, _ in dynopools(model)}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k not in scales}
+
+
+def _restart_weights(
+    model: nn.Module, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, steps: int
+) -> torch.optim.lr_scheduler.CosineAnnealingLR:
+    """Put the starting weights back, forget the optimiser's momentum; return a fresh schedule of ``steps``."""
+    with torch.no_grad():
+        current = model.state_dict()
+        for key, value in weights.items():
+            current[key].copy_(value)
+    optimizer.state.clear()
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"]
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+
+
 def _phase(step: int, total: int, warmup: float, search_end: float) -> str:
     if step < math.floor(warmup * total):
         return "warm-up"
@@ -285,6 +324,8 @@ def fit(
     search_end: float = SEARCH_END,
     floor_gradient: str = "pass",
     cost_unit: str = "GMACs",
+    retrain: bool = False,
+    loss_fn: LossFn | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` with the loss of eq. 8: ``task + lam * GMACs loss``.
 
@@ -343,6 +384,13 @@ def fit(
             section 5), ``"stop"``: the literal ``max(n / alpha, 1.5)``.
         cost_unit: What ``cost_fn`` measures, for messages and the epoch line (``"GMACs"``; ``"ms"``
             with :func:`dynoswap.cost.latency.latency_cost`).
+        retrain: When the sizes land, put back the weights the run started from (and BatchNorm
+            statistics), clear the optimiser's momentum and restart the cosine schedule: the steps
+            after ``search_end`` train the learned architecture from its start (phase ``"retrain"``),
+            so no weight carries what it adapted to while the sizes moved.
+        loss_fn: Task loss ``loss_fn(outputs, targets)`` as a mean (default cross-entropy), e.g. a
+            segmentation or regression loss. Accuracy is reported where targets are class indices
+            of the outputs' dim 1 (images or pixels), and left out otherwise.
 
     Returns:
         One record per epoch trained in this call (also appended to ``out/log.jsonl``);
@@ -365,6 +413,7 @@ def fit(
     target = check_target(target_gmacs) if target_gmacs is not None else None
     if resume and out is None:
         raise OptionError("resume needs the run folder (out=...) that holds the checkpoint")
+    task_loss = loss_fn or F.cross_entropy
     dev = device if isinstance(device, torch.device) else pick_device(device)
     ctx = current_context(dev)
     cost_fn = cost_fn or default_cost
@@ -404,6 +453,7 @@ def fit(
     # The first call may record the cost graph (random probe input): do it before RNG states are restored.
     cost_fn(raw)
     start_epoch = step = 0
+    saved_start: dict[str, torch.Tensor] | None = None
     if resume:
         folder = checkpointing.find_checkpoint(out)  # type: ignore[arg-type]
         if folder is None:
@@ -415,8 +465,16 @@ def fit(
         scaler.load_state_dict(state["scaler"])
         start_epoch, step = int(state["epoch"]), int(state["step"])
         checkpointing.set_rng_state(state["rng"])
+        saved_start = state.get("starting_weights")
 
     start_step_of_call = step
+    land_step = math.ceil(search_end * total_steps)
+    landed = step >= land_step
+    starting_weights = None
+    if retrain and not landed:
+        starting_weights = saved_start if resume else _weights_snapshot(raw)
+        if starting_weights is None:
+            raise TrainingError(f"the checkpoint in {out} was written without retrain: resume it without retrain")
     net = wrap_ddp(recompute_view(raw) if recompute else raw, ctx)
     if compile:
         # Sizes change while alphas train. Automatic dynamic shapes compile each piece static once, then
@@ -443,8 +501,6 @@ def fit(
     bar = _progress(main and progress, console)
     plain_every = _plain_every(main and progress, console, steps_per_epoch)
     initial = probe_pools(raw, input_size, dev) if input_size is not None and start_epoch == 0 else None
-    land_step = math.ceil(search_end * total_steps)
-    landed = step >= land_step
     held: list[tuple[torch.Tensor, torch.Tensor]] = []  # the latest training batches, to score roundings
     lam_now = 0.0 if target is not None and lam == 0 else float(lam)
 
@@ -463,7 +519,7 @@ def fit(
             raw.eval()
             try:
                 with torch.no_grad(), _autocast(dev, amp):
-                    return sum(float(F.cross_entropy(raw(x).float(), y)) for x, y in held) / max(len(held), 1)
+                    return sum(float(task_loss(raw(x).float(), y)) for x, y in held) / max(len(held), 1)
             finally:
                 raw.train(was)
 
@@ -487,7 +543,8 @@ def fit(
             if sampler is not None and hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
             task_id = bar.add_task(f"epoch {epoch + 1}/{epochs}", total=steps_per_epoch, stats="") if bar else None
-            sums = {"loss": 0.0, "task": 0.0, "gmacs": 0.0, "correct": 0.0, "count": 0.0, "drift": 0.0}
+            sums = {"loss": 0.0, "task": 0.0, "gmacs": 0.0, "correct": 0.0, "counted": 0.0, "count": 0.0}
+            sums["drift"] = 0.0
             lambda_steps: list[float] = []
             started = time.perf_counter()
             for i, (images, labels) in enumerate(train_loader):
@@ -502,11 +559,11 @@ def fit(
                     guard = make_guard(input_size)
                 if step == start_step_of_call:
                     on_budget()  # the starting design on the budget (a common scale: the shape is kept)
-                phase = "fixed" if landed else _phase(step, total_steps, warmup, search_end)
+                phase = ("retrain" if retrain else "fixed") if landed else _phase(step, total_steps, warmup, search_end)
                 learn = phase == "search"
                 with _autocast(dev, amp):
                     logits = net(images)
-                task = F.cross_entropy(logits.float(), labels)
+                task = task_loss(logits.float(), labels)
                 cost = cost_fn(raw)
                 lam = lam_now if learn else 0.0
                 loss = task + lam * cost if lam else task
@@ -532,7 +589,11 @@ def fit(
                 if not landed and step >= land_step:
                     land_now()  # the search is over: integer sizes, on the budget, from now on
                     landed = True
-                n = labels.numel()
+                    if retrain:
+                        assert starting_weights is not None
+                        scheduler = _restart_weights(raw, starting_weights, optimizer, total_steps - step)
+                        starting_weights = None
+                n = len(images)
                 metrics = {
                     "loss": float(loss.detach()),
                     "task": float(task.detach()),
@@ -540,22 +601,25 @@ def fit(
                     "lambda": float(lam),
                 }
                 lambda_steps.append(float(lam))
-                correct = float((logits.detach().argmax(1) == labels).sum())
+                found = hits(logits.detach(), labels)
                 for key in ("loss", "task"):
                     sums[key] += metrics[key] * n
                 sums["gmacs"] = metrics["gmacs"]
-                sums["correct"] += correct
+                if found is not None:
+                    sums["correct"] += found[0]
+                    sums["counted"] += found[1]
                 sums["count"] += n
                 sums["drift"] = max(sums["drift"], drift)
                 if on_step is not None:
                     on_step(step, metrics)
-                stats = f"loss {metrics['loss']:.3f}  train_acc {correct / n:.3f}  {cost_unit} {metrics['gmacs']:.4g}"
+                acc = f"  train_acc {found[0] / found[1]:.3f}" if found is not None and found[1] else ""
+                stats = f"loss {metrics['loss']:.3f}{acc}  {cost_unit} {metrics['gmacs']:.4g}"
                 if bar is not None:
                     bar.update(task_id, advance=1, stats=stats)
                 elif plain_every and ((i + 1) % plain_every == 0 or i + 1 == steps_per_epoch):
                     console.print(f"  epoch {epoch + 1}/{epochs} step {i + 1}/{steps_per_epoch}  {stats}")
-            loss_sum, task_sum, correct, count = all_reduce_sums(
-                [sums["loss"], sums["task"], sums["correct"], sums["count"]], ctx
+            loss_sum, task_sum, correct, counted, count = all_reduce_sums(
+                [sums["loss"], sums["task"], sums["correct"], sums["counted"], sums["count"]], ctx
             )
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
@@ -563,7 +627,6 @@ def fit(
                 "loss": loss_sum / max(count, 1),
                 "task_loss": task_sum / max(count, 1),
                 "gmacs_loss": sums["gmacs"],
-                "train_acc": correct / max(count, 1),
                 "lr": optimizer.param_groups[0]["lr"],
                 "alpha_drift": sums["drift"],
                 "seconds": round(time.perf_counter() - started, 3),
@@ -572,12 +635,16 @@ def fit(
                 "phase": phase,  # of the epoch's last step
             }
             record["cost_unit"] = cost_unit
+            if counted:
+                record["train_acc"] = correct / counted
             if target is not None:
                 record["target_gmacs"] = target
             if epoch == 0 and initial is not None:
                 record["initial_pools"] = initial
             if val_loader is not None:
-                record["val_loss"], record["val_acc"] = _evaluate(net, val_loader, ctx, amp)
+                record["val_loss"], val_acc = _evaluate(net, val_loader, ctx, amp, task_loss)
+                if val_acc is not None:
+                    record["val_acc"] = val_acc
             record["pools"] = probe_pools(raw, input_size or (32, 32), dev)
             record["gmacs"] = float(cost_fn(raw).detach())
             records.append(record)
@@ -591,6 +658,8 @@ def fit(
                     "step": step,
                     "rng": checkpointing.rng_state(),
                 }
+                if starting_weights is not None:
+                    state["starting_weights"] = starting_weights  # until the landing restarts from them
                 checkpointing.save_checkpoint(out, raw, state, log_record=record)
             if main and console is not None:
                 console.print(epoch_line(record, epochs))
@@ -605,7 +674,9 @@ def fit(
 
 def epoch_line(record: dict[str, Any], epochs: int) -> str:
     """Format the line printed after each epoch: every accuracy named, sizes one per tie group in execution order."""
-    parts = [f"epoch {record['epoch']}/{epochs}", f"loss {record['loss']:.4f}", f"train_acc {record['train_acc']:.4f}"]
+    parts = [f"epoch {record['epoch']}/{epochs}", f"loss {record['loss']:.4f}"]
+    if "train_acc" in record:
+        parts.append(f"train_acc {record['train_acc']:.4f}")
     if "val_acc" in record:
         parts.append(f"val_acc {record['val_acc']:.4f}")
     gmacs = f"{record.get('cost_unit', 'GMACs')} {record['gmacs']:.4g}"
