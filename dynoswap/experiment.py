@@ -121,7 +121,7 @@ def run_point(dataset: str, design: str, factor: float, seed: int, args: argpars
     train, val = make_loaders(used, args.batch_size, seed=seed)
     started = time.perf_counter()
     learn = design == "dynopool"
-    retrain = learn and args.retrain
+    retrain = learn and getattr(args, "retrain", False)
     records = fit(
         gm,
         train,
@@ -226,7 +226,13 @@ def write_markdown(summary: list[dict[str, Any]], args: argparse.Namespace) -> s
         f"{args.batch_size}, SGD momentum 0.9, cosine annealing, lr {args.lr}, alpha lr {args.alpha_lr} (the "
         f"typical relative change of an alpha per step), seeds {seeds}; mean +- std over seeds. Training "
         "protocol (`dynoswap.fit` defaults): alphas held for the first 10% of the steps, learned on the budget "
-        "until 50%, then landed on integer sizes that the weights train on for the rest.",
+        "until 50%, then landed on integer sizes that the weights train on for the rest."
+        + (
+            f" With --retrain, DynOPool runs {2 * args.epochs} epochs: the landing at half-way restores its "
+            f"starting weights, which then train {args.epochs} epochs at the learned sizes."
+            if getattr(args, "retrain", False)
+            else ""
+        ),
         "",
         "Cost convention: every design is costed as the model it runs, at its own input size, by "
         "`count_gmacs` (fvcore; a pooling layer counts 16 MACs per output cell for all three, and the "
@@ -296,10 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
-        "--no-retrain",
-        dest="retrain",
-        action="store_false",
-        help="DynOPool keeps the weights of its search instead of retraining them at the learned sizes",
+        "--retrain",
+        action="store_true",
+        help="DynOPool searches for --epochs, then retrains the learned sizes from its starting weights for --epochs",
     )
     args = parser.parse_args(argv)
     if args.threads:
