@@ -149,3 +149,22 @@ def test_list_models_filters_by_pattern_and_source():
     assert all(lib == "timm" for lib, _ in list_models("vgg*", "timm"))
     with pytest.raises(ModelError, match="unknown source"):
         list_models("x", "keras")
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("vgg-tiny", {"num_classes": -1}),
+        ("vgg-tiny", {"widths": [8, -1]}),
+        ("vgg-tiny", {"widths": []}),
+        ("vgg-tiny", {"convs_per_stage": 0}),
+        ("vgg-tiny", {"in_chans": True}),
+        ("paper:resnet50-cifar", {"num_classes": 0}),
+    ],
+)
+def test_zoo_counts_below_one_are_the_arguments_fault(name, kwargs):
+    from dynoswap.errors import ModelError
+    from dynoswap.sources import build_model
+
+    with pytest.raises(ModelError, match="cannot build|must be"):
+        build_model("dynoswap", name, kwargs)

@@ -11,6 +11,12 @@ from collections.abc import Sequence
 from torch import nn
 
 
+def _check_count(name: str, value: object) -> None:
+    """Refuse what is not a whole number >= 1 (a ValueError: the arguments' fault, not a bug)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+
+
 def small_vgg(
     num_classes: int = 10, in_chans: int = 3, widths: Sequence[int] = (16, 32, 64, 64), convs_per_stage: int = 1
 ) -> nn.Sequential:
@@ -25,6 +31,12 @@ def small_vgg(
         widths: Channels of each stage; ``len(widths) - 1`` pooling layers.
         convs_per_stage: Convolutions per stage.
     """
+    for name, value in (("num_classes", num_classes), ("in_chans", in_chans), ("convs_per_stage", convs_per_stage)):
+        _check_count(name, value)
+    if isinstance(widths, (str, bytes)) or not isinstance(widths, Sequence) or not widths:
+        raise ValueError(f"widths must be a non-empty list of channel counts, got {widths!r}")
+    for width in widths:
+        _check_count("a width", width)
     layers: list[nn.Module] = []
     channels = in_chans
     for i, width in enumerate(widths):

@@ -106,6 +106,10 @@ def build(name: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
         raise ModelError(
             f"dynoswap model {name!r} does not take {', '.join(unknown)}; it takes {', '.join(entry.arch_kwargs)}"
         )
+    for key in ("num_classes", "in_chans"):  # every zoo model's counts: refused before a layer is made
+        value = kwargs.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ModelError(f"dynoswap model {name!r}: {key} must be a whole number >= 1, got {value!r}")
     return entry.load_factory()(**kwargs)
 
 
