@@ -4,6 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
+# Test processes (pytest-xdist): one per core here, each on one thread.
+JOBS ?= 2
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(JOBS)
 
 .PHONY: install demo test test-fast sweep bench lint experiment clean
 
@@ -20,15 +23,15 @@ demo: install
 	$(VENV)/bin/dynoswap inspect out/resnet50-dynopool
 
 test: install
-	$(PY) -m pytest -q --ignore=tests/test_engine_sweep.py --ignore=tests/test_train_sweep.py
+	$(PYTEST) --ignore=tests/test_engine_sweep.py --ignore=tests/test_train_sweep.py
 
 # The broad model sweep (every torchvision classifier/segmenter, one timm model per family) and the
 # training robustness sweep (10 CNN families trained briefly with a lambda and with a budget): their own target.
 sweep: install
-	$(PY) -m pytest -q tests/test_engine_sweep.py tests/test_train_sweep.py
+	$(PYTEST) tests/test_engine_sweep.py tests/test_train_sweep.py
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: install
 	$(PY) -m bench
