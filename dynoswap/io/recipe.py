@@ -17,16 +17,18 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import RecipeError, UntrustedCodeError
+from ..errors import DynoswapError, RecipeError, UntrustedCodeError
 from ..sources import LIBRARIES, ModelSource
 from ..validate import MAX_INPUT_SIDE, MAX_UPSAMPLE, check_input_budget
 from .bounded import MAX_JSON_BYTES, loads_json, read_capped
+from .output import register_output_kind
 
 if TYPE_CHECKING:
     from torch import nn
@@ -51,6 +53,34 @@ def is_saved_model(path: str | Path) -> bool:
     """Whether ``path`` is a folder written by ``dynoswap.save`` (it holds the recipe file)."""
     folder = Path(path)
     return folder.is_dir() and (folder / RECIPE_FILE).is_file()
+
+
+#: The output kind ``save(..., overwrite=True)`` and ``convert -o --force`` may replace.
+SAVED_MODEL = "saved model"
+
+
+def is_own_saved_model(path: Path) -> bool:
+    """Whether ``path`` is, by its content, a saved model dynoswap wrote: what ``--force`` may replace.
+
+    A real folder (not a link) holding only the recipe and weights files, whose recipe
+    parses as a dynoswap saved-model recipe. A folder that only has the right file names
+    (another tool's ``recipe.json``) is not one.
+    """
+    if path.is_symlink() or not path.is_dir():
+        return False
+    entries = {p.name for p in path.iterdir()}
+    if RECIPE_FILE not in entries or not entries <= {RECIPE_FILE, WEIGHTS_FILE}:
+        return False
+    if not all(stat.S_ISREG((path / name).lstat().st_mode) for name in entries):
+        return False
+    try:
+        Recipe.read(path)
+    except (DynoswapError, ValueError, OSError):
+        return False
+    return True
+
+
+register_output_kind(SAVED_MODEL, is_own_saved_model)
 
 
 # -- field checks -------------------------------------------------------------------

@@ -30,12 +30,13 @@ from ..errors import (
 from ..layers import DynOPool2d
 from ..sources import SAVED, build_model, check_source
 from ..validate import check_alpha
-from .output import register_output_kind, replace_output
+from .output import replace_output
 from .recipe import (
     FORMAT,
     FORMAT_VERSION,
     RECIPE_FILE,
     RECIPE_KEY,
+    SAVED_MODEL,
     WEIGHTS_FILE,
     Recipe,
     check_leaf,
@@ -43,6 +44,7 @@ from .recipe import (
     recipe_of,
     resolve_leaf,
 )
+from .run import saved_model_folder
 
 if TYPE_CHECKING:
     from torch import fx
@@ -63,35 +65,6 @@ __all__ = [
     "verify_saved",
     "write_saved",
 ]
-
-#: The output kind ``save(..., overwrite=True)`` and ``convert -o --force`` may replace.
-SAVED_MODEL = "saved model"
-
-
-def is_own_saved_model(path: Path) -> bool:
-    """Whether ``path`` is, by its content, a saved model dynoswap wrote: what ``--force`` may replace.
-
-    A real folder (not a link) holding only the recipe and weights files, whose recipe
-    parses as a dynoswap saved-model recipe. A folder that only has the right file names
-    (another tool's ``recipe.json``) is not one.
-    """
-    import stat
-
-    if path.is_symlink() or not path.is_dir():
-        return False
-    entries = {p.name for p in path.iterdir()}
-    if RECIPE_FILE not in entries or not entries <= {RECIPE_FILE, WEIGHTS_FILE}:
-        return False
-    if not all(stat.S_ISREG((path / name).lstat().st_mode) for name in entries):
-        return False
-    try:
-        Recipe.read(path)
-    except (DynoswapError, ValueError, OSError):
-        return False
-    return True
-
-
-register_output_kind(SAVED_MODEL, is_own_saved_model)
 
 
 def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -227,7 +200,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, overwrite: bool = Tr
 
 def read_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and validate the recipe document of a saved model folder (as a dict)."""
-    recipe = Recipe.read(path)
+    recipe = Recipe.read(saved_model_folder(path))
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "recipe": recipe.to_dict(), "aliases": recipe.aliases}
 
 
@@ -235,8 +208,9 @@ def read_weights(path: str | os.PathLike[str], recipe: Recipe | None = None) -> 
     """Read the full state dict of a saved model folder, keys stored once expanded to every alias."""
     from safetensors.torch import load_file
 
+    path = saved_model_folder(path)
     recipe = recipe or Recipe.read(path)
-    file = Path(path) / WEIGHTS_FILE
+    file = path / WEIGHTS_FILE
     if not file.is_file():
         raise CheckpointError(f"{path} is an incomplete saved model: {WEIGHTS_FILE} is missing")
     try:
@@ -285,18 +259,21 @@ def load(path: str | os.PathLike[str], *, trust_code: bool = False, strict_value
     """Rebuild a saved converted model: source checked and built, conversion replayed, weights loaded strictly.
 
     Args:
-        path: A folder written by :func:`save`.
+        path: A folder written by :func:`save`, or a training run folder (``dynoswap train -o RUN``):
+            its final model, the ``model/`` of its newest intact checkpoint, verified against the
+            checkpoint's manifest.
         trust_code: Allow a recipe that names a user factory or user leaf modules (they are imported and called).
         strict_values: Refuse weights holding NaN or infinity (by default they are reported with a warning).
 
     Raises:
         RecipeError: The folder is not a saved model, or its recipe is malformed or of an unknown version.
+        ModelError: A run folder without a checkpoint, or whose checkpoint holds weights only.
         UntrustedCodeError: The recipe would import or call code and ``trust_code`` is False.
         CheckpointError: The weights cannot be read, are damaged, or do not fit the recipe's model.
     """
     from ..engine.convert import convert
 
-    folder = Path(path)
+    folder = saved_model_folder(path)
     recipe = Recipe.read(folder)
     where = str(folder / RECIPE_FILE)
     weights_file = folder / WEIGHTS_FILE
