@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from .common import (
+    DEFAULT_INPUT_SIZE,
     AllowMissingOption,
     DebugOption,
     InputSizeOption,
@@ -16,7 +17,9 @@ from .common import (
     StrictValuesOption,
     TrustCodeOption,
     WeightsOption,
+    check_file,
     check_forward,
+    check_weights,
     err_console,
     handle_errors,
     load_model,
@@ -49,15 +52,19 @@ def inspect_cmd(
     from .render import dynopool_table, layer_table, mismatch_table, safe, summary_table
     from .summary import summarize
 
+    # Every argument that needs no torch is checked before the slow imports.
+    given_size = parse_input_size(input_size) if input_size else None
+    check_weights(weights)
+    check_file(latency_table, "--latency-table")
     if plot is not None:
         from ..io.figures import check_plot_path
         from .plot import require_matplotlib
 
-        require_matplotlib()
         check_plot_path(plot, force)
+        require_matplotlib()
     table = load_table(latency_table)
     loaded = load_model(model, num_classes, model_kwargs, weights, allow_missing, trust_code, strict_values)
-    size = parse_input_size(input_size, input_size_of(loaded.model) or (224, 224))
+    size = given_size or input_size_of(loaded.model) or DEFAULT_INPUT_SIZE
     check_forward(loaded.model, size)
     summary = summarize(loaded.model, size, model, loaded.source.library, depth=depth)
     latency = None

@@ -139,9 +139,27 @@ def build_model(
 
 
 def _is_saved(spec: str) -> bool:
+    from ..io.run import is_run_folder
     from ..models import is_saved_model
 
-    return is_saved_model(spec)
+    return is_saved_model(spec) or is_run_folder(spec)
+
+
+def next_steps(run_dir: Path) -> list[str]:
+    """Where a finished run's model is and the commands that use it (the run folder stands for its model)."""
+    import shlex
+
+    from ..io.run import CHECKPOINT_DIR, MODEL_DIR, WEIGHTS_FILE
+
+    checkpoint = run_dir / CHECKPOINT_DIR
+    if not (checkpoint / MODEL_DIR).is_dir():
+        return [f"weights: {safe(checkpoint / WEIGHTS_FILE)} (a state dict: the model has no recorded source)"]
+    run = shlex.quote(str(run_dir))
+    return [
+        f"model: {safe(checkpoint / MODEL_DIR)} (the final epoch's)",
+        f"next: dynoswap export {safe(run)} -o {safe(shlex.quote(run_dir.name + '.onnx'))}"
+        f"   (or dynoswap inspect {safe(run)}; in Python dynoswap.load({safe(repr(str(run_dir)))}))",
+    ]
 
 
 def _check_saved_model(model: nn.Module, spec: str, input_size: tuple[int, int], num_classes: int) -> None:
@@ -312,21 +330,19 @@ def train_cmd(
     1e-7 to 2.2e-4). To get a model of a given cost instead, give --target-gmacs G: lambda then
     adapts every step and the final GMACs land within 3% of G.
     """
-    import torch
-
     from ..io.figures import check_plot_path
-    from ..train.checkpointing import prepare_run_folder
-    from ..train.data import load_data, make_loaders
-    from ..train.distributed import init_from_env
-    from ..train.loop import fit, read_log
-    from .common import err_console, out_console
+    from ..train.data import check_data_spec
+    from .common import check_file, err_console, out_console, parse_input_size
     from .convert import _load_preset
 
+    # Every argument that needs no torch is checked before the slow imports.
     check_training_flags(target_gmacs, min_scale, max_scale, max_alpha_step, warmup, search_end)
     target, cost_unit = check_cost_flags(cost, latency_table, target_gmacs, target_latency)
-    table = load_table(latency_table)
+    check_file(latency_table, "--latency-table")
     if floor_gradient not in ("pass", "stop"):
         raise UsageError(f"--floor-gradient must be pass or stop, got {floor_gradient!r}")
+    check_data_spec(data)
+    input_size = parse_input_size(input_size) if input_size else None
     preset_obj = _load_preset(preset, None, trust_code)
     hyper = merge_hyper(
         preset_obj,
@@ -345,6 +361,14 @@ def train_cmd(
         raise UsageError("give either --resume (continue the run) or --force (start it over), not both")
     if plot is not None:
         check_plot_path(plot, force)  # before any work: a .png name, not someone else's file
+    import torch
+
+    from ..train.checkpointing import prepare_run_folder
+    from ..train.data import load_data, make_loaders
+    from ..train.distributed import init_from_env
+    from ..train.loop import fit, read_log
+
+    table = load_table(latency_table)
     if not resume and os.environ.get("RANK", "0") == "0":
         prepare_run_folder(run_dir, force)  # before any slow work; only the process that writes the run
     ctx = init_from_env(device)
@@ -431,6 +455,8 @@ def train_cmd(
                     f"final {cost_unit} {final:.4g}, target {target:g} ({final / target - 1:+.1%})"
                 )
             console.print(f"log: {safe(run_dir / 'log.jsonl')}  checkpoint: {safe(run_dir / 'checkpoint')}")  # type: ignore[union-attr]
+            for line in next_steps(run_dir):
+                console.print(line)  # type: ignore[union-attr]
     finally:
         if ctx.enabled:
             import torch.distributed as dist
