@@ -157,18 +157,34 @@ def next_steps(run_dir: Path) -> list[str]:
     run = shlex.quote(str(run_dir))
     return [
         f"model: {safe(checkpoint / MODEL_DIR)} (the final epoch's)",
-        f"next: dynoswap export {safe(run)} -o {safe(shlex.quote(run_dir.name + '.onnx'))}"
-        f"   (or dynoswap inspect {safe(run)}; in Python dynoswap.load({safe(repr(str(run_dir)))}))",
+        f"next: dynoswap export {safe(run)} -o {safe(shlex.quote(run_dir.name + '.onnx'))}",
+        f"(dynoswap inspect {safe(run)} and dynoswap.load({safe(repr(str(run_dir)))}) take the run folder too)",
     ]
 
 
-def _check_saved_model(model: nn.Module, spec: str, input_size: tuple[int, int], num_classes: int) -> None:
+def check_channels(model: nn.Module, spec: str, data: Any) -> int:
+    """Refuse, before training, a model whose input channels differ from the data's; returns the channels."""
+    from ..cost.count import infer_in_chans
+
+    channels = int(data.train[0][0].shape[0])
+    wanted = infer_in_chans(model)
+    if wanted != channels:
+        raise UsageError(
+            f"{spec} takes {wanted}-channel images but {data.name} has {channels}-channel images; build the model "
+            f"for {channels} channels (timm: --model-kwargs in_chans={channels}) or use {wanted}-channel data"
+        )
+    return channels
+
+
+def _check_saved_model(
+    model: nn.Module, spec: str, input_size: tuple[int, int], num_classes: int, channels: int = 3
+) -> None:
     import torch
 
     with torch.no_grad():
         was = model.training
         model.eval()
-        out = model(torch.zeros(1, 3, *input_size))
+        out = model(torch.zeros(1, channels, *input_size))
         model.train(was)
     if out.shape[-1] != num_classes:
         raise UsageError(f"{spec} has {out.shape[-1]} outputs but the data has {num_classes} classes")
@@ -312,7 +328,13 @@ def train_cmd(
     plot: Path | None = typer.Option(None, "--plot", metavar="FILE.png", help="Plot sizes, accuracy and GMACs."),
     max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="At most this many steps per epoch."),
     compile: bool = typer.Option(
-        False, "--compile", help="torch.compile with automatic dynamic shapes (not one compile per size)."
+        False,
+        "--compile",
+        help=(
+            "torch.compile (inductor) with automatic dynamic shapes: each piece compiles once static, once "
+            "dynamic, not once per size, up to 64 recompiles; on CPU inductor still recompiles convolutions "
+            "on new sizes."
+        ),
     ),
     recompute: bool = typer.Option(
         False,
@@ -388,8 +410,9 @@ def train_cmd(
             trust_code,
             pretrained,
         )
+        channels = check_channels(net, model, bundle)
         if _is_saved(model):
-            _check_saved_model(net, model, bundle.input_size, bundle.num_classes)
+            _check_saved_model(net, model, bundle.input_size, bundle.num_classes, channels)
         train_loader, val_loader = make_loaders(
             bundle,
             hyper.batch_size,
