@@ -51,7 +51,7 @@ BAD_ARGUMENTS = [
     (["convert", "resnet50", "--input-size", "0", "0"], "--input-size must be two positive integers H W"),
     (["convert", "resnet50", "--weights", "nope.pth"], "--weights nope.pth: no such file"),
     (["convert", "resnet50", "--weights", "."], "--weights . is a folder, not a file"),
-    (["convert", "resnet50", "--head", "wide"], "--head must be one of none, adapt"),
+    (["convert", "resnet50", "--head", "wide"], "--head must be none or adapt"),
     (["convert", "resnet50", "--placement", "mid"], "--placement must be one of post, pre"),
     (["convert", "resnet50", "--init-scale", "nan"], "--init-scale must be a finite number"),
     (["convert", "resnet50", "--sizes", "1x1"], "cannot be hit exactly"),
@@ -229,3 +229,73 @@ def test_help_texts_say_what_the_commands_do():
     train_help = " ".join(runner.invoke(app, ["train", "--help"], env={**ENV, "COLUMNS": "300"}).stdout.split())
     assert "each piece compiles once static, once dynamic, not once per size" in train_help
     assert "recompiles whenever" not in train_help
+
+
+# -- inspect of a saved folder reads its files --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("saved") / "tiny"
+    result = runner.invoke(app, ["convert", "vgg-tiny", "--input-size", "32", "24", "-o", str(folder)], env=ENV)
+    assert result.exit_code == 0, result.output
+    return folder
+
+
+def subprocess_stdout(args: list[str], cwd: Path) -> str:
+    env = {**os.environ, **ENV, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "dynoswap", *args], capture_output=True, text=True, env=env, cwd=cwd
+    ).stdout
+
+
+def test_inspect_of_a_saved_folder_shows_its_record_without_importing_torch(saved, tmp_path):
+    code, errors, imported_torch = run_cli_bare(["inspect", str(saved), "--json"], tmp_path)
+    assert code == 0 and not errors and not imported_torch
+    recorded = json.loads(subprocess_stdout(["inspect", str(saved), "--json"], tmp_path))
+    # --strict-values reads every weight with torch: the model is built and summarised afresh.
+    built = runner.invoke(app, ["inspect", str(saved), "--json", "--strict-values"], env=ENV)
+    assert built.exit_code == 0 and recorded == json.loads(built.stdout)
+    assert recorded["input_size"] == [32, 24] and recorded["dynopools"]
+
+
+def copy_saved(saved: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(saved, folder)
+    return folder
+
+
+def rewrite_alpha(folder: Path, value: float) -> None:
+    from safetensors.torch import load_file, save_file
+
+    file = folder / "model.safetensors"
+    state = load_file(str(file))
+    for key in [k for k in state if k.endswith("_dynopool.alpha")]:
+        state[key] = torch.full_like(state[key], value)
+    save_file(state, str(file), metadata={"format": "dynoswap-saved-model"})
+
+
+def test_weights_changed_after_the_record_are_inspected_by_building_the_model(saved, tmp_path):
+    folder = copy_saved(saved, tmp_path)
+    rewrite_alpha(folder, 2.5)
+    code, errors, imported_torch = run_cli_bare(["inspect", str(folder), "--json"], tmp_path)
+    assert code == 0 and not errors and imported_torch
+    data = json.loads(subprocess_stdout(["inspect", str(folder), "--json"], tmp_path))
+    assert data["dynopools"][0]["alpha"] == [2.5, 2.5]
+
+
+def test_a_damaged_alpha_is_refused_without_building(saved, tmp_path):
+    folder = copy_saved(saved, tmp_path)
+    rewrite_alpha(folder, float("nan"))
+    code, errors, imported_torch = run_cli_bare(["inspect", str(folder)], tmp_path)
+    assert code == EXIT_FAILURE and len(errors) == 1 and "the file is damaged" in errors[0] and not imported_torch
+
+
+def test_the_record_does_not_bypass_the_trust_policy(saved, tmp_path):
+    folder = copy_saved(saved, tmp_path)
+    document = json.loads((folder / "recipe.json").read_text())
+    document["recipe"]["source"] = {"library": "user", "name": "evilpkg.models:make", "kwargs": {}}
+    (folder / "recipe.json").write_text(json.dumps(document))
+    code, errors, imported_torch = run_cli_bare(["inspect", str(folder)], tmp_path)
+    assert code == EXIT_USAGE and len(errors) == 1 and "refused to import module 'evilpkg.models'" in errors[0]
+    assert not imported_torch

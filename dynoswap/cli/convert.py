@@ -192,7 +192,7 @@ def convert_cmd(
         _load_preset(preset, config, trust_code), input_size, num_classes, placement, init_scale, override, sizes
     )
     if head not in HEADS:
-        raise UsageError(f"--head must be one of {', '.join(HEADS)}, got {head!r}")
+        raise UsageError(f"--head must be {' or '.join(HEADS)}, got {head!r}")
     check_weights(weights)
     check_file(latency_table, "--latency-table")
     with contextlib.ExitStack() as stack:
@@ -201,7 +201,7 @@ def convert_cmd(
         from ..cost import original_stage_sizes
         from ..io.saving import verify_saved, write_saved
         from .render import compare_table, dynopool_table, mismatch_table, replacement_table, safe, skipped_table
-        from .summary import summarize
+        from .summary import recorded_summary, summarize
 
         table = load_table(latency_table)
         loaded = load_model(model, plan.num_classes, model_kwargs, weights, allow_missing, trust_code, strict_values)
@@ -220,7 +220,7 @@ def convert_cmd(
 
             latency = predict_latency(gm, table, plan.input_size)
         if work is not None:
-            write_saved(gm, work)
+            write_saved(gm, work, recorded_summary(after))
             verify_saved(gm, work)
     for note in upsampling_notes(gm):
         err_console().print(note)

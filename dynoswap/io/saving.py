@@ -11,7 +11,6 @@ and reads what it wrote back before reporting success.
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +29,7 @@ from ..errors import (
 from ..layers import DynOPool2d
 from ..sources import SAVED, build_model, check_source
 from ..validate import check_alpha
+from .checkpoint import report_nonfinite
 from .output import replace_output
 from .recipe import (
     FORMAT,
@@ -99,15 +99,22 @@ def _savable_recipe(model: nn.Module) -> Recipe:
         raise SaveError(f"cannot save: {exc}") from exc
 
 
-def write_saved(model: nn.Module, folder: Path) -> None:
-    """Write the recipe and weights of ``model`` into a new folder (no checks, no swap)."""
+def write_saved(model: nn.Module, folder: Path, summary: dict[str, Any] | None = None) -> None:
+    """Write the recipe and weights of ``model`` into a new folder (no checks, no swap).
+
+    Args:
+        model: A converted model.
+        folder: The folder to create.
+        summary: What ``inspect`` shows of the model at its recipe's input size (``input_size``,
+            ``gmacs``, ``params``, ``stages``, ``dynopools``), recorded so that ``inspect`` need not build it.
+    """
     from safetensors.torch import save_file
 
     recipe = _savable_recipe(model)
     tensors, aliases = _dedupe(model.state_dict())
     recipe.aliases = aliases
     folder.mkdir()
-    (folder / RECIPE_FILE).write_text(recipe.to_json())
+    (folder / RECIPE_FILE).write_text(recipe.to_json(summary))
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT})
 
 
@@ -231,12 +238,7 @@ def check_values(state: dict[str, torch.Tensor], where: str, strict: bool = Fals
         The keys of the non-finite tensors.
     """
     bad = [k for k, v in state.items() if v.dtype.is_floating_point and not bool(torch.isfinite(v).all())]
-    if bad:
-        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        message = f"{where}: {len(bad)} weight tensor(s) hold NaN or infinity ({shown})"
-        if strict:
-            raise CheckpointError(message)
-        warnings.warn(message, stacklevel=3)
+    report_nonfinite(bad, where, strict, stacklevel=4)
     return bad
 
 
