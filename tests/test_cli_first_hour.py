@@ -133,6 +133,17 @@ def test_load_inspect_and_export_take_a_run_folder(trained, tmp_path):
     assert exported.stdout.splitlines()[1].startswith("input: (1, 3, 32, 32); ")  # the real channel count, not C
 
 
+def test_training_a_runs_model_goes_to_another_run_folder(trained, tmp_path):
+    out, _ = trained
+    same = runner.invoke(app, ["train", str(out), "--data", "barcodes", "--out", str(out), "--force"], env=ENV)
+    assert same.exit_code == EXIT_USAGE and "give another --out for the new run" in same.stderr
+    assert run_model_folder(out).is_dir()  # --force removed nothing
+    args = ["train", str(out), "--data", "barcodes", "--out", str(tmp_path / "again"), "--epochs", "1"]
+    again = runner.invoke(app, [*args, "--max-steps", "1", "--batch-size", "16", "--no-progress"], env=ENV)
+    assert again.exit_code == 0, again.output
+    assert f"training {out} on barcodes" in again.stdout
+
+
 def copy_run(out: Path, tmp_path: Path) -> Path:
     import shutil
 

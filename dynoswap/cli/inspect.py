@@ -76,22 +76,22 @@ def read_recorded(spec: str, size: tuple[int, int] | None, trust_code: bool) -> 
     The recorded summary is used when it is there, was taken at the requested input size and
     its DynOPool alphas are the ones in the weights file; the recipe passes the same trust
     checks as a load (nothing is imported), the weights' header is checked, their alphas
-    validated and any NaN or infinity reported. Anything else (no record, a frozen model,
-    bfloat16 weights, a run folder) returns None: the model is built.
+    validated and any NaN or infinity reported. Anything else (no record, as in a training
+    checkpoint or a ``dynoswap.save()`` folder; a frozen model; bfloat16 weights) returns None: the
+    model is built.
     """
-    from pathlib import Path
-
     from ..io.checkpoint import read_safetensors_light, report_nonfinite
     from ..io.output import repair_if_needed
     from ..io.recipe import RECIPE_FILE, WEIGHTS_FILE, Recipe, check_leaf, is_saved_model, read_summary
+    from ..io.run import saved_model_folder
     from ..sources import SAVED, check_source
     from ..validate import check_alpha
     from .summary import from_recorded
 
     repair_if_needed(spec)
-    if not is_saved_model(spec):
+    folder = saved_model_folder(spec)  # a run folder's final model (its checkpoint verified first)
+    if not is_saved_model(folder):
         return None
-    folder = Path(spec)
     record = read_summary(folder)
     if record is None or (size is not None and tuple(record["input_size"]) != size):
         return None

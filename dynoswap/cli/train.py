@@ -381,6 +381,8 @@ def train_cmd(
     run_dir = out or Path("runs") / f"{Path(model).name.replace(':', '_')}-{data.split(':')[0]}"
     if resume and force:
         raise UsageError("give either --resume (continue the run) or --force (start it over), not both")
+    if not resume and _is_saved(model) and Path(model).resolve() == run_dir.resolve():
+        raise UsageError(f"{model} is the model to train and the run folder: give another --out for the new run")
     if plot is not None:
         check_plot_path(plot, force)  # before any work: a .png name, not someone else's file
     import torch
