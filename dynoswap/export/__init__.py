@@ -7,6 +7,8 @@ can check a command's arguments without importing torch.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 #: public name -> submodule that defines it
@@ -58,3 +60,20 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(__all__)
+
+
+class _Package(types.ModuleType):
+    """The package: ``freeze`` stays the function when the submodule of that name is imported.
+
+    Importing ``dynoswap.export.freeze`` sets the package attribute ``freeze`` to the submodule;
+    an eager ``from .freeze import freeze`` used to rebind it, a lazy package skips the binding
+    (the submodule stays importable by its path) and ``__getattr__`` returns the function.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
