@@ -81,6 +81,17 @@ def test_a_bad_argument_exits_2_before_torch_is_imported(tmp_path, args, message
     assert list(tmp_path.iterdir()) == []  # nothing written either
 
 
+def test_an_existing_run_is_refused_before_torch_is_imported(trained, tmp_path):
+    code, errors, imported_torch = run_cli_bare(
+        ["train", "vgg-tiny", "--data", "barcodes", "--out", str(trained[0])], tmp_path
+    )
+    assert code == EXIT_USAGE and not imported_torch
+    assert errors == [
+        f"error: {trained[0]} already holds a training run (log.jsonl, checkpoint): continue it (resume=True) or "
+        "start it over (force=True); pass --resume to continue it or --force to start it over"
+    ]
+
+
 def test_the_probe_sees_torch_when_a_command_does_work(tmp_path):
     # The control: a valid command that needs torch is reported as importing it.
     code, errors, imported_torch = run_cli_bare(["inspect", "vgg-tiny", "--input-size", "32", "32", "--json"], tmp_path)

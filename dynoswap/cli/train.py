@@ -353,6 +353,7 @@ def train_cmd(
     adapts every step and the final GMACs land within 3% of G.
     """
     from ..io.figures import check_plot_path
+    from ..io.run import check_new_run
     from ..train.data import check_data_spec
     from .common import check_file, err_console, out_console, parse_input_size
     from .convert import _load_preset
@@ -385,6 +386,8 @@ def train_cmd(
         raise UsageError(f"{model} is the model to train and the run folder: give another --out for the new run")
     if plot is not None:
         check_plot_path(plot, force)  # before any work: a .png name, not someone else's file
+    if not resume:
+        check_new_run(run_dir, force)  # checked again under the run's lock below
     import torch
 
     from ..train.checkpointing import prepare_run_folder

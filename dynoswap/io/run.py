@@ -20,8 +20,9 @@ import stat
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ..errors import CheckpointError, ModelError
+from ..errors import CheckpointError, ModelError, OutputExistsError, RunExistsError
 from .bounded import read_json
+from .output import describe
 
 CHECKPOINT_DIR = "checkpoint"
 PREVIOUS_DIR = "checkpoint.prev"
@@ -122,6 +123,43 @@ def _check_entry(name: Any, expected: Any, manifest_path: Path) -> None:
         raise CheckpointError(f"{manifest_path}: entry {name!r} is not a file inside the checkpoint; refusing it")
     if not (isinstance(expected, str) and len(expected) == 64 and all(c in "0123456789abcdef" for c in expected)):
         raise CheckpointError(f"{manifest_path}: the sha256 of {name!r} is not a sha256 digest")
+
+
+def temp_folders(out: Path) -> list[Path]:
+    """Private checkpoint work folders a killed save left (real folders only)."""
+    try:
+        return [p for p in out.glob(f"{TEMP_DIR}-*") if p.is_dir() and not p.is_symlink()]
+    except OSError:
+        return []
+
+
+def check_new_run(out_dir: str | os.PathLike[str], force: bool = False) -> list[str]:
+    """Check that ``out_dir`` may take a new run, without locking or writing; returns the entries to remove.
+
+    Entries of a run folder without dynoswap's marker are never removed: they are not provably dynoswap's.
+
+    Raises:
+        OutputExistsError: ``out_dir`` is not a folder, or holds run entries that are not dynoswap's.
+        RunExistsError: ``out_dir`` holds a run and ``force`` is False.
+    """
+    out = Path(out_dir)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise OutputExistsError(f"run folder {out} is {describe(out)}, not a folder")
+    if not out.is_dir():
+        return []
+    present = [name for name in RUN_ENTRIES if os.path.lexists(out / name)]
+    present += [p.name for p in temp_folders(out)]
+    if present and not is_marked_run(out):
+        raise OutputExistsError(
+            f"{out} holds {', '.join(present)} but no dynoswap run marker ({MARKER_FILE}): they are not a dynoswap "
+            "run; refusing to replace them"
+        )
+    if present and not force:
+        raise RunExistsError(
+            f"{out} already holds a training run ({', '.join(present)}): continue it (resume=True) or start it over "
+            "(force=True)"
+        )
+    return present
 
 
 def is_run_folder(path: str | os.PathLike[str]) -> bool:

@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..errors import CheckpointError, OutputExistsError, OutputLockedError, RunExistsError, foreign_message
+from ..errors import CheckpointError, OutputExistsError, OutputLockedError, foreign_message
 from ..io.bounded import MAX_LOG_BYTES, MAX_LOG_LINE_BYTES, loads_json, read_capped
 from ..io.output import describe, open_private, settle
 from ..io.run import (
@@ -56,10 +56,12 @@ from ..io.run import (
     STATE_FILE,
     TEMP_DIR,
     WEIGHTS_FILE,
+    check_new_run,
     checkpoint_files,
     file_sha256,
     has_manifest,
     is_marked_run,
+    temp_folders,
     verify_checkpoint,
 )
 
@@ -173,14 +175,6 @@ def _remove_entry(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def _temp_folders(out: Path) -> list[Path]:
-    """Private checkpoint work folders a killed save left (real folders only)."""
-    try:
-        return [p for p in out.glob(f"{TEMP_DIR}-*") if p.is_dir() and not p.is_symlink()]
-    except OSError:
-        return []
-
-
 # -- the run folder: marker and lock ---------------------------------------------------
 _HELD: dict[str, int] = {}
 
@@ -289,7 +283,7 @@ def save_checkpoint(
     """
     out = claim_run_folder(Path(out_dir))
     final, previous = out / CHECKPOINT_DIR, out / PREVIOUS_DIR
-    for stale in [*_temp_folders(out), out / TEMP_DIR]:
+    for stale in [*temp_folders(out), out / TEMP_DIR]:
         _remove_entry(stale)  # a killed save's partial work (ours: the run folder is marked)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_DIR}-", dir=out))
     try:
@@ -405,20 +399,6 @@ def load_checkpoint(folder: str | Path, model: nn.Module) -> dict[str, Any]:
     return state
 
 
-def _refuse_foreign_entries(out: Path) -> list[str]:
-    """Return the run entries in ``out``, refusing them when the folder carries no run marker."""
-    if not out.is_dir():
-        return []
-    present = [name for name in RUN_ENTRIES if os.path.lexists(out / name)]
-    present += [p.name for p in _temp_folders(out)]
-    if present and not is_marked_run(out):
-        raise OutputExistsError(
-            f"{out} holds {', '.join(present)} but no dynoswap run marker ({MARKER_FILE}): they are not a dynoswap "
-            "run; refusing to replace them"
-        )
-    return present
-
-
 def prepare_run_folder(out_dir: str | Path, force: bool = False) -> Path:
     """Make ``out_dir`` ready for a new run and lock it for this process.
 
@@ -432,17 +412,10 @@ def prepare_run_folder(out_dir: str | Path, force: bool = False) -> Path:
         OutputLockedError: Another process is training into ``out_dir``.
     """
     out = Path(out_dir)
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise OutputExistsError(f"run folder {out} is {describe(out)}, not a folder")
-    _refuse_foreign_entries(out)  # before the lock: a foreign folder gets nothing written into it
+    check_new_run(out, force=True)  # before the lock: a foreign folder gets nothing written into it
     out.mkdir(parents=True, exist_ok=True)
     hold_run_lock(out)
-    present = _refuse_foreign_entries(out)
-    if present and not force:
-        raise RunExistsError(
-            f"{out} already holds a training run ({', '.join(present)}): continue it (resume=True) or start it over "
-            "(force=True)"
-        )
+    present = check_new_run(out, force)
     for name in present:
         _remove_entry(out / name)
     return claim_run_folder(out)
