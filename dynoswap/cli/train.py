@@ -386,8 +386,8 @@ def train_cmd(
         raise UsageError(f"{model} is the model to train and the run folder: give another --out for the new run")
     if plot is not None:
         check_plot_path(plot, force)  # before any work: a .png name, not someone else's file
-    if not resume:
-        check_new_run(run_dir, force)  # checked again under the run's lock below
+    if not resume and os.environ.get("RANK", "0") == "0":
+        check_new_run(run_dir, force)  # checked again under the run's lock below, by the process that writes it
     import torch
 
     from ..train.checkpointing import prepare_run_folder
