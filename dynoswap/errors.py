@@ -65,6 +65,13 @@ class OutputExistsError(DynoswapError, FileExistsError):
         self.replaceable = replaceable
 
 
+class RunExistsError(OutputExistsError):
+    """A run folder already holds a training run: resume it, or start it over."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, replaceable=True)
+
+
 class OutputLockedError(OutputExistsError):
     """The output path is being written by another process."""
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import ModelError
 from .io.output import repair_if_needed
 from .io.recipe import RECIPE_FILE, is_saved_model
+from .io.run import is_run_folder
 from .sources import (
     KNOWN,
     LIBRARIES,
@@ -115,7 +116,8 @@ def resolve(
     """Build the model a spec names; a saved dynoswap model directory is loaded.
 
     Args:
-        spec: A model name (see ``resolve_source``) or the path of a saved dynoswap model.
+        spec: A model name (see ``resolve_source``), the path of a saved dynoswap model, or a
+            training run folder (its final model, see :func:`dynoswap.io.run.run_model_folder`).
         num_classes: Number of classes (not allowed with a saved model).
         model_kwargs: Further builder keyword arguments (not allowed with a saved model).
         trust_code: Allow user factories and user leaf modules (see :mod:`dynoswap.sources`).
@@ -128,7 +130,7 @@ def resolve(
     spec = str(spec)
     # A writer killed in the middle of replacing a saved model: finish or roll back its swap first.
     repair_if_needed(spec)
-    if is_saved_model(spec):
+    if is_saved_model(spec) or is_run_folder(spec):  # a training run is used through its final model
         if num_classes is not None or model_kwargs:
             raise ModelError(f"{spec} is a saved dynoswap model: num_classes and model kwargs do not apply to it")
         from .io.saving import load

@@ -245,13 +245,15 @@ def _user_target(spec: str) -> tuple[str, str]:
     return module, attr
 
 
-def check_source(source: ModelSource, *, trust_code: bool = False, where: str = "") -> None:
+def check_source(source: ModelSource, *, trust_code: bool = False, where: str = "", names: bool = True) -> None:
     """Refuse a source that would run untrusted code, download or read files; imports nothing of its own.
 
     Args:
         source: The source to check.
         trust_code: Allow ``user`` factories and keyword arguments outside the allow-list.
         where: Where the source was read from (a file), for the message.
+        names: Also check that the library knows the name (this imports torchvision or timm); every
+            trust rule applies either way.
 
     Raises:
         UntrustedCodeError: A user factory without ``trust_code``, or a file/download argument.
@@ -262,7 +264,7 @@ def check_source(source: ModelSource, *, trust_code: bool = False, where: str = 
     if library == "user":
         entry = _zoo_entry_for_factory(name)
         if entry is not None:
-            return check_source(ModelSource("dynoswap", entry, kwargs), trust_code=trust_code, where=where)
+            return check_source(ModelSource("dynoswap", entry, kwargs), trust_code=trust_code, where=where, names=names)
         module, attr = _user_target(name)
         if not trust_code:
             raise UntrustedCodeError(
@@ -294,7 +296,7 @@ def check_source(source: ModelSource, *, trust_code: bool = False, where: str = 
             f"{library}:{name}{at}: {', '.join(f'{k}={kwargs[k]!r}' for k in too_big)} is out of range "
             f"(architecture integers are at most {MAX_ARCH_INT})"
         )
-    if not KNOWN[library](name):
+    if names and not KNOWN[library](name):
         raise ModelError(f"unknown {library} model {name!r}{at}")
     if library == "dynoswap":
         return  # the zoo checks its own allow-list when it builds

@@ -2,6 +2,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dynoswap.cli.common import exit_code_of
 from dynoswap.train import DataError, load_data, make_loaders
@@ -102,13 +103,34 @@ def test_digits_without_sklearn_says_how_to_install(monkeypatch):
         ("mnist", "unknown data 'mnist'"),
         ("imagefolder", "needs a folder"),
         ("imagefolder:/nonexistent/x", "does not exist"),
-        ("digits-stretch", "use that input size or none"),
+        ("barcodes:/tmp", "barcodes is built in and reads no files"),
     ],
 )
 def test_bad_specs(spec, match):
     with pytest.raises(DataError, match=match) as info:
-        load_data(spec, (40, 40) if spec == "digits-stretch" else None)
+        load_data(spec)
     assert exit_code_of(info.value) == 2
+
+
+def test_barcodes_are_drawn_at_any_input_size():
+    bundle = load_data("barcodes", (20, 40))
+    image, _ = bundle.val[0]
+    assert bundle.input_size == (20, 40) and tuple(image.shape) == (3, 20, 40)
+    # Without noise, a 20x40 image is the top half of the 40x40 one: the same bars, running the full height.
+    short, labels = make_barcodes(4, size=40, height=20, noise=0.0, seed=3)
+    square, same_labels = make_barcodes(4, size=40, noise=0.0, seed=3)
+    assert torch.equal(labels, same_labels) and tuple(short.shape) == (4, 3, 20, 40)
+    assert torch.allclose(short, square[:, :, :20], rtol=1e-3)  # standardised with n - 1: n differs
+    assert torch.equal(short, short[:, :, :1].expand_as(short))
+
+
+def test_digits_at_another_input_size_are_the_native_samples_resized():
+    native = load_data("digits-stretch")
+    resized = load_data("digits-stretch", (48, 40))
+    assert native.input_size == (32, 32) and resized.input_size == (48, 40)
+    image, label = resized.val[3]
+    expected = F.interpolate(native.val[3][0][None], (48, 40), mode="bilinear", align_corners=False, antialias=True)[0]
+    assert label == native.val[3][1] and torch.equal(image, expected)
 
 
 def test_cifar_never_downloads_and_says_where_files_go(tmp_path):

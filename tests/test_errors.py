@@ -67,6 +67,7 @@ def test_bad_input_exits_2_and_failures_exit_1():
         "LatencyTableError",
         "OutputExistsError",
         "OutputLockedError",
+        "RunExistsError",
         "FrozenSizeError",
     }
     assert exit_code_of(errors.DynoswapError("x")) == 1
@@ -132,7 +133,8 @@ def test_sizes_larger_than_the_input_are_reported_as_upsampling():
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
-        (["inspect", *TINY, "--weights", "{tmp}"], 1, "is a folder, not a file"),
+        (["inspect", *TINY, "--weights", "{tmp}"], 2, "is a folder, not a file"),
+        (["inspect", *TINY, "--weights", "{tmp}/nope.pth"], 2, "--weights {tmp}/nope.pth: no such file"),
         (["convert", *TINY, "--config", "{tmp}/bad.yaml"], 2, "'input_size' must be two positive integers"),
         (["convert", *TINY, "--config", "{tmp}"], 2, "is a folder, not a YAML file"),
         (["convert", "tests.no_such_module:factory"], 2, "refused to import module 'tests.no_such_module'"),
@@ -143,7 +145,7 @@ def test_cli_messages_say_what_was_wrong(tmp_path, args, code, message):
     result = runner.invoke(app, [a.format(tmp=tmp_path) for a in args], env=ENV)
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert result.exit_code == code and len(lines) == 1 and message in lines[0], result.stderr
+    assert result.exit_code == code and len(lines) == 1 and message.format(tmp=tmp_path) in lines[0], result.stderr
 
 
 PRESET_KEYS = sorted(

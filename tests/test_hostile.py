@@ -29,6 +29,7 @@ from dynoswap.cli import app
 from dynoswap.errors import CheckpointError, OutputExistsError, OutputLockedError
 from dynoswap.io import output
 from dynoswap.io.output import repair_if_needed
+from dynoswap.io.run import file_sha256
 from dynoswap.models import ModelSource
 from dynoswap.train import checkpointing
 from dynoswap.train.checkpointing import (
@@ -526,7 +527,7 @@ def test_a_pickled_train_state_is_refused_without_unsafe_advice(tmp_path, tiny):
     folder = save_checkpoint(tmp_path / "run", tiny, {"epoch": 1})
     (folder / "train_state.pt").write_bytes(pickle.dumps({"epoch": 1, "x": Path("/")}))
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["sha256"]["train_state.pt"] = checkpointing._sha256(folder / "train_state.pt")
+    manifest["sha256"]["train_state.pt"] = file_sha256(folder / "train_state.pt")
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError) as caught:
         load_checkpoint(folder, tiny)

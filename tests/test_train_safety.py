@@ -90,7 +90,7 @@ def test_an_existing_run_is_refused_without_resume_or_force(tmp_path):
     again = runner.invoke(app, train_args(out), env=ENV)
     assert again.exit_code == 2
     assert "already holds a training run (log.jsonl, checkpoint)" in error_line(again)
-    assert "pass --force" in error_line(again)
+    assert error_line(again).endswith("; pass --resume to continue it or --force to start it over")
     assert (out / "log.jsonl").read_text() == log
     both = runner.invoke(app, [*train_args(out), "--resume", "--force"], env=ENV)
     assert both.exit_code == 2 and "not both" in error_line(both)

@@ -134,6 +134,7 @@ def _hints() -> dict[type, Callable[[BaseException], str]]:
         errors.UntrustedCodeError: lambda exc: (
             "pass --trust-code only if you trust where it came from" if getattr(exc, "trustable", True) else ""
         ),
+        errors.RunExistsError: lambda exc: "pass --resume to continue it or --force to start it over",
         errors.OutputLockedError: lambda exc: "",
         errors.OutputExistsError: lambda exc: (
             "pass --force to replace it" if getattr(exc, "replaceable", False) else "choose another path"
@@ -288,6 +289,29 @@ def parse_input_size(value: tuple[int, int] | None, default: tuple[int, int] = D
         raise UsageError(str(exc)) from exc
 
 
+def check_file(path: Path | None, option: str, folder_hint: str = "") -> Path | None:
+    """Refuse, before any slow work, a path that must name an existing file (exit 2); None passes.
+
+    Args:
+        path: The path given, or None when the option was not.
+        option: The option's name, for the message.
+        folder_hint: What to do instead when ``path`` is a folder.
+    """
+    if path is None:
+        return None
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a folder, not a file{'; ' + folder_hint if folder_hint else ''}")
+    if not path.is_file():
+        what = "a broken link" if path.is_symlink() else "no such file"
+        raise UsageError(f"{option} {path}: {what}")
+    return path
+
+
+def check_weights(path: Path | None) -> Path | None:
+    """Refuse a ``--weights`` path that is not a file before any slow work (exit 2)."""
+    return check_file(path, "--weights", "a saved dynoswap model folder is opened by naming it as the model")
+
+
 def check_forward(model: nn.Module, size: tuple[int, int], batch: int = 1) -> None:
     """Refuse an input size whose forward would ask for more activation memory than dynoswap allows."""
     from ..cost.memory import check_forward_budget
@@ -416,6 +440,7 @@ def load_model(
         trust_code: Allow user factories and user leaf modules (``--trust-code``).
         strict_values: Refuse weights holding NaN or infinity instead of warning (``--strict-values``).
     """
+    check_weights(weights)
     from ..io.checkpoint import apply_state_dict, load_state_dict_file
     from ..io.saving import check_values
     from ..models import resolve

@@ -24,6 +24,8 @@ from .common import (
     TrustCodeOption,
     UsageError,
     WeightsOption,
+    check_file,
+    check_weights,
     err_console,
     handle_errors,
     load_model,
@@ -182,25 +184,29 @@ def convert_cmd(
     debug: bool = DebugOption,
 ) -> None:
     """Replace a model's resizers (pooling, strided convs) by DynOPools and report the result."""
-    from ..cost import original_stage_sizes
     from ..io.output import replace_output
-    from ..io.recipe import HEADS, resolve_leaf
-    from ..io.saving import SAVED_MODEL, verify_saved, write_saved
-    from .render import compare_table, dynopool_table, mismatch_table, replacement_table, safe, skipped_table
-    from .summary import summarize
+    from ..io.recipe import HEADS, SAVED_MODEL, resolve_leaf
 
+    # Every argument that needs no torch is checked before the slow imports.
     plan = make_plan(
         _load_preset(preset, config, trust_code), input_size, num_classes, placement, init_scale, override, sizes
     )
-    table = load_table(latency_table)
+    if head not in HEADS:
+        raise UsageError(f"--head must be {' or '.join(HEADS)}, got {head!r}")
+    check_weights(weights)
+    check_file(latency_table, "--latency-table")
     with contextlib.ExitStack() as stack:
         # -o is locked and checked before any slow work, and held until the model is written.
         work = stack.enter_context(replace_output(output, SAVED_MODEL, force)) if output is not None else None
+        from ..cost import original_stage_sizes
+        from ..io.saving import verify_saved, write_saved
+        from .render import compare_table, dynopool_table, mismatch_table, replacement_table, safe, skipped_table
+        from .summary import recorded_summary, summarize
+
+        table = load_table(latency_table)
         loaded = load_model(model, plan.num_classes, model_kwargs, weights, allow_missing, trust_code, strict_values)
         if loaded.is_saved:
             raise UsageError(f"{model} is already a converted dynoswap model; use `dynoswap inspect {model}`")
-        if head not in HEADS:
-            raise UsageError(f"--head must be none or adapt, got {head!r}")
         leaves = [resolve_leaf(name, trust_code=trust_code, where="--leaf-module") for name in leaf_module or ()]
         gm, report = run_conversion(loaded.model, plan, loaded.source, leaves, head)
         # Row for row with the converted model's stages: what the original resizers produced there.
@@ -214,7 +220,7 @@ def convert_cmd(
 
             latency = predict_latency(gm, table, plan.input_size)
         if work is not None:
-            write_saved(gm, work)
+            write_saved(gm, work, recorded_summary(after))
             verify_saved(gm, work)
     for note in upsampling_notes(gm):
         err_console().print(note)

@@ -7,14 +7,15 @@ from pathlib import Path
 import typer
 
 from .common import (
+    DEFAULT_INPUT_SIZE,
     AllowMissingOption,
     DebugOption,
-    InputSizeOption,
     JsonOption,
     ModelKwargsOption,
     NumClassesOption,
     UsageError,
     WeightsOption,
+    check_weights,
     handle_errors,
     load_model,
     out_console,
@@ -30,7 +31,12 @@ def export_cmd(
     model: str = typer.Argument(..., help="Saved model directory (converted or frozen), or a model name."),
     fmt: str = typer.Option("onnx", "--format", "-f", help="onnx (torch.onnx dynamo exporter) or pt2 (torch.export)."),
     output: Path = typer.Option(..., "-o", "--output", help="File to write (.onnx or .pt2)."),
-    input_size: tuple[int, int] | None = InputSizeOption,
+    input_size: tuple[int, int] | None = typer.Option(
+        None,
+        "--input-size",
+        metavar="H W",
+        help="Input height and width (default: the size the model was frozen or converted at, else 224 224).",
+    ),
     batch: int = typer.Option(1, "--batch", min=1, help="Batch size of the traced input."),
     dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Accept any batch size."),
     opset: int = typer.Option(18, "--opset", min=18, help="ONNX opset (>= 18)."),
@@ -43,18 +49,23 @@ def export_cmd(
     debug: bool = DebugOption,
 ) -> None:
     """Freeze the learned sizes into standard ops, write ONNX or a torch.export program, verify it."""
-    from ..export import default_input_size, export_model, lookup_format
+    from ..export.formats import lookup_format
     from ..io.output import check_output
 
+    # Every argument that needs no torch is checked before the slow imports.
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     spec = lookup_format(fmt)
     spec.check_available()  # a missing extra, a wrong suffix or an occupied -o fails before any slow work
     if output.suffix.lower() != spec.suffix:
         raise UsageError(f"-o {output}: a {spec.name} file must be named *{spec.suffix} (or pick --format)")
+    given_size = parse_input_size(input_size) if input_size else None
+    check_weights(weights)
     check_output(output, spec.output_kind, force)
+    from ..export import default_input_size, export_model
+
     loaded = load_model(model, num_classes, model_kwargs, weights, allow_missing)
-    size = parse_input_size(input_size, default_input_size(loaded.model) or (224, 224))
+    size = given_size or default_input_size(loaded.model) or DEFAULT_INPUT_SIZE
     result = export_model(
         loaded.model,
         output,
@@ -77,7 +88,10 @@ def export_cmd(
 
     console = out_console()
     console.print(f"wrote {safe(result.path)} ({result.format}{opset_note}, {result.file_bytes / 1e6:.1f} MB)")
-    console.print(f"input: ({batch_dim}, C, {h}, {w}); {result.dynopools} DynOPools frozen at their sizes for {h}x{w}")
+    console.print(
+        f"input: ({batch_dim}, {result.in_channels}, {h}, {w}); "
+        f"{result.dynopools} DynOPools frozen at their sizes for {h}x{w}"
+    )
     if result.freeze_max_abs_diff is not None:
         console.print(f"frozen vs converted (eager): max abs diff {result.freeze_max_abs_diff:.3g}")
     batches = ", ".join(str(b) for b in result.verified_batches)

@@ -78,11 +78,11 @@ def table1_cmd(
     Rows where the paper disagrees with itself are marked with the reason, not tuned away.
     Supplement Table 3 (DynOPool's share of the GMACs) follows, with the counting convention.
     """
+    unknown = sorted(set(dataset or ()) - set(DATASETS))
+    if unknown:  # checked before the slow imports
+        raise UsageError(f"--dataset {', '.join(unknown)}: not a data set of the paper; use {', '.join(DATASETS)}")
     from ..zoo.paper_tables import TOLERANCE, compute_rows, dynopool_shares, paper_rows, share_convention
 
-    unknown = sorted(set(dataset or ()) - set(DATASETS))
-    if unknown:
-        raise UsageError(f"--dataset {', '.join(unknown)}: not a data set of the paper; use {', '.join(DATASETS)}")
     chosen = [DATASETS[d] for d in dataset] if dataset else None
     rows = paper_rows(datasets=chosen)
     progress = err_console()

@@ -73,16 +73,20 @@ def profile_cmd(
     debug: bool = DebugOption,
 ) -> None:
     """Measure each MAC-bearing layer's latency against its size on this machine and save a latency table."""
+    from ..io.recipe import input_size_of
+    from .common import DEFAULT_INPUT_SIZE, check_weights, parse_input_size
+    from .convert import PLACEMENTS, make_plan, run_conversion
+
+    # Every argument that needs no torch is checked before the slow imports.
+    if placement not in PLACEMENTS:
+        raise UsageError(f"--placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+    given_size = parse_input_size(input_size) if input_size else None
+    check_weights(weights)
     import torch
 
     from ..cost.latency import OUTPUT_KIND, lookup_backend, profile
     from ..io.output import check_output
-    from ..io.recipe import input_size_of
-    from .common import parse_input_size
-    from .convert import PLACEMENTS, make_plan, run_conversion
 
-    if placement not in PLACEMENTS:
-        raise UsageError(f"--placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
     lookup_backend(backend)  # an unknown or unavailable backend fails before any slow work
     check_output(output, OUTPUT_KIND, force)
     if threads is not None:
@@ -90,7 +94,7 @@ def profile_cmd(
     loaded = load_model(model, num_classes, model_kwargs, weights, allow_missing, trust_code, strict_values)
     if loaded.is_saved:
         converted = loaded.model
-        size = parse_input_size(input_size, input_size_of(converted) or (224, 224))
+        size = given_size or input_size_of(converted) or DEFAULT_INPUT_SIZE
     else:
         plan = make_plan(None, input_size, num_classes, placement, None, None, None)
         converted, _ = run_conversion(loaded.model, plan, loaded.source)

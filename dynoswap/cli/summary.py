@@ -60,6 +60,31 @@ class ModelSummary:
         return data
 
 
+#: The fields of a summary that describe the model itself (recorded in a saved folder; see ``read_summary``).
+RECORDED_FIELDS = ("input_size", "gmacs", "params", "stages", "dynopools")
+
+
+def recorded_summary(summary: ModelSummary) -> dict[str, Any] | None:
+    """Return what a saved folder records of a summary (None for a frozen model: its contract needs the recipe)."""
+    if summary.frozen is not None or summary.layers:
+        return None
+    data = summary.to_dict()
+    return {key: data[key] for key in RECORDED_FIELDS}
+
+
+def from_recorded(data: dict[str, Any], name: str, source: str) -> ModelSummary:
+    """Rebuild a summary from a saved folder's record (see :func:`dynoswap.io.recipe.read_summary`)."""
+    return ModelSummary(
+        model=name,
+        source=source,
+        input_size=(data["input_size"][0], data["input_size"][1]),
+        gmacs=data["gmacs"],
+        params=data["params"],
+        stages=[(s[0], s[1]) for s in data["stages"]],
+        dynopools=data["dynopools"],
+    )
+
+
 def frozen_contract(model: nn.Module) -> str | None:
     """Describe a frozen model's input-size contract (None for a model that is not frozen)."""
     from ..export.freeze import FROZEN_KEY, is_frozen

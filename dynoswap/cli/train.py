@@ -139,18 +139,52 @@ def build_model(
 
 
 def _is_saved(spec: str) -> bool:
+    from ..io.run import is_run_folder
     from ..models import is_saved_model
 
-    return is_saved_model(spec)
+    return is_saved_model(spec) or is_run_folder(spec)
 
 
-def _check_saved_model(model: nn.Module, spec: str, input_size: tuple[int, int], num_classes: int) -> None:
+def next_steps(run_dir: Path) -> list[str]:
+    """Where a finished run's model is and the commands that use it (the run folder stands for its model)."""
+    import shlex
+
+    from ..io.run import CHECKPOINT_DIR, MODEL_DIR, WEIGHTS_FILE
+
+    checkpoint = run_dir / CHECKPOINT_DIR
+    if not (checkpoint / MODEL_DIR).is_dir():
+        return [f"weights: {safe(checkpoint / WEIGHTS_FILE)} (a state dict: the model has no recorded source)"]
+    run = shlex.quote(str(run_dir))
+    return [
+        f"model: {safe(checkpoint / MODEL_DIR)} (the final epoch's)",
+        f"next: dynoswap export {safe(run)} -o {safe(shlex.quote(run_dir.name + '.onnx'))}",
+        f"(dynoswap inspect {safe(run)} and dynoswap.load({safe(repr(str(run_dir)))}) take the run folder too)",
+    ]
+
+
+def check_channels(model: nn.Module, spec: str, data: Any) -> int:
+    """Refuse, before training, a model whose input channels differ from the data's; returns the channels."""
+    from ..cost.count import infer_in_chans
+
+    channels = int(data.train[0][0].shape[0])
+    wanted = infer_in_chans(model)
+    if wanted != channels:
+        raise UsageError(
+            f"{spec} takes {wanted}-channel images but {data.name} has {channels}-channel images; build the model "
+            f"for {channels} channels (timm: --model-kwargs in_chans={channels}) or use {wanted}-channel data"
+        )
+    return channels
+
+
+def _check_saved_model(
+    model: nn.Module, spec: str, input_size: tuple[int, int], num_classes: int, channels: int = 3
+) -> None:
     import torch
 
     with torch.no_grad():
         was = model.training
         model.eval()
-        out = model(torch.zeros(1, 3, *input_size))
+        out = model(torch.zeros(1, channels, *input_size))
         model.train(was)
     if out.shape[-1] != num_classes:
         raise UsageError(f"{spec} has {out.shape[-1]} outputs but the data has {num_classes} classes")
@@ -302,7 +336,13 @@ def train_cmd(
     plot: Path | None = typer.Option(None, "--plot", metavar="FILE.png", help="Plot sizes, accuracy and GMACs."),
     max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="At most this many steps per epoch."),
     compile: bool = typer.Option(
-        False, "--compile", help="torch.compile with automatic dynamic shapes (not one compile per size)."
+        False,
+        "--compile",
+        help=(
+            "torch.compile (inductor) with automatic dynamic shapes: each piece compiles once static, once "
+            "dynamic, not once per size, up to 64 recompiles; on CPU inductor still recompiles convolutions "
+            "on new sizes."
+        ),
     ),
     recompute: bool = typer.Option(
         False,
@@ -320,21 +360,20 @@ def train_cmd(
     1e-7 to 2.2e-4). To get a model of a given cost instead, give --target-gmacs G: lambda then
     adapts every step and the final GMACs land within 3% of G.
     """
-    import torch
-
     from ..io.figures import check_plot_path
-    from ..train.checkpointing import prepare_run_folder
-    from ..train.data import load_data, make_loaders
-    from ..train.distributed import init_from_env
-    from ..train.loop import fit, read_log
-    from .common import err_console, out_console
+    from ..io.run import check_new_run
+    from ..train.data import check_data_spec
+    from .common import check_file, err_console, out_console, parse_input_size
     from .convert import _load_preset
 
+    # Every argument that needs no torch is checked before the slow imports.
     check_training_flags(target_gmacs, min_scale, max_scale, max_alpha_step, warmup, search_end)
     target, cost_unit = check_cost_flags(cost, latency_table, target_gmacs, target_latency)
-    table = load_table(latency_table)
+    check_file(latency_table, "--latency-table")
     if floor_gradient not in ("pass", "stop"):
         raise UsageError(f"--floor-gradient must be pass or stop, got {floor_gradient!r}")
+    check_data_spec(data)
+    input_size = parse_input_size(input_size) if input_size else None
     preset_obj = _load_preset(preset, None, trust_code)
     hyper = merge_hyper(
         preset_obj,
@@ -351,8 +390,20 @@ def train_cmd(
     run_dir = out or Path("runs") / f"{Path(model).name.replace(':', '_')}-{data.split(':')[0]}"
     if resume and force:
         raise UsageError("give either --resume (continue the run) or --force (start it over), not both")
+    if not resume and _is_saved(model) and Path(model).resolve() == run_dir.resolve():
+        raise UsageError(f"{model} is the model to train and the run folder: give another --out for the new run")
     if plot is not None:
         check_plot_path(plot, force)  # before any work: a .png name, not someone else's file
+    if not resume and os.environ.get("RANK", "0") == "0":
+        check_new_run(run_dir, force)  # checked again under the run's lock below, by the process that writes it
+    import torch
+
+    from ..train.checkpointing import prepare_run_folder
+    from ..train.data import load_data, make_loaders
+    from ..train.distributed import init_from_env
+    from ..train.loop import fit, read_log
+
+    table = load_table(latency_table)
     if not resume and os.environ.get("RANK", "0") == "0":
         prepare_run_folder(run_dir, force)  # before any slow work; only the process that writes the run
     ctx = init_from_env(device)
@@ -372,8 +423,9 @@ def train_cmd(
             trust_code,
             pretrained,
         )
+        channels = check_channels(net, model, bundle)
         if _is_saved(model):
-            _check_saved_model(net, model, bundle.input_size, bundle.num_classes)
+            _check_saved_model(net, model, bundle.input_size, bundle.num_classes, channels)
         train_loader, val_loader = make_loaders(
             bundle,
             hyper.batch_size,
@@ -440,6 +492,8 @@ def train_cmd(
                     f"final {cost_unit} {final:.4g}, target {target:g} ({final / target - 1:+.1%})"
                 )
             console.print(f"log: {safe(run_dir / 'log.jsonl')}  checkpoint: {safe(run_dir / 'checkpoint')}")  # type: ignore[union-attr]
+            for line in next_steps(run_dir):
+                console.print(line)  # type: ignore[union-attr]
     finally:
         if ctx.enabled:
             import torch.distributed as dist

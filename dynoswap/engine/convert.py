@@ -27,7 +27,7 @@ from .find import Resizer, Skip, find_resizers
 from .report import ConversionError, ConversionReport, Replacement, Skipped
 from .rewrite import Site, apply_sites, plan_sites, resize_to_partner, upsample_factor
 from .tie import ALREADY, NOT_2D, TieError, TieFinder
-from .trace import LeafSpec, trace
+from .trace import LeafSpec, readable_cause, trace
 
 SHAPE_KEY = "dynoswap_shape"
 #: Layers of other dimensionalities: a model built from them is not a 2-D CNN.
@@ -195,7 +195,9 @@ def _reference_shapes(gm: fx.GraphModule, size: tuple[int, int], in_chans: int, 
     try:
         res = analyse(gm, [World(size)], lambda name, m: ((1.0, 1.0), name), in_chans, device)
     except NodeFailure as failure:
-        cause = str(failure.cause).strip().splitlines()[0] if str(failure.cause).strip() else type(failure.cause)
+        cause = readable_cause(failure.cause)
+        if failure.node.op == "call_function" and failure.node.target is torch._assert:
+            cause = "the model checks its input size there and refuses this one"
         raise ConversionError(
             f"the traced model fails on a {(1, in_chans, *size)} input at '{node_label(failure.node)}' ({cause}); "
             "check input_size"

@@ -34,6 +34,7 @@ from ..graph import (
     unify,
 )
 from ..graph.resolution import tensor_inputs
+from .trace import readable_cause
 
 #: Refusal categories (ConversionError.category) of models whose sizes cannot move.
 FIXED_POSITION = "fixed position embedding"
@@ -334,7 +335,17 @@ class TieFinder:
 
     def _error(self, res: Resolution, failure: NodeFailure) -> TieError:
         node = failure.node
-        cause = str(failure.cause).strip().splitlines()[0] if str(failure.cause).strip() else type(failure.cause)
+        if node.op == "call_function" and node.target is torch._assert:
+            # The assertion's own text shows torch.fx internals (Proxy(getitem_2)); say what it means instead.
+            return TieError(
+                f"not convertible: the model asserts a fixed input size at '{node_label(node)}' (a check of its "
+                "input's size that fails once the size changes, as in ViT's and Swin's patch embeddings); dynoswap "
+                "converts models whose maps may change size: it runs the model at several sizes to follow each "
+                "map's resolution",
+                FIXED_INPUT,
+                node_label(node),
+            )
+        cause = readable_cause(failure.cause)
         is_reshape = (
             node.op == "call_method"
             and node.target in RESHAPES
@@ -342,8 +353,6 @@ class TieFinder:
         )
         category = FIXED_WINDOW if is_reshape else BREAKS
         why = " (a reshape to a fixed size, e.g. a window partition)" if is_reshape else ""
-        if node.op == "call_function" and node.target is torch._assert:
-            category, why = FIXED_INPUT, " (the model asserts a fixed input size)"
         return TieError(
             f"not convertible: the converted model fails once DynOPool scales move, at '{node_label(node)}'{why}: "
             f"{cause}",

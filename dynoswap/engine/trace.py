@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import traceback
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -83,6 +84,17 @@ class DynoTracer(fx.Tracer):
             self._dyno_stack.pop()
 
 
+#: How torch.fx shows a traced value inside an error text, e.g. ``Proxy(getitem_2)``.
+_PROXY = re.compile(r"Proxy\([^()]*\)")
+
+
+def readable_cause(err: BaseException) -> str:
+    """Return the first line of a traced op's error with torch.fx's proxies named in words ("a traced value")."""
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else type(err).__name__
+    return _PROXY.sub("a traced value", line)
+
+
 def _user_line(err: BaseException) -> str:
     frames = traceback.extract_tb(err.__traceback__)
     user = [f for f in frames if not f.filename.startswith((_TORCH_DIR, _ENGINE_DIR))]
@@ -98,7 +110,7 @@ def _trace_error(model: nn.Module, err: Exception) -> TraceError:
     name, cls = scope[-1] if scope else ("", type(model))
     line = _user_line(err)
     where = f"module '{name}' ({cls.__name__})" if name else f"the forward of {cls.__name__}"
-    cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    cause = readable_cause(err)
     fix = (
         f"Mark it a leaf: convert(model, ..., leaf_modules=['{name}']) or leaf_modules=[{cls.__name__}]; "
         "resizers inside a leaf are left as they are."

@@ -33,6 +33,7 @@ class ExportResult:
         path: The written file.
         format: ``onnx`` or ``pt2``.
         input_size: (H, W) the model was frozen and traced at.
+        in_channels: Channels of the input (the C of (N, C, H, W)).
         batch: Batch size of the traced example (any batch when ``dynamic_batch``).
         dynamic_batch: Whether the batch dimension is dynamic.
         opset: ONNX opset (None for pt2).
@@ -48,6 +49,7 @@ class ExportResult:
     path: Path
     format: str
     input_size: tuple[int, int]
+    in_channels: int
     batch: int
     dynamic_batch: bool
     opset: int | None
@@ -242,6 +244,7 @@ def export_model(
         path=Path(path),
         format=spec.name,
         input_size=(h, w),
+        in_channels=int(example.shape[1]),
         batch=batch,
         dynamic_batch=dynamic_batch,
         opset=opset if spec.name == "onnx" else None,

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import io
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ExportError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 #: One line for a missing optional dependency.
 EXTRA_HINT = "pip install 'dynoswap[export]'"
@@ -58,12 +60,14 @@ class Format:
         return f"{self.name} export"
 
     def check_available(self) -> None:
-        """Raise ExportError naming the pip install when a required module is missing."""
+        """Raise ExportError naming the pip install when a required module is missing (found, not imported)."""
         missing = []
         for module in self.requires:
             try:
-                importlib.import_module(module)
-            except ImportError:
+                found = importlib.util.find_spec(module) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
                 missing.append(module)
         if missing:
             raise ExportError(f"{self.name} export needs {', '.join(missing)}: {EXTRA_HINT}")
@@ -107,12 +111,15 @@ def format_of_path(path: str | Path) -> Format:
 
 def leaves(output: Any) -> list[torch.Tensor]:
     """Return the tensors of a model output (tensor, tuple, dict...), in the order exporters flatten them."""
+    import torch
     from torch.utils._pytree import tree_leaves
 
     return [t for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
 
 
 def _dynamic_shapes(dynamic_batch: bool) -> tuple[dict[int, Any]] | None:
+    import torch
+
     return ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
 
 
@@ -126,6 +133,8 @@ def _quiet() -> Any:
 
 # -- ONNX -----------------------------------------------------------------------------
 def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, dynamic_batch: bool, opset: int) -> None:
+    import torch
+
     with _quiet():
         program = torch.onnx.export(
             model,
@@ -144,6 +153,7 @@ def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, dynamic_bat
 
 def _run_onnx(path: Path, inputs: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     import onnxruntime as ort
+    import torch
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -154,6 +164,8 @@ def _run_onnx(path: Path, inputs: list[torch.Tensor]) -> list[list[torch.Tensor]
 
 # -- torch.export ---------------------------------------------------------------------
 def _write_pt2(model: nn.Module, example: torch.Tensor, path: Path, dynamic_batch: bool, opset: int) -> None:
+    import torch
+
     with _quiet():
         program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(dynamic_batch))
         # Through a file object: torch warns about any path (the work path) not ending in .pt2.
@@ -162,6 +174,8 @@ def _write_pt2(model: nn.Module, example: torch.Tensor, path: Path, dynamic_batc
 
 
 def _run_pt2(path: Path, inputs: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    import torch
+
     with _quiet(), open(path, "rb") as fh:
         module = torch.export.load(fh).module()
     with torch.no_grad():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -100,6 +100,49 @@ def check_safetensors_header(path: Path) -> None:
             and 0 <= offsets[0] <= offsets[1] <= data
         ):
             raise CheckpointError(f"cannot read {path} as safetensors: tensor {name!r} lies outside the file")
+
+
+def report_nonfinite(bad: list[str], where: str, strict: bool = False, stacklevel: int = 3) -> None:
+    """Report weights holding NaN or infinity: a warning, or a ``CheckpointError`` when ``strict``."""
+    if not bad:
+        return
+    shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    message = f"{where}: {len(bad)} weight tensor(s) hold NaN or infinity ({shown})"
+    if strict:
+        raise CheckpointError(message)
+    warnings.warn(message, stacklevel=stacklevel)
+
+
+def read_safetensors_light(path: Path, small: Iterable[str] = ()) -> tuple[dict[str, list[float]], list[str]] | None:
+    """Read a safetensors file without torch: the values of a few small float32 tensors and the non-finite keys.
+
+    The header is checked first (:func:`check_safetensors_header`); the tensors are read with
+    safetensors' numpy reader, which runs no code.
+
+    Args:
+        path: The file.
+        small: Keys whose values to return (as flat lists).
+
+    Returns:
+        ``(values, nonfinite)``, or None when a tensor is in a dtype numpy cannot hold (bfloat16)
+        or a key of ``small`` is missing or not float32: the caller then reads the file with torch.
+    """
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    check_safetensors_header(path)
+    try:
+        arrays = load_file(str(path))
+    except Exception:  # a dtype numpy lacks; a damaged file is refused by the torch reader with its message
+        return None
+    values: dict[str, list[float]] = {}
+    for key in small:
+        array = arrays.get(key)
+        if array is None or array.dtype != np.float32:
+            return None
+        values[key] = [float(v) for v in array.reshape(-1)]
+    bad = [k for k, a in arrays.items() if a.dtype.kind == "f" and not bool(np.isfinite(a).all())]
+    return values, bad
 
 
 def _read_safetensors(path: Path) -> dict[str, Any]:

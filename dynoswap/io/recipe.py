@@ -17,16 +17,18 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import RecipeError, UntrustedCodeError
+from ..errors import DynoswapError, RecipeError, UntrustedCodeError
 from ..sources import LIBRARIES, ModelSource
 from ..validate import MAX_INPUT_SIDE, MAX_UPSAMPLE, check_input_budget
 from .bounded import MAX_JSON_BYTES, loads_json, read_capped
+from .output import register_output_kind
 
 if TYPE_CHECKING:
     from torch import nn
@@ -51,6 +53,34 @@ def is_saved_model(path: str | Path) -> bool:
     """Whether ``path`` is a folder written by ``dynoswap.save`` (it holds the recipe file)."""
     folder = Path(path)
     return folder.is_dir() and (folder / RECIPE_FILE).is_file()
+
+
+#: The output kind ``save(..., overwrite=True)`` and ``convert -o --force`` may replace.
+SAVED_MODEL = "saved model"
+
+
+def is_own_saved_model(path: Path) -> bool:
+    """Whether ``path`` is, by its content, a saved model dynoswap wrote: what ``--force`` may replace.
+
+    A real folder (not a link) holding only the recipe and weights files, whose recipe
+    parses as a dynoswap saved-model recipe. A folder that only has the right file names
+    (another tool's ``recipe.json``) is not one.
+    """
+    if path.is_symlink() or not path.is_dir():
+        return False
+    entries = {p.name for p in path.iterdir()}
+    if RECIPE_FILE not in entries or not entries <= {RECIPE_FILE, WEIGHTS_FILE}:
+        return False
+    if not all(stat.S_ISREG((path / name).lstat().st_mode) for name in entries):
+        return False
+    try:
+        Recipe.read(path)
+    except (DynoswapError, ValueError, OSError):
+        return False
+    return True
+
+
+register_output_kind(SAVED_MODEL, is_own_saved_model)
 
 
 # -- field checks -------------------------------------------------------------------
@@ -299,8 +329,13 @@ class Recipe:
         )
 
     # -- the saved document ----------------------------------------------------------
-    def to_json(self) -> str:
-        """Return the saved folder's recipe document."""
+    def to_json(self, summary: Mapping[str, Any] | None = None) -> str:
+        """Return the saved folder's recipe document.
+
+        Args:
+            summary: What ``inspect`` shows of the model at its input size (see :func:`read_summary`),
+                recorded alongside the recipe; ``load`` never reads it.
+        """
         document = {
             "format": FORMAT,
             # A frozen model is version 2, so a dynoswap that cannot freeze never loads it as a converted one.
@@ -308,6 +343,8 @@ class Recipe:
             "recipe": self.to_dict(),
             "aliases": dict(self.aliases),
         }
+        if summary is not None:
+            document[SUMMARY_KEY] = dict(summary)
         return json.dumps(document, indent=2, sort_keys=True) + "\n"
 
     @classmethod
@@ -359,6 +396,63 @@ def _read_v2(document: dict[str, Any], read: _Reader) -> Recipe:
 
 #: Document readers by format version.
 READERS: dict[int, Callable[[dict[str, Any], _Reader], Recipe]] = {1: _read_v1, 2: _read_v2}
+
+
+# -- the recorded summary -----------------------------------------------------------------
+#: Document key of the summary recorded when a model is saved: what ``inspect`` shows without building it.
+SUMMARY_KEY = "summary"
+
+
+def _summary(data: Any) -> dict[str, Any]:
+    """Check a recorded summary's shape; raises ValueError or TypeError on anything else."""
+    pair = lambda v, kind: [kind(x) for x in v] if isinstance(v, list) and len(v) == 2 else _bad(v)  # noqa: E731
+    if not isinstance(data, dict):
+        raise TypeError("not an object")
+    gmacs, params = data["gmacs"], data["params"]
+    if not isinstance(gmacs, (int, float)) or isinstance(params, bool) or not isinstance(params, int):
+        raise TypeError("gmacs or params")
+    rows = data["dynopools"]
+    if not isinstance(rows, list) or not isinstance(data["stages"], list):
+        raise TypeError("stages or dynopools")
+    return {
+        "input_size": pair(data["input_size"], int),
+        "gmacs": float(gmacs),
+        "params": params,
+        "stages": [pair(s, int) for s in data["stages"]],
+        "dynopools": [
+            {
+                "name": str(r["name"]),
+                "alpha": pair(r["alpha"], float),
+                "scale": pair(r["scale"], float),
+                "in": pair(r["in"], int),
+                "out": pair(r["out"], int),
+                "group": str(r["group"]),
+            }
+            for r in rows
+        ],
+    }
+
+
+def _bad(value: Any) -> Any:
+    raise TypeError(f"not a pair: {value!r}")
+
+
+def read_summary(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """Return the summary recorded in a saved folder's recipe document, or None when it has none.
+
+    The summary (``input_size``, ``gmacs``, ``params``, ``stages``, ``dynopools``) is a record of
+    what the model was when it was saved: a malformed one counts as none, and callers check it
+    against the weights before showing it.
+    """
+    file = Path(folder) / RECIPE_FILE
+    if not file.is_file():
+        return None
+    try:
+        document = loads_json(read_capped(file, MAX_JSON_BYTES, RecipeError, "recipe"), str(file), RecipeError)
+        data = document.get(SUMMARY_KEY) if isinstance(document, dict) else None
+        return _summary(data) if data is not None else None
+    except (RecipeError, KeyError, TypeError, ValueError):
+        return None
 
 
 # -- accessors ------------------------------------------------------------------------

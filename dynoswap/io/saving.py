@@ -11,7 +11,6 @@ and reads what it wrote back before reporting success.
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,12 +29,14 @@ from ..errors import (
 from ..layers import DynOPool2d
 from ..sources import SAVED, build_model, check_source
 from ..validate import check_alpha
-from .output import register_output_kind, replace_output
+from .checkpoint import report_nonfinite
+from .output import replace_output
 from .recipe import (
     FORMAT,
     FORMAT_VERSION,
     RECIPE_FILE,
     RECIPE_KEY,
+    SAVED_MODEL,
     WEIGHTS_FILE,
     Recipe,
     check_leaf,
@@ -43,6 +44,7 @@ from .recipe import (
     recipe_of,
     resolve_leaf,
 )
+from .run import saved_model_folder
 
 if TYPE_CHECKING:
     from torch import fx
@@ -63,35 +65,6 @@ __all__ = [
     "verify_saved",
     "write_saved",
 ]
-
-#: The output kind ``save(..., overwrite=True)`` and ``convert -o --force`` may replace.
-SAVED_MODEL = "saved model"
-
-
-def is_own_saved_model(path: Path) -> bool:
-    """Whether ``path`` is, by its content, a saved model dynoswap wrote: what ``--force`` may replace.
-
-    A real folder (not a link) holding only the recipe and weights files, whose recipe
-    parses as a dynoswap saved-model recipe. A folder that only has the right file names
-    (another tool's ``recipe.json``) is not one.
-    """
-    import stat
-
-    if path.is_symlink() or not path.is_dir():
-        return False
-    entries = {p.name for p in path.iterdir()}
-    if RECIPE_FILE not in entries or not entries <= {RECIPE_FILE, WEIGHTS_FILE}:
-        return False
-    if not all(stat.S_ISREG((path / name).lstat().st_mode) for name in entries):
-        return False
-    try:
-        Recipe.read(path)
-    except (DynoswapError, ValueError, OSError):
-        return False
-    return True
-
-
-register_output_kind(SAVED_MODEL, is_own_saved_model)
 
 
 def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -126,15 +99,22 @@ def _savable_recipe(model: nn.Module) -> Recipe:
         raise SaveError(f"cannot save: {exc}") from exc
 
 
-def write_saved(model: nn.Module, folder: Path) -> None:
-    """Write the recipe and weights of ``model`` into a new folder (no checks, no swap)."""
+def write_saved(model: nn.Module, folder: Path, summary: dict[str, Any] | None = None) -> None:
+    """Write the recipe and weights of ``model`` into a new folder (no checks, no swap).
+
+    Args:
+        model: A converted model.
+        folder: The folder to create.
+        summary: What ``inspect`` shows of the model at its recipe's input size (``input_size``,
+            ``gmacs``, ``params``, ``stages``, ``dynopools``), recorded so that ``inspect`` need not build it.
+    """
     from safetensors.torch import save_file
 
     recipe = _savable_recipe(model)
     tensors, aliases = _dedupe(model.state_dict())
     recipe.aliases = aliases
     folder.mkdir()
-    (folder / RECIPE_FILE).write_text(recipe.to_json())
+    (folder / RECIPE_FILE).write_text(recipe.to_json(summary))
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT})
 
 
@@ -227,7 +207,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, overwrite: bool = Tr
 
 def read_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and validate the recipe document of a saved model folder (as a dict)."""
-    recipe = Recipe.read(path)
+    recipe = Recipe.read(saved_model_folder(path))
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "recipe": recipe.to_dict(), "aliases": recipe.aliases}
 
 
@@ -235,8 +215,9 @@ def read_weights(path: str | os.PathLike[str], recipe: Recipe | None = None) -> 
     """Read the full state dict of a saved model folder, keys stored once expanded to every alias."""
     from safetensors.torch import load_file
 
+    path = saved_model_folder(path)
     recipe = recipe or Recipe.read(path)
-    file = Path(path) / WEIGHTS_FILE
+    file = path / WEIGHTS_FILE
     if not file.is_file():
         raise CheckpointError(f"{path} is an incomplete saved model: {WEIGHTS_FILE} is missing")
     try:
@@ -257,12 +238,7 @@ def check_values(state: dict[str, torch.Tensor], where: str, strict: bool = Fals
         The keys of the non-finite tensors.
     """
     bad = [k for k, v in state.items() if v.dtype.is_floating_point and not bool(torch.isfinite(v).all())]
-    if bad:
-        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        message = f"{where}: {len(bad)} weight tensor(s) hold NaN or infinity ({shown})"
-        if strict:
-            raise CheckpointError(message)
-        warnings.warn(message, stacklevel=3)
+    report_nonfinite(bad, where, strict, stacklevel=4)
     return bad
 
 
@@ -285,18 +261,21 @@ def load(path: str | os.PathLike[str], *, trust_code: bool = False, strict_value
     """Rebuild a saved converted model: source checked and built, conversion replayed, weights loaded strictly.
 
     Args:
-        path: A folder written by :func:`save`.
+        path: A folder written by :func:`save`, or a training run folder (``dynoswap train -o RUN``):
+            its final model, the ``model/`` of its newest intact checkpoint, verified against the
+            checkpoint's manifest.
         trust_code: Allow a recipe that names a user factory or user leaf modules (they are imported and called).
         strict_values: Refuse weights holding NaN or infinity (by default they are reported with a warning).
 
     Raises:
         RecipeError: The folder is not a saved model, or its recipe is malformed or of an unknown version.
+        ModelError: A run folder without a checkpoint, or whose checkpoint holds weights only.
         UntrustedCodeError: The recipe would import or call code and ``trust_code`` is False.
         CheckpointError: The weights cannot be read, are damaged, or do not fit the recipe's model.
     """
     from ..engine.convert import convert
 
-    folder = Path(path)
+    folder = saved_model_folder(path)
     recipe = Recipe.read(folder)
     where = str(folder / RECIPE_FILE)
     weights_file = folder / WEIGHTS_FILE

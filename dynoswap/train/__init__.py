@@ -1,28 +1,54 @@
-"""Training DynOPool scales: the fit loop (eq. 8), built-in data sets, DDP helpers, checkpoints, plots."""
+"""Training DynOPool scales: the fit loop (eq. 8), built-in data sets, DDP helpers, checkpoints, plots.
 
-from .checkpointing import find_checkpoint, load_checkpoint, save_checkpoint
-from .data import DATA_HANDLERS, DataBundle, DataError, load_data, make_loaders
-from .distributed import DistContext, init_from_env, sync_alphas
-from .loop import fit, mean_log_aspect, probe_pools, read_log
-from .models import small_vgg
-from .plot import plot_history
+Public names load lazily (PEP 562), so that a command can check its DATA spec
+(:func:`dynoswap.train.data.check_data_spec`) before importing torch.
+"""
 
-__all__ = [
-    "DATA_HANDLERS",
-    "DataBundle",
-    "DataError",
-    "DistContext",
-    "find_checkpoint",
-    "fit",
-    "init_from_env",
-    "load_checkpoint",
-    "load_data",
-    "make_loaders",
-    "mean_log_aspect",
-    "plot_history",
-    "probe_pools",
-    "read_log",
-    "save_checkpoint",
-    "small_vgg",
-    "sync_alphas",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+#: public name -> submodule that defines it
+_EXPORTS: dict[str, str] = {
+    "find_checkpoint": "checkpointing",
+    "load_checkpoint": "checkpointing",
+    "save_checkpoint": "checkpointing",
+    "DATA_HANDLERS": "data",
+    "DataBundle": "data",
+    "DataError": "data",
+    "load_data": "data",
+    "make_loaders": "data",
+    "DistContext": "distributed",
+    "init_from_env": "distributed",
+    "sync_alphas": "distributed",
+    "fit": "loop",
+    "mean_log_aspect": "loop",
+    "probe_pools": "loop",
+    "read_log": "loop",
+    "small_vgg": "models",
+    "plot_history": "plot",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .checkpointing import find_checkpoint, load_checkpoint, save_checkpoint  # noqa: F401
+    from .data import DATA_HANDLERS, DataBundle, DataError, load_data, make_loaders  # noqa: F401
+    from .distributed import DistContext, init_from_env, sync_alphas  # noqa: F401
+    from .loop import fit, mean_log_aspect, probe_pools, read_log  # noqa: F401
+    from .models import small_vgg  # noqa: F401
+    from .plot import plot_history  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dynoswap.train' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

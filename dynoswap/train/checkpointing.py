@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import pickle
@@ -33,7 +32,7 @@ import random
 import shutil
 import stat
 import tempfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -41,27 +40,30 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import CheckpointError, OutputExistsError, OutputLockedError, foreign_message
-from ..io.bounded import MAX_LOG_BYTES, MAX_LOG_LINE_BYTES, loads_json, read_capped, read_json
+from ..io.bounded import MAX_LOG_BYTES, MAX_LOG_LINE_BYTES, loads_json, read_capped
 from ..io.output import describe, open_private, settle
-
-CHECKPOINT_DIR = "checkpoint"
-PREVIOUS_DIR = "checkpoint.prev"
-TEMP_DIR = "checkpoint.tmp"
-WEIGHTS_FILE = "weights.safetensors"
-STATE_FILE = "train_state.pt"
-MODEL_DIR = "model"
-LOG_FILE = "log.jsonl"
-MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = "dynoswap-checkpoint"
-#: The run marker: a run folder holding it was started by dynoswap.
-MARKER_FILE = ".dynoswap-run"
-MARKER_FORMAT = "dynoswap-run"
-#: The file locked while a trainer writes the run.
-RUN_LOCK_FILE = ".dynoswap-run-lock"
-#: Entries of a run folder that belong to a training run (``--force`` replaces them, nothing else).
-RUN_ENTRIES = (LOG_FILE, CHECKPOINT_DIR, PREVIOUS_DIR, TEMP_DIR, "checkpoint.old")
-#: Most files a checkpoint manifest may list.
-MAX_MANIFEST_ENTRIES = 10_000
+from ..io.run import (
+    CHECKPOINT_DIR,
+    LOG_FILE,
+    MANIFEST_FILE,
+    MANIFEST_FORMAT,
+    MARKER_FILE,
+    MARKER_FORMAT,
+    MODEL_DIR,
+    PREVIOUS_DIR,
+    RUN_ENTRIES,
+    RUN_LOCK_FILE,
+    STATE_FILE,
+    TEMP_DIR,
+    WEIGHTS_FILE,
+    check_new_run,
+    checkpoint_files,
+    file_sha256,
+    has_manifest,
+    is_marked_run,
+    temp_folders,
+    verify_checkpoint,
+)
 
 
 def rng_state() -> dict[str, Any]:
@@ -120,23 +122,6 @@ def _save_model_dir(model: nn.Module, path: Path) -> bool:
     return True
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _files(folder: Path) -> list[str]:
-    """Every entry under ``folder`` that is not a folder (links included: a planted link is an extra file)."""
-    return sorted(
-        p.relative_to(folder).as_posix()
-        for p in folder.rglob("*")
-        if (p.is_symlink() or not p.is_dir()) and p.relative_to(folder).as_posix() != MANIFEST_FILE
-    )
-
-
 def parse_log(text: str, where: str) -> list[dict[str, Any]]:
     """Parse a training log's lines, each a JSON object within the bounds of :mod:`dynoswap.io.bounded`.
 
@@ -188,14 +173,6 @@ def _remove_entry(path: Path) -> None:
         path.unlink()
     elif path.is_dir():
         shutil.rmtree(path)
-
-
-def _temp_folders(out: Path) -> list[Path]:
-    """Private checkpoint work folders a killed save left (real folders only)."""
-    try:
-        return [p for p in out.glob(f"{TEMP_DIR}-*") if p.is_dir() and not p.is_symlink()]
-    except OSError:
-        return []
 
 
 # -- the run folder: marker and lock ---------------------------------------------------
@@ -253,26 +230,6 @@ def release_run_lock(out: Path) -> None:
         os.close(fd)
 
 
-def is_marked_run(out: Path) -> bool:
-    """Whether ``out`` carries a run marker that dynoswap wrote (a plain file with the marker format)."""
-    marker = out / MARKER_FILE
-    try:
-        if not stat.S_ISREG(marker.lstat().st_mode):
-            return False
-        data = read_json(marker, CheckpointError, limit=4096)
-    except (OSError, CheckpointError):
-        return False
-    return isinstance(data, dict) and data.get("format") == MARKER_FORMAT
-
-
-def _has_manifest(folder: Path) -> bool:
-    try:
-        data = read_json(folder / MANIFEST_FILE, CheckpointError)
-    except (OSError, CheckpointError):
-        return False
-    return isinstance(data, dict) and data.get("format") == MANIFEST_FORMAT
-
-
 def _mark(out: Path) -> None:
     """Write the run marker (O_EXCL | O_NOFOLLOW: never through a planted link)."""
     fd = open_private(out / MARKER_FILE, mode=0o644)
@@ -298,7 +255,7 @@ def claim_run_folder(out: Path) -> Path:
     if is_marked_run(out):
         return out
     present = [name for name in RUN_ENTRIES if os.path.lexists(out / name)]
-    adoptable = any(_has_manifest(out / name) for name in (CHECKPOINT_DIR, PREVIOUS_DIR))
+    adoptable = any(has_manifest(out / name) for name in (CHECKPOINT_DIR, PREVIOUS_DIR))
     if present and not adoptable:
         raise OutputExistsError(
             f"{out} holds {', '.join(present)} but no dynoswap run marker ({MARKER_FILE}): they are not a dynoswap "
@@ -326,7 +283,7 @@ def save_checkpoint(
     """
     out = claim_run_folder(Path(out_dir))
     final, previous = out / CHECKPOINT_DIR, out / PREVIOUS_DIR
-    for stale in [*_temp_folders(out), out / TEMP_DIR]:
+    for stale in [*temp_folders(out), out / TEMP_DIR]:
         _remove_entry(stale)  # a killed save's partial work (ours: the run folder is marked)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_DIR}-", dir=out))
     try:
@@ -338,7 +295,7 @@ def save_checkpoint(
         if log_record is not None:
             records.append(log_record)
         (tmp / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
-        hashes = {f: _sha256(tmp / f) for f in _files(tmp)}
+        hashes = {f: file_sha256(tmp / f) for f in checkpoint_files(tmp)}
         manifest = {"format": MANIFEST_FORMAT, "epoch": epoch, "sha256": hashes}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         settle(tmp)
@@ -353,48 +310,6 @@ def save_checkpoint(
     # The log follows the checkpoint: a kill before this line is repaired by restore_log on resume.
     _write_text_atomic(out / LOG_FILE, (final / LOG_FILE).read_text())
     return final
-
-
-def verify_checkpoint(folder: str | Path) -> int:
-    """Check a checkpoint folder against its manifest; returns its epoch.
-
-    Raises:
-        CheckpointError: A file is missing, changed or unlisted, or the manifest is unreadable (names the file).
-    """
-    folder = Path(folder)
-    manifest_path = folder / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise CheckpointError(f"checkpoint {folder} has no {MANIFEST_FILE}: it is incomplete or damaged")
-    manifest = read_json(manifest_path, CheckpointError)
-    try:
-        hashes = manifest["sha256"]
-        epoch = int(manifest["epoch"])
-        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(hashes, dict):
-            raise ValueError("unknown format")
-    except (ValueError, KeyError, TypeError, OverflowError) as exc:
-        raise CheckpointError(f"{manifest_path} is damaged ({exc})") from exc
-    if len(hashes) > MAX_MANIFEST_ENTRIES:
-        raise CheckpointError(f"{manifest_path}: lists more than {MAX_MANIFEST_ENTRIES} files; refusing it")
-    for name, expected in sorted(hashes.items()):
-        _check_entry(name, expected, manifest_path)
-        path = folder / name
-        if path.is_symlink() or not path.is_file():
-            raise CheckpointError(f"checkpoint {folder} is damaged: {path} is missing")
-        if _sha256(path) != expected:
-            raise CheckpointError(f"checkpoint {folder} is damaged: {path} does not match its recorded sha256")
-    extra = sorted(set(_files(folder)) - set(hashes))
-    if extra:
-        raise CheckpointError(f"checkpoint {folder} is damaged: {folder / extra[0]} is not in its manifest")
-    return epoch
-
-
-def _check_entry(name: Any, expected: Any, manifest_path: Path) -> None:
-    """Check that a manifest entry names a file inside the checkpoint (relative, no ``..``) and a sha256 digest."""
-    parts = PurePosixPath(name).parts if isinstance(name, str) else ()
-    if not parts or name.startswith("/") or "\\" in name or any(p in ("..", ".") for p in parts) or "\0" in name:
-        raise CheckpointError(f"{manifest_path}: entry {name!r} is not a file inside the checkpoint; refusing it")
-    if not (isinstance(expected, str) and len(expected) == 64 and all(c in "0123456789abcdef" for c in expected)):
-        raise CheckpointError(f"{manifest_path}: the sha256 of {name!r} is not a sha256 digest")
 
 
 def _intact_epoch(folder: Path) -> int | None:
@@ -484,20 +399,6 @@ def load_checkpoint(folder: str | Path, model: nn.Module) -> dict[str, Any]:
     return state
 
 
-def _refuse_foreign_entries(out: Path) -> list[str]:
-    """Return the run entries in ``out``, refusing them when the folder carries no run marker."""
-    if not out.is_dir():
-        return []
-    present = [name for name in RUN_ENTRIES if os.path.lexists(out / name)]
-    present += [p.name for p in _temp_folders(out)]
-    if present and not is_marked_run(out):
-        raise OutputExistsError(
-            f"{out} holds {', '.join(present)} but no dynoswap run marker ({MARKER_FILE}): they are not a dynoswap "
-            "run; refusing to replace them"
-        )
-    return present
-
-
 def prepare_run_folder(out_dir: str | Path, force: bool = False) -> Path:
     """Make ``out_dir`` ready for a new run and lock it for this process.
 
@@ -506,22 +407,15 @@ def prepare_run_folder(out_dir: str | Path, force: bool = False) -> Path:
     never removed: they are not provably dynoswap's.
 
     Raises:
-        OutputExistsError: ``out_dir`` is a file, holds a run and ``force`` is False, or holds
-            run entries that are not dynoswap's.
+        RunExistsError: ``out_dir`` holds a run and ``force`` is False.
+        OutputExistsError: ``out_dir`` is a file, or holds run entries that are not dynoswap's.
         OutputLockedError: Another process is training into ``out_dir``.
     """
     out = Path(out_dir)
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise OutputExistsError(f"run folder {out} is {describe(out)}, not a folder")
-    _refuse_foreign_entries(out)  # before the lock: a foreign folder gets nothing written into it
+    check_new_run(out, force=True)  # before the lock: a foreign folder gets nothing written into it
     out.mkdir(parents=True, exist_ok=True)
     hold_run_lock(out)
-    present = _refuse_foreign_entries(out)
-    if present and not force:
-        raise OutputExistsError(
-            f"{out} already holds a training run ({', '.join(present)}); continue it with resume, or start it over",
-            replaceable=True,
-        )
+    present = check_new_run(out, force)
     for name in present:
         _remove_entry(out / name)
     return claim_run_folder(out)

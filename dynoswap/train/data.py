@@ -10,12 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from torch.utils.data import DataLoader, Dataset
+from typing import TYPE_CHECKING, Any
 
 from ..errors import DataError
-from . import datasets
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader, Dataset
+
+# torch and the data sets are imported by the handlers: check_data_spec runs before any slow import.
 
 
 @dataclass
@@ -39,26 +41,29 @@ _CIFAR_STATS = {
 }
 
 
-def _barcodes_with(name: str, noise: float) -> Handler:
+def _barcodes_with(name: str, noisy: bool) -> Handler:
     def handler(path: str, input_size: tuple[int, int] | None, seed: int) -> DataBundle:
-        size = input_size[1] if input_size else 32
-        if input_size and input_size[0] != input_size[1]:
-            raise DataError(f"{name} are square; got input size {input_size}")
-        train = datasets.barcodes(True, size=size, seed=seed, noise=noise)
-        val = datasets.barcodes(False, size=size, seed=seed, noise=noise)
-        return DataBundle(name, train, val, 10, (size, size))
+        from . import datasets
+
+        # Drawn at the input size (bars one pixel wide, the full height): nothing is resized.
+        h, w = input_size or (32, 32)
+        noise = datasets.NOISY_BARCODES if noisy else 0.5
+        train = datasets.barcodes(True, size=w, height=h, seed=seed, noise=noise)
+        val = datasets.barcodes(False, size=w, height=h, seed=seed, noise=noise)
+        return DataBundle(name, train, val, 10, (h, w))
 
     return handler
 
 
 def _digits(variant: str) -> Handler:
     def handler(path: str, input_size: tuple[int, int] | None, seed: int) -> DataBundle:
-        train = datasets.digits(variant, True, seed=seed)
-        val = datasets.digits(variant, False, seed=seed)
-        size = tuple(train[0][0].shape[-2:])
-        if input_size and tuple(input_size) != size:
-            raise DataError(f"digits-{variant} images are {size[0]}x{size[1]}; use that input size or none")
-        return DataBundle(f"digits-{variant}", train, val, 10, size)  # type: ignore[arg-type]
+        from . import datasets
+
+        # Another input size resizes each sample (after its crop) from the variant's own size.
+        size = tuple(input_size) if input_size else None
+        train = datasets.digits(variant, True, seed=seed, resize=size)  # type: ignore[arg-type]
+        val = datasets.digits(variant, False, seed=seed, resize=size)  # type: ignore[arg-type]
+        return DataBundle(f"digits-{variant}", train, val, 10, tuple(train[0][0].shape[-2:]))  # type: ignore[arg-type]
 
     return handler
 
@@ -119,8 +124,8 @@ def _cifar(kind: str) -> Handler:
 
 #: kind -> handler(path, input_size, seed)
 DATA_HANDLERS: dict[str, Handler] = {
-    "barcodes": _barcodes_with("barcodes", 0.5),
-    "barcodes-noisy": _barcodes_with("barcodes-noisy", datasets.NOISY_BARCODES),
+    "barcodes": _barcodes_with("barcodes", noisy=False),
+    "barcodes-noisy": _barcodes_with("barcodes-noisy", noisy=True),
     "digits-stretch": _digits("stretch"),
     "digits-tile": _digits("tile"),
     "digits-large": _digits("large"),
@@ -130,22 +135,44 @@ DATA_HANDLERS: dict[str, Handler] = {
 }
 
 
+#: Kinds that read local files: ``kind:PATH`` names their folder.
+PATH_KINDS = ("imagefolder", "cifar10", "cifar100")
+
+
+def check_data_spec(spec: str) -> tuple[str, str]:
+    """Check a DATA spec without importing torch: a known kind, and an existing folder where one is needed.
+
+    Returns:
+        The kind (lower case) and the path part.
+
+    Raises:
+        DataError: Unknown kind, a missing ``:PATH`` or a folder that does not exist.
+    """
+    kind, _, path = spec.partition(":")
+    kind = kind.lower()
+    if kind not in DATA_HANDLERS:
+        raise DataError(f"unknown data {spec!r}; choose one of {', '.join(DATA_HANDLERS)} (kind or kind:PATH)")
+    if kind in PATH_KINDS:
+        _need_path(kind, path)
+    elif path:
+        raise DataError(f"{kind} is built in and reads no files; write {kind} without :{path}")
+    return kind, path
+
+
 def load_data(spec: str, input_size: tuple[int, int] | None = None, seed: int = 0) -> DataBundle:
     """Build the train/val sets named by ``spec`` (``kind`` or ``kind:PATH``).
 
     Args:
         spec: e.g. ``barcodes``, ``digits-tile``, ``imagefolder:/data/birds``, ``cifar100:~/data``.
-        input_size: (H, W) to resize to where the kind allows it; ``None`` keeps its native size.
+        input_size: (H, W) of the images (barcodes are drawn at it, the other kinds resized to it);
+            ``None`` keeps each kind's own size.
         seed: Seed of the synthetic sets and of the digits split.
 
     Raises:
         DataError: Unknown kind, missing folder or missing files.
     """
-    kind, _, path = spec.partition(":")
-    handler = DATA_HANDLERS.get(kind.lower())
-    if handler is None:
-        raise DataError(f"unknown data {spec!r}; choose one of {', '.join(DATA_HANDLERS)} (kind or kind:PATH)")
-    return handler(path, tuple(input_size) if input_size else None, seed)  # type: ignore[arg-type]
+    kind, path = check_data_spec(spec)
+    return DATA_HANDLERS[kind](path, tuple(input_size) if input_size else None, seed)  # type: ignore[arg-type]
 
 
 def make_loaders(
@@ -163,6 +190,8 @@ def make_loaders(
     The training loader drops the last incomplete batch (BatchNorm needs more than one
     sample) unless the set is smaller than one batch.
     """
+    from torch.utils.data import DataLoader
+
     if batch_size < 1:
         raise DataError(f"batch_size must be >= 1, got {batch_size}")
     common: dict[str, Any] = {"num_workers": workers, "pin_memory": pin_memory, "persistent_workers": False}

@@ -28,15 +28,23 @@ class TensorImages(Dataset):
         crop_height: When set, each sample is cut to this height at a random row
             (``train=True``) or at the centre (``train=False``).
         train: Whether crops are random.
+        resize: When set, each sample (after its crop) is resized bilinearly to this (H, W),
+            with antialiasing when it shrinks.
     """
 
     def __init__(
-        self, images: torch.Tensor, labels: torch.Tensor, crop_height: int | None = None, train: bool = True
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        crop_height: int | None = None,
+        train: bool = True,
+        resize: tuple[int, int] | None = None,
     ) -> None:
         self.images = images
         self.labels = labels
         self.crop_height = crop_height
         self.train = train
+        self.resize = resize
         self.classes = [str(c) for c in range(int(labels.max()) + 1)] if labels.numel() else []
 
     def __len__(self) -> int:
@@ -49,6 +57,10 @@ class TensorImages(Dataset):
             # Torch's global generator (seeded per worker by the DataLoader) keeps resumes exact.
             top = int(torch.randint(0, spare + 1, ())) if self.train else spare // 2
             image = image[:, top : top + self.crop_height]
+        if self.resize is not None and tuple(image.shape[-2:]) != self.resize:
+            image = F.interpolate(image[None], size=self.resize, mode="bilinear", align_corners=False, antialias=True)[
+                0
+            ]
         return image, int(self.labels[index])
 
 
@@ -77,6 +89,7 @@ def make_barcodes(
     n: int,
     *,
     size: int = 32,
+    height: int | None = None,
     num_classes: int = 10,
     bars: int = 6,
     noise: float = 0.5,
@@ -91,14 +104,15 @@ def make_barcodes(
 
     Args:
         n: Number of images.
-        size: Image height and width.
+        size: Image width (and height, unless ``height`` is given).
+        height: Image height (default ``size``); the bars run the full height.
         num_classes: Number of classes (at most 12 with 6 bars).
         bars: Length of a class's code in pixels.
         noise: Standard deviation of the per-pixel Gaussian noise (bars are 0 or 1).
         seed: Seed of labels, phases, colours and noise.
 
     Returns:
-        Images (n, 3, size, size) and labels (n,).
+        Images (n, 3, height, size) and labels (n,).
     """
     codes = barcode_codes(num_classes, bars)
     gen = torch.Generator().manual_seed(seed)
@@ -108,17 +122,28 @@ def make_barcodes(
     columns = codes[labels].gather(1, index)
     # A random colour per image: the class must not be readable from the channels.
     colour = 0.5 + torch.rand(n, 3, 1, 1, generator=gen)
-    images = columns[:, None, None, :].expand(n, 3, size, size) * colour
-    images = images + noise * torch.randn(n, 3, size, size, generator=gen)
+    rows = size if height is None else height
+    images = columns[:, None, None, :].expand(n, 3, rows, size) * colour
+    images = images + noise * torch.randn(n, 3, rows, size, generator=gen)
     return _standardise(images), labels
 
 
 def barcodes(
-    train: bool, *, size: int = 32, n_train: int = 2048, n_val: int = 512, seed: int = 0, noise: float = 0.5
+    train: bool,
+    *,
+    size: int = 32,
+    height: int | None = None,
+    n_train: int = 2048,
+    n_val: int = 512,
+    seed: int = 0,
+    noise: float = 0.5,
 ) -> TensorImages:
-    """Build the ``barcodes`` set: 10 classes of repeating one-pixel bar codes with noise."""
+    """Build the ``barcodes`` set: 10 classes of repeating one-pixel bar codes with noise.
+
+    Images are ``size`` wide and ``height`` (default ``size``) tall.
+    """
     images, labels = make_barcodes(
-        n_train if train else n_val, size=size, noise=noise, seed=seed * 2 + (0 if train else 1)
+        n_train if train else n_val, size=size, height=height, noise=noise, seed=seed * 2 + (0 if train else 1)
     )
     return TensorImages(images, labels, train=train)
 
@@ -176,8 +201,13 @@ DIGIT_VARIANTS = {
 }
 
 
-def digits(variant: str, train: bool, *, val_fraction: float = 0.2, seed: int = 0) -> TensorImages:
-    """Build a ``digits-<variant>`` set (``stretch`` 32x32, ``tile`` and ``large`` 64x64), 10 classes."""
+def digits(
+    variant: str, train: bool, *, val_fraction: float = 0.2, seed: int = 0, resize: tuple[int, int] | None = None
+) -> TensorImages:
+    """Build a ``digits-<variant>`` set (``stretch`` 32x32, ``tile`` and ``large`` 64x64), 10 classes.
+
+    With ``resize`` every sample is resized to that (H, W) after its crop.
+    """
     if variant not in DIGIT_VARIANTS:
         raise ValueError(f"unknown digits variant {variant!r}; choose one of {sorted(DIGIT_VARIANTS)}")
     transform, crop = DIGIT_VARIANTS[variant]
@@ -185,4 +215,4 @@ def digits(variant: str, train: bool, *, val_fraction: float = 0.2, seed: int = 
     keep = _split(images.shape[0], train, val_fraction, seed)
     # Standardised over the whole set so both splits share one normalisation.
     images = _standardise(transform(images))[keep].expand(-1, 3, -1, -1).contiguous()
-    return TensorImages(images, labels[keep], crop_height=32 if crop else None, train=train)
+    return TensorImages(images, labels[keep], crop_height=32 if crop else None, train=train, resize=resize)
