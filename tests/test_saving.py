@@ -158,7 +158,7 @@ def test_a_models_own_parameter_named_alpha_is_not_checked_as_a_scale(tmp_path):
         _check_alphas(state, "m/model.safetensors", gm)
 
 
-USER_PACKAGE = '''
+USER_PACKAGE = """
 import torch
 from torch import nn
 
@@ -182,7 +182,7 @@ def make():
 
 def make_with(classes):
     return Tiny(classes)
-'''
+"""
 
 
 @pytest.fixture

@@ -57,8 +57,9 @@ class UsageError(CliError):
 
 
 # -- consoles -----------------------------------------------------------------
-#: Width of tables written to a pipe or log (rich would fall back to 80 and fold the node names).
-PIPE_WIDTH = 120
+#: Width of output written to a pipe or a file: no limit in practice, so nothing wraps (one record per
+#: line, for grep) and tables take their natural width. ``COLUMNS`` in the environment still wins.
+PIPE_WIDTH = 100_000
 
 
 def _console(file: Any) -> Console:

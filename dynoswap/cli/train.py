@@ -210,7 +210,9 @@ def train_cmd(
     data: str = typer.Option(
         ...,
         "--data",
-        help="barcodes, barcodes-noisy, digits-stretch|tile|large, imagefolder:PATH, cifar10:PATH, cifar100:PATH.",
+        metavar="DATA",
+        help="Built in: barcodes, barcodes-noisy, digits-stretch, digits-tile, digits-large. Local files: "
+        "imagefolder:PATH, cifar10:PATH, cifar100:PATH.",
     ),
     preset: str | None = typer.Option(None, "--preset", help="Named preset (conversion + hyperparameters)."),
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs (default 10 or the preset's)."),
@@ -279,7 +281,7 @@ def train_cmd(
     ),
     amp: bool | None = typer.Option(None, "--amp/--no-amp", help="Mixed precision."),
     seed: int = typer.Option(0, "--seed", help="Seed of weights, data order and synthetic data."),
-    workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes."),
+    workers: int = typer.Option(0, "--workers", min=0, metavar="N", help="DataLoader worker processes (N >= 0)."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: GPU if any)."),
     input_size: tuple[int, int] | None = typer.Option(
         None, "--input-size", metavar="H W", help="Input height and width (default: the data set's own size)."
@@ -292,7 +294,9 @@ def train_cmd(
     force: bool = typer.Option(False, "--force", help="Start over in an existing run folder (its log and checkpoint)."),
     trust_code: bool = TrustCodeOption,
     plot: Path | None = typer.Option(None, "--plot", metavar="FILE.png", help="Plot sizes, accuracy and GMACs."),
-    max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="At most this many steps per epoch."),
+    max_steps: int | None = typer.Option(
+        None, "--max-steps", min=1, metavar="N", help="At most N steps per epoch (N >= 1)."
+    ),
     compile: bool = typer.Option(
         False, "--compile", help="torch.compile with automatic dynamic shapes (not one compile per size)."
     ),

@@ -16,7 +16,7 @@ AGGREGATES = ("max", "mean")
 
 
 def _float32_shortest(value: float) -> float:
-    """The shortest decimal that reads back as the float32 ``value`` (``0.6000000238...`` → ``0.6``)."""
+    """Return the shortest decimal that reads back as the float32 ``value`` (``0.6000000238...`` → ``0.6``)."""
     import numpy as np
 
     return float(str(np.float32(value)))
