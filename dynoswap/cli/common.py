@@ -268,9 +268,16 @@ TrustCodeOption = typer.Option(
 StrictValuesOption = typer.Option(
     False, "--strict-values", help="Refuse weights holding NaN or infinity (default: warn)."
 )
-InputSizeOption = typer.Option(None, "--input-size", metavar="H W", help="Input height and width (default 224 224).")
+
 
 DEFAULT_INPUT_SIZE = (224, 224)
+InputSizeOption = typer.Option(
+    None,
+    "--input-size",
+    metavar="H W",
+    help="Input height and width (default: a saved model's or a preset's own size, else "
+    f"{DEFAULT_INPUT_SIZE[0]} {DEFAULT_INPUT_SIZE[1]}).",
+)
 
 
 # -- parsers ------------------------------------------------------------------

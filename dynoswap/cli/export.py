@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from .common import (
+    DEFAULT_INPUT_SIZE,
     AllowMissingOption,
     DebugOption,
     InputSizeOption,
@@ -54,7 +55,7 @@ def export_cmd(
         raise UsageError(f"-o {output}: a {spec.name} file must be named *{spec.suffix} (or pick --format)")
     check_output(output, spec.output_kind, force)
     loaded = load_model(model, num_classes, model_kwargs, weights, allow_missing)
-    size = parse_input_size(input_size, default_input_size(loaded.model) or (224, 224))
+    size = parse_input_size(input_size, default_input_size(loaded.model) or DEFAULT_INPUT_SIZE)
     result = export_model(
         loaded.model,
         output,

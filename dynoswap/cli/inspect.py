@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from .common import (
+    DEFAULT_INPUT_SIZE,
     AllowMissingOption,
     DebugOption,
     InputSizeOption,
@@ -57,7 +58,7 @@ def inspect_cmd(
         check_plot_path(plot, force)
     table = load_table(latency_table)
     loaded = load_model(model, num_classes, model_kwargs, weights, allow_missing, trust_code, strict_values)
-    size = parse_input_size(input_size, input_size_of(loaded.model) or (224, 224))
+    size = parse_input_size(input_size, input_size_of(loaded.model) or DEFAULT_INPUT_SIZE)
     check_forward(loaded.model, size)
     summary = summarize(loaded.model, size, model, loaded.source.library, depth=depth)
     latency = None

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from .common import (
+    DEFAULT_INPUT_SIZE,
     AllowMissingOption,
     DebugOption,
     InputSizeOption,
@@ -90,7 +91,7 @@ def profile_cmd(
     loaded = load_model(model, num_classes, model_kwargs, weights, allow_missing, trust_code, strict_values)
     if loaded.is_saved:
         converted = loaded.model
-        size = parse_input_size(input_size, input_size_of(converted) or (224, 224))
+        size = parse_input_size(input_size, input_size_of(converted) or DEFAULT_INPUT_SIZE)
     else:
         plan = make_plan(None, input_size, num_classes, placement, None, None, None)
         converted, _ = run_conversion(loaded.model, plan, loaded.source)

@@ -215,18 +215,29 @@ def train_cmd(
         "imagefolder:PATH, cifar10:PATH, cifar100:PATH.",
     ),
     preset: str | None = typer.Option(None, "--preset", help="Named preset (conversion + hyperparameters)."),
-    epochs: int | None = typer.Option(None, "--epochs", help="Epochs (default 10 or the preset's)."),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size per process."),
-    lr: float | None = typer.Option(None, "--lr", help="Learning rate of the weights."),
-    alpha_lr: float | None = typer.Option(
-        None, "--alpha-lr", help="Typical relative change of an alpha per step (normalised step; default 0.02)."
+    epochs: int | None = typer.Option(None, "--epochs", help=f"Epochs (default {DEFAULTS.epochs} or the preset's)."),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", help=f"Batch size per process (default {DEFAULTS.batch_size} or the preset's)."
     ),
-    weight_decay: float | None = typer.Option(None, "--weight-decay", help="Weight decay (never on alphas)."),
+    lr: float | None = typer.Option(
+        None, "--lr", help=f"Learning rate of the weights (default {DEFAULTS.lr:g} or the preset's)."
+    ),
+    alpha_lr: float | None = typer.Option(
+        None,
+        "--alpha-lr",
+        help=f"Typical relative change of an alpha per step (normalised step; default {DEFAULTS.alpha_lr:g}).",
+    ),
+    weight_decay: float | None = typer.Option(
+        None,
+        "--weight-decay",
+        help=f"Weight decay, never on alphas (default {DEFAULTS.weight_decay:g} or the preset's).",
+    ),
     lam: float | None = typer.Option(
         None,
         "--lam",
         help=(
-            "lambda: weight of the GMACs loss (eq. 8), per GMAC, default 0. The presets use the paper's "
+            f"lambda: weight of the GMACs loss (eq. 8), per GMAC, default {DEFAULTS.lam:g}. The presets use "
+            "the paper's "
             "1e-7 to 2.2e-4 (supplement Table 2, e.g. 2.2e-4 for VGG-16 CIFAR-100 DynOPool-S). For a cost "
             "rather than a weight use --target-gmacs."
         ),
