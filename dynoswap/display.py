@@ -2,10 +2,15 @@
 
 A DynOPool or node name is told apart by its end (``layer2.0.downsample.0`` against
 ``layer2.0.conv1``), so a name too long for its column keeps its start and its end and loses
-the middle: ``layer2…sample.0``. Light: imports rich only.
+the middle: ``layer2…sample.0``. Output to a pipe or a file has no width at all: one record per
+line, whatever its length. Light: imports rich only.
 """
 
 from __future__ import annotations
+
+import os
+import sys
+from typing import IO
 
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.measure import Measurement
@@ -16,6 +21,20 @@ ELLIPSIS = "…"
 DYNOPOOL_SUFFIX = "_dynopool"
 #: A name column never gets narrower than this (or the name's own length).
 MIN_NAME_WIDTH = 12
+#: Width of output written to a pipe or a file: no limit in practice, so nothing wraps (one record per
+#: line, for grep) and tables take their natural width.
+PIPE_WIDTH = 100_000
+
+
+def make_console(file: IO[str] | None = None) -> Console:
+    """Return a console on ``file`` (default: stdout at this moment) that fits where it writes.
+
+    A terminal gets its own width; a pipe or a file gets :data:`PIPE_WIDTH`, so a line is never
+    broken; ``COLUMNS`` in the environment wins over both.
+    """
+    file = file if file is not None else sys.stdout
+    width = None if file.isatty() or "COLUMNS" in os.environ else PIPE_WIDTH
+    return Console(file=file, highlight=False, soft_wrap=False, width=width)
 
 
 def visible(text: object) -> str:

@@ -56,6 +56,7 @@ class Block:
     tag: str = ""  #: ``skip`` or ``output`` (from the comment line right above the fence)
     reason: str = ""
     output: Block | None = None  #: the tagged output block that follows it
+    index: int = 1  #: its place among the blocks of its section, from 1
 
     @property
     def file(self) -> str | None:
@@ -65,8 +66,9 @@ class Block:
 
     @property
     def id(self) -> str:
+        """A test id that survives edits elsewhere in the README: the section and the block's place in it."""
         slug = re.sub(r"[^a-z0-9]+", "-", self.section.lower()).strip("-")[:40]
-        return f"{slug}-L{self.line}-{self.lang or 'text'}"
+        return f"{slug}-{self.index}"
 
 
 def parse_blocks(text: str) -> list[Block]:
@@ -93,6 +95,7 @@ def parse_blocks(text: str) -> list[Block]:
                 assert blocks, f"README line {start + 1}: an output block must follow the block that prints it"
                 blocks[-1].output = block
             else:
+                block.index = 1 + sum(b.section == section for b in blocks)
                 blocks.append(block)
             tag = reason = ""
         elif line.strip():

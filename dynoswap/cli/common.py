@@ -21,6 +21,7 @@ import click
 import typer
 from rich.console import Console
 
+from ..display import make_console
 from ..validate import MIN_OUTPUT_SIDE
 
 if TYPE_CHECKING:
@@ -57,24 +58,14 @@ class UsageError(CliError):
 
 
 # -- consoles -----------------------------------------------------------------
-#: Width of output written to a pipe or a file: no limit in practice, so nothing wraps (one record per
-#: line, for grep) and tables take their natural width. ``COLUMNS`` in the environment still wins.
-PIPE_WIDTH = 100_000
-
-
-def _console(file: Any) -> Console:
-    width = None if file.isatty() or "COLUMNS" in os.environ else PIPE_WIDTH
-    return Console(file=file, highlight=False, soft_wrap=False, width=width)
-
-
 def out_console() -> Console:
-    """Console on stdout; made per call so test runners that swap sys.stdout are honoured."""
-    return _console(sys.stdout)
+    """Console on stdout (:func:`dynoswap.display.make_console`), made per call: a swapped sys.stdout is honoured."""
+    return make_console(sys.stdout)
 
 
 def err_console() -> Console:
     """Console on stderr, for human text next to machine-readable stdout."""
-    return _console(sys.stderr)
+    return make_console(sys.stderr)
 
 
 def print_json(data: dict[str, Any]) -> None:
