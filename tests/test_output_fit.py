@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from rich.console import Console
 from torch import nn
 from typer.testing import CliRunner
@@ -38,6 +40,17 @@ def test_long_names_lose_their_middle_never_their_end(text, width, suffix, expec
     if ELLIPSIS in short and width > 1:
         head, tail = short.split(ELLIPSIS)
         assert text.startswith(head) and text.endswith(tail) and len(tail) >= len(head)
+
+
+@given(st.text(st.characters(blacklist_characters=ELLIPSIS), max_size=60), st.integers(0, 70), st.sampled_from(["", "_dynopool"]))
+def test_any_name_fits_and_keeps_its_start_and_end(text, width, suffix):
+    short = shorten_middle(text, width, suffix)
+    assert len(short) <= width
+    if len(text) <= width:
+        assert short == text
+    elif width > 1:
+        head, _, tail = short.partition(ELLIPSIS)
+        assert text.startswith(head) and text.endswith(tail) and len(head) + len(tail) == width - 1
 
 
 def _render(renderable, width: int) -> list[str]:
