@@ -42,7 +42,10 @@ def test_long_names_lose_their_middle_never_their_end(text, width, suffix, expec
         assert text.startswith(head) and text.endswith(tail) and len(tail) >= len(head)
 
 
-@given(st.text(st.characters(blacklist_characters=ELLIPSIS), max_size=60), st.integers(0, 70), st.sampled_from(["", "_dynopool"]))
+NAMES = st.text(st.characters(blacklist_characters=ELLIPSIS), max_size=60)
+
+
+@given(NAMES, st.integers(0, 70), st.sampled_from(["", "_dynopool"]))
 def test_any_name_fits_and_keeps_its_start_and_end(text, width, suffix):
     short = shorten_middle(text, width, suffix)
     assert len(short) <= width
