@@ -31,6 +31,9 @@ _EXPORTS: dict[str, str] = {
     "Preset": "presets",
     "load_preset": "presets",
     "fit": "train",
+    "load_data": "train",
+    "make_loaders": "train",
+    "DataBundle": "train",
     "freeze": "export",
     "export_model": "export",
 }
@@ -45,7 +48,7 @@ if TYPE_CHECKING:
     from .layers import DynOPool2d  # noqa: F401
     from .models import ModelSource, build_model, resolve  # noqa: F401
     from .presets import Preset, load_preset  # noqa: F401
-    from .train import fit  # noqa: F401
+    from .train import DataBundle, fit, load_data, make_loaders  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

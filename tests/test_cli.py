@@ -129,15 +129,30 @@ def test_convert_json_schema(convert_json):
     assert data["output"] is None
 
 
+# Goldens are a terminal of 80 columns, and a pipe (no COLUMNS: no width limit, one record per line).
+AT_80 = {**ENV, "COLUMNS": "80"}
+PIPED = {k: v for k, v in ENV.items() if k != "COLUMNS"}
+
+
 def test_convert_table_golden(request):
-    result = invoke("convert", *SMALL)
+    result = runner.invoke(app, ["convert", *SMALL], env=AT_80)
     assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
     check_golden(request, "convert_resnet18_64.txt", result.stdout)
 
 
-def test_inspect_table_golden(request):
-    result = invoke("inspect", *SMALL, "--depth", "1")
+def test_convert_table_golden_piped(request, monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)
+    result = runner.invoke(app, ["convert", *SMALL], env=PIPED)
     assert result.exit_code == 0, result.output
+    assert "layer2.0.downsample.0" in result.stdout and "…" not in result.stdout  # nothing shortened or folded
+    check_golden(request, "convert_resnet18_64_piped.txt", result.stdout)
+
+
+def test_inspect_table_golden(request):
+    result = runner.invoke(app, ["inspect", *SMALL, "--depth", "1"], env=AT_80)
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
     check_golden(request, "inspect_resnet18_64.txt", result.stdout)
 
 

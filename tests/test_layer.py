@@ -465,3 +465,12 @@ def test_double_backward_says_what_to_do_instead():
     (grad,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)  # a first derivative works
     with pytest.raises(RuntimeError, match="DynOPool2d has no second derivative.*dynoswap.export.freeze"):
         grad.sum().backward()
+
+
+def test_scale_reads_back_as_set_at_float32_precision():
+    pool = DynOPool2d(0.5)
+    pool.set_scale((0.6, 0.45))
+    assert pool.scale == (0.6, 0.45)  # not float32's expansion 0.6000000143051151
+    assert torch.tensor(pool.scale, dtype=torch.float32).equal(pool.alpha.detach().reciprocal())
+    pool.set_scale(1 / 3)
+    assert pool.scale == (0.33333334, 0.33333334)  # float32 has no more digits to give

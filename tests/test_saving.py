@@ -156,3 +156,94 @@ def test_a_models_own_parameter_named_alpha_is_not_checked_as_a_scale(tmp_path):
     state["3_dynopool.alpha"] = torch.tensor([1e-4, 2.0])
     with pytest.raises(CheckpointError, match="3_dynopool.alpha .*at least 0.125"):
         _check_alphas(state, "m/model.safetensors", gm)
+
+
+USER_PACKAGE = """
+import torch
+from torch import nn
+
+
+class Tiny(nn.Module):
+    def __init__(self, classes=3):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.head = nn.Linear(8, classes)
+
+    def forward(self, x):
+        x = self.down(self.pool(torch.relu(self.conv(x))))
+        return self.head(x.mean((2, 3)))
+
+
+def make():
+    return Tiny()
+
+
+def make_with(classes):
+    return Tiny(classes)
+"""
+
+
+@pytest.fixture
+def user_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A tiny importable package ``mymodels_<id>`` with a model class and factories; returns its module name."""
+    name = f"mymodels_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / "pkg" / name).mkdir(parents=True)
+    (tmp_path / "pkg" / name / "__init__.py").write_text("")
+    (tmp_path / "pkg" / name / "models.py").write_text(USER_PACKAGE)
+    monkeypatch.syspath_prepend(str(tmp_path / "pkg"))
+    return f"{name}.models"
+
+
+def test_save_of_a_users_model_class_names_its_factory(tmp_path: Path, user_package: str) -> None:
+    import importlib
+
+    module = importlib.import_module(user_package)
+    gm, _ = convert(module.Tiny(), (16, 16))  # no source: convert cannot know where the class lives
+    with pytest.raises(SaveError, match=r"save\(model, path, source='mypkg.models:make'\)"):
+        save(gm, tmp_path / "refused")
+    with torch.no_grad():
+        next(m for m in gm.modules() if isinstance(m, DynOPool2d)).alpha.fill_(2.5)
+    out = save(gm, tmp_path / "mine", source=f"{user_package}:make")
+    recipe = json.loads((out / "recipe.json").read_text())["recipe"]
+    assert recipe["source"] == {"library": "user", "name": f"{user_package}:make", "kwargs": {}}
+    loaded = load(out, trust_code=True)
+    x = torch.randn(2, 3, 16, 16)
+    gm.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(gm(x), loaded(x))
+    # The factory is recorded in the model, so a second save needs no source=.
+    assert save(gm, tmp_path / "again") == tmp_path / "again"
+
+
+def test_loading_a_users_factory_without_trust_code_is_refused_in_one_line(tmp_path: Path, user_package: str) -> None:
+    import importlib
+
+    from dynoswap.errors import UntrustedCodeError
+
+    gm, _ = convert(importlib.import_module(user_package).Tiny(7), (16, 16))
+    out = save(gm, tmp_path / "mine", source=ModelSource("user", f"{user_package}:make_with", {"classes": 7}))
+    with pytest.raises(UntrustedCodeError) as info:
+        load(out)
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"refused to import module {user_package!r} and call make_with(**{{'classes': 7}})" in message
+    assert "trust_code=True" in message
+
+
+def test_a_factory_that_does_not_rebuild_the_model_fails_the_save_and_records_nothing(
+    tmp_path: Path, user_package: str
+) -> None:
+    import importlib
+
+    gm, _ = convert(importlib.import_module(user_package).Tiny(7), (16, 16))
+    with pytest.raises(SaveError, match="does not load back"):  # make() builds 3 classes, not 7
+        save(gm, tmp_path / "mine", source=f"{user_package}:make")
+    with pytest.raises(SaveError, match="does not load back: cannot import module 'nowhere.models'"):
+        save(gm, tmp_path / "mine", source="nowhere.models:make")
+    with pytest.raises(SaveError, match="must name a factory as 'package.module:function'"):
+        save(gm, tmp_path / "mine", source="make")
+    assert not (tmp_path / "mine").exists()
+    with pytest.raises(SaveError, match="source is unknown"):  # nothing was recorded by the failed saves
+        save(gm, tmp_path / "mine")

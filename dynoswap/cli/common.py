@@ -21,6 +21,7 @@ import click
 import typer
 from rich.console import Console
 
+from ..display import make_console
 from ..validate import MIN_OUTPUT_SIDE
 
 if TYPE_CHECKING:
@@ -57,23 +58,14 @@ class UsageError(CliError):
 
 
 # -- consoles -----------------------------------------------------------------
-#: Width of tables written to a pipe or log (rich would fall back to 80 and fold the node names).
-PIPE_WIDTH = 120
-
-
-def _console(file: Any) -> Console:
-    width = None if file.isatty() or "COLUMNS" in os.environ else PIPE_WIDTH
-    return Console(file=file, highlight=False, soft_wrap=False, width=width)
-
-
 def out_console() -> Console:
-    """Console on stdout; made per call so test runners that swap sys.stdout are honoured."""
-    return _console(sys.stdout)
+    """Console on stdout (:func:`dynoswap.display.make_console`), made per call: a swapped sys.stdout is honoured."""
+    return make_console(sys.stdout)
 
 
 def err_console() -> Console:
     """Console on stderr, for human text next to machine-readable stdout."""
-    return _console(sys.stderr)
+    return make_console(sys.stderr)
 
 
 def print_json(data: dict[str, Any]) -> None:
@@ -268,9 +260,16 @@ TrustCodeOption = typer.Option(
 StrictValuesOption = typer.Option(
     False, "--strict-values", help="Refuse weights holding NaN or infinity (default: warn)."
 )
-InputSizeOption = typer.Option(None, "--input-size", metavar="H W", help="Input height and width (default 224 224).")
+
 
 DEFAULT_INPUT_SIZE = (224, 224)
+InputSizeOption = typer.Option(
+    None,
+    "--input-size",
+    metavar="H W",
+    help="Input height and width (default: a saved model's or a preset's own size, else "
+    f"{DEFAULT_INPUT_SIZE[0]} {DEFAULT_INPUT_SIZE[1]}).",
+)
 
 
 # -- parsers ------------------------------------------------------------------

@@ -14,6 +14,7 @@ import typer
 
 from ..validate import MAX_SCALE
 from .common import (
+    DEFAULT_INPUT_SIZE,
     AllowMissingOption,
     DebugOption,
     InputSizeOption,
@@ -87,7 +88,7 @@ def make_plan(
     if init_scale is not None and not (math.isfinite(init_scale) and 0 < init_scale <= MAX_SCALE):
         raise UsageError(f"--init-scale must be a finite number > 0 and at most {MAX_SCALE:g}, got {init_scale}")
     return ConvertPlan(
-        input_size=parse_input_size(input_size, opts.input_size if opts else (224, 224)),
+        input_size=parse_input_size(input_size, opts.input_size if opts else DEFAULT_INPUT_SIZE),
         num_classes=num_classes if num_classes is not None else (opts.num_classes if opts else None),
         placement=chosen,
         init_scale=init_scale if init_scale is not None else (opts.init_scale if opts else None),

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from .common import (
+    DEFAULT_INPUT_SIZE,
     AllowMissingOption,
     DebugOption,
     InputSizeOption,
@@ -74,7 +75,7 @@ def profile_cmd(
 ) -> None:
     """Measure each MAC-bearing layer's latency against its size on this machine and save a latency table."""
     from ..io.recipe import input_size_of
-    from .common import DEFAULT_INPUT_SIZE, check_weights, parse_input_size
+    from .common import check_weights, parse_input_size
     from .convert import PLACEMENTS, make_plan, run_conversion
 
     # Every argument that needs no torch is checked before the slow imports.

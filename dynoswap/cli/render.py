@@ -9,6 +9,8 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
+from ..display import DYNOPOOL_SUFFIX, Name, visible
+
 if TYPE_CHECKING:
     from ..io.checkpoint import KeyMismatch
     from .summary import LayerRow, ModelSummary
@@ -16,9 +18,15 @@ if TYPE_CHECKING:
 BOX = box.SIMPLE_HEAD
 
 
-def visible(text: object) -> str:
-    r"""Return ``text`` with control characters shown as escapes (``\x1b``, ``\n``): names never drive a terminal."""
-    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in str(text))
+__all__ = ["visible"]  # re-exported for the CLI's error lines
+
+
+def group_numbers(groups: Sequence[str]) -> dict[str, int]:
+    """Return each tie group's number: from 1, in the order the groups first appear (rows run in execution order)."""
+    numbers: dict[str, int] = {}
+    for group in groups:
+        numbers.setdefault(group, len(numbers) + 1)
+    return numbers
 
 
 def safe(text: object) -> str:
@@ -63,20 +71,19 @@ def summary_table(summary: ModelSummary, title: str | None = None) -> Table:
 
 
 def dynopool_table(rows: list[dict[str, Any]]) -> Table:
-    """One row per DynOPool: alpha, scale, in → out, tie group."""
+    """One row per DynOPool: scale (1/alpha), in → out, tie group (numbered from 1 in execution order)."""
     table = Table(title="DynOPools", box=BOX)
-    # Names fold rather than being cut: they are what --override takes.
-    table.add_column("name", overflow="fold")
-    for col in ("alpha", "scale", "in → out"):
-        table.add_column(col, no_wrap=True)
-    table.add_column("group", overflow="fold")
+    table.add_column("name")  # shortened in the middle, never at the end, where the terminal is narrow
+    table.add_column("scale (1/alpha)", no_wrap=True)
+    table.add_column("in → out", no_wrap=True)
+    table.add_column("group", justify="right")
+    numbers = group_numbers([row["group"] for row in rows])
     for row in rows:
         table.add_row(
-            row["name"],
-            fmt_pair(row["alpha"]),
+            Name(row["name"], suffix=DYNOPOOL_SUFFIX),
             fmt_pair(row["scale"]),
             f"{fmt_size(row['in'])} → {fmt_size(row['out'])}",
-            row["group"],
+            str(numbers[row["group"]]),
         )
     return table
 
@@ -127,7 +134,7 @@ def replacement_table(replacements: list[dict[str, Any]]) -> Table:
     for heading, _ in REPLACEMENT_COLUMNS:
         table.add_column(heading)
     for row in replacements:
-        table.add_row(*(_text(_pick(row, keys)) for _, keys in REPLACEMENT_COLUMNS))
+        table.add_row(*(Name(_text(_pick(row, keys))) for _, keys in REPLACEMENT_COLUMNS))
     return table
 
 
@@ -139,9 +146,9 @@ def skipped_table(skipped: list[dict[str, Any]]) -> Table:
     table.add_column("reason")
     for row in skipped:
         table.add_row(
-            _text(_pick(row, ("node", "name", "target"))),
-            _text(_pick(row, ("kind", "original", "op"))),
-            _text(_pick(row, ("reason", "why"))),
+            Name(_text(_pick(row, ("node", "name", "target")))),
+            Name(_text(_pick(row, ("kind", "original", "op")))),
+            safe(_text(_pick(row, ("reason", "why")))),
         )
     return table
 
@@ -149,13 +156,13 @@ def skipped_table(skipped: list[dict[str, Any]]) -> Table:
 def layer_table(rows: list[LayerRow]) -> Table:
     """Per-layer output shape and GMACs."""
     table = Table(title="Layers", box=BOX)
-    table.add_column("layer", overflow="fold")
-    table.add_column("type", overflow="fold")
+    table.add_column("layer")
+    table.add_column("type")
     table.add_column("output", justify="right")
     table.add_column("GMACs", justify="right")
     for row in rows:
         shape = "x".join(str(v) for v in row.out_shape) if row.out_shape else "-"
-        table.add_row(safe(row.name), safe(row.kind), shape, fmt_gmacs(row.gmacs))
+        table.add_row(Name(row.name), Name(row.kind), shape, fmt_gmacs(row.gmacs))
     return table
 
 
@@ -167,7 +174,7 @@ def mismatch_table(mismatch: KeyMismatch, limit: int = 40) -> Table:
     table.add_column("detail")
     rows = mismatch.rows()
     for problem, key, detail in rows[:limit]:
-        table.add_row(problem, safe(key), safe(detail))
+        table.add_row(problem, Name(key), safe(detail))
     if len(rows) > limit:
         table.add_row("…", f"{len(rows) - limit} more", "")
     return table

@@ -244,21 +244,34 @@ def train_cmd(
     data: str = typer.Option(
         ...,
         "--data",
-        help="barcodes, barcodes-noisy, digits-stretch|tile|large, imagefolder:PATH, cifar10:PATH, cifar100:PATH.",
+        metavar="DATA",
+        help="Built in: barcodes, barcodes-noisy, digits-stretch, digits-tile, digits-large. Local files: "
+        "imagefolder:PATH, cifar10:PATH, cifar100:PATH.",
     ),
     preset: str | None = typer.Option(None, "--preset", help="Named preset (conversion + hyperparameters)."),
-    epochs: int | None = typer.Option(None, "--epochs", help="Epochs (default 10 or the preset's)."),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size per process."),
-    lr: float | None = typer.Option(None, "--lr", help="Learning rate of the weights."),
-    alpha_lr: float | None = typer.Option(
-        None, "--alpha-lr", help="Typical relative change of an alpha per step (normalised step; default 0.02)."
+    epochs: int | None = typer.Option(None, "--epochs", help=f"Epochs (default {DEFAULTS.epochs} or the preset's)."),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", help=f"Batch size per process (default {DEFAULTS.batch_size} or the preset's)."
     ),
-    weight_decay: float | None = typer.Option(None, "--weight-decay", help="Weight decay (never on alphas)."),
+    lr: float | None = typer.Option(
+        None, "--lr", help=f"Learning rate of the weights (default {DEFAULTS.lr:g} or the preset's)."
+    ),
+    alpha_lr: float | None = typer.Option(
+        None,
+        "--alpha-lr",
+        help=f"Typical relative change of an alpha per step (normalised step; default {DEFAULTS.alpha_lr:g}).",
+    ),
+    weight_decay: float | None = typer.Option(
+        None,
+        "--weight-decay",
+        help=f"Weight decay, never on alphas (default {DEFAULTS.weight_decay:g} or the preset's).",
+    ),
     lam: float | None = typer.Option(
         None,
         "--lam",
         help=(
-            "lambda: weight of the GMACs loss (eq. 8), per GMAC, default 0. The presets use the paper's "
+            f"lambda: weight of the GMACs loss (eq. 8), per GMAC, default {DEFAULTS.lam:g}. The presets use "
+            "the paper's "
             "1e-7 to 2.2e-4 (supplement Table 2, e.g. 2.2e-4 for VGG-16 CIFAR-100 DynOPool-S). For a cost "
             "rather than a weight use --target-gmacs."
         ),
@@ -321,7 +334,7 @@ def train_cmd(
     ),
     amp: bool | None = typer.Option(None, "--amp/--no-amp", help="Mixed precision."),
     seed: int = typer.Option(0, "--seed", help="Seed of weights, data order and synthetic data."),
-    workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes."),
+    workers: int = typer.Option(0, "--workers", min=0, metavar="N", help="DataLoader worker processes (N >= 0)."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: GPU if any)."),
     input_size: tuple[int, int] | None = typer.Option(
         None, "--input-size", metavar="H W", help="Input height and width (default: the data set's own size)."
@@ -334,7 +347,9 @@ def train_cmd(
     force: bool = typer.Option(False, "--force", help="Start over in an existing run folder (its log and checkpoint)."),
     trust_code: bool = TrustCodeOption,
     plot: Path | None = typer.Option(None, "--plot", metavar="FILE.png", help="Plot sizes, accuracy and GMACs."),
-    max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="At most this many steps per epoch."),
+    max_steps: int | None = typer.Option(
+        None, "--max-steps", min=1, metavar="N", help="At most N steps per epoch (N >= 1)."
+    ),
     compile: bool = typer.Option(
         False,
         "--compile",

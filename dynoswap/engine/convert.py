@@ -519,7 +519,7 @@ def convert(
                 rule=s.rule,
                 dynopool=s.name,
                 init_scale=scales[s.index] if pools[s.name].alpha.is_meta else pools[s.name].scale,
-                group=group_of[s.index],
+                group=group_of[s.index] + 1,  # numbered from 1, as in every table and plot
                 merged=[_was(m) for m in s.merged],
                 cost_note=COST_NOTES.get(s.rule, ""),
                 original_out=original_out[s.name],

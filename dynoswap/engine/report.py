@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..display import DYNOPOOL_SUFFIX
 from ..errors import ConversionError  # noqa: F401  (re-exported: the engine's error type)
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ class Replacement:
         rule: Rule applied (``pool``, ``conv_post``, ``conv_pre``, ``patchify_post``, ...).
         dynopool: Module path of the DynOPool.
         init_scale: (r_h, r_w) at conversion.
-        group: Tie group index (groups share one alpha).
+        group: Tie group number, from 1 in execution order (``groups[group - 1]``; a group shares one alpha).
         merged: Resizers merged into this DynOPool (removed), with what they were.
         cost_note: Extra cost of the rule, if any (e.g. a conv now runs at stride 1).
         original_out: (h, w) the replaced resizers produced in the original model at the
@@ -120,24 +121,49 @@ class ConversionReport:
         return data
 
     def table(self) -> Table:
-        """Build a rich table: one row per DynOPool, then the skipped resizers."""
+        """Build a rich table: one row per DynOPool, then the skipped resizers.
+
+        Long names are shortened in the middle where the console is narrow (never at the end);
+        a rule that makes a conv cost more says so under the table (the report's cost notes).
+        """
+        from rich import box
         from rich.table import Table
+        from rich.text import Text
+
+        from ..display import MIN_NAME_WIDTH, Name
 
         title = f"{self.model}: {self.num_dynopools} DynOPool, {self.num_alphas} alpha ({self.placement})"
-        table = Table(title=title)
-        for col in ("node", "was", "rule", "dynopool", "init scale", "group", "note"):
-            table.add_column(col)
+        # A DynOPool is named after its node; the column appears only when some name says more.
+        named = any(rep.dynopool != f"{rep.name}{DYNOPOOL_SUFFIX}" for rep in self.replacements)
+        notes = {rep.rule: rep.cost_note for rep in self.replacements if rep.cost_note}
+        caption = [f"{rule}: {note}" for rule, note in notes.items()]
+        if self.replacements and not named:
+            caption.insert(0, f"each DynOPool is named after its node: NODE{DYNOPOOL_SUFFIX}")
+        table = Table(title=title, caption="\n".join(caption) or None, caption_justify="left", box=box.SIMPLE_HEAD)
+        longest = {
+            "node": max([len(r.name) for r in self.replacements] + [len(k.name) for k in self.skipped], default=4),
+            "dynopool": max((len(r.dynopool) for r in self.replacements), default=8),
+        }
+        table.add_column("node", min_width=min(longest["node"], MIN_NAME_WIDTH + 2))
+        table.add_column("was", no_wrap=True)
+        table.add_column("rule", overflow="fold")
+        if named:
+            table.add_column("dynopool", min_width=min(longest["dynopool"], MIN_NAME_WIDTH + len(DYNOPOOL_SUFFIX)))
+        table.add_column("scale", no_wrap=True)
+        table.add_column("group", justify="right", no_wrap=True)
+        table.add_column("note", overflow="fold")
         for rep in self.replacements:
-            notes = ["merged " + ", ".join(m["name"] for m in rep.merged)] if rep.merged else []
-            note = "; ".join([*notes, *([rep.note] if rep.note else [])])
+            notes_of = ["merged " + ", ".join(m["name"] for m in rep.merged)] if rep.merged else []
+            note = "; ".join([*notes_of, *([rep.note] if rep.note else [])])
             scale = (
                 f"{rep.init_scale[0]:.4g}"
                 if rep.init_scale[0] == rep.init_scale[1]
                 else "{:.4g}x{:.4g}".format(*rep.init_scale)
             )
-            table.add_row(rep.name, _describe(rep.was), rep.rule, rep.dynopool, scale, str(rep.group), note)
+            dynopool = [Name(rep.dynopool, suffix=DYNOPOOL_SUFFIX)] if named else []
+            table.add_row(Name(rep.name), _describe(rep.was), rep.rule, *dynopool, scale, str(rep.group), Text(note))
         for skip in self.skipped:
-            table.add_row(skip.name, skip.op, "kept", "", "", "", skip.reason)
+            table.add_row(Name(skip.name), skip.op, "kept", *([""] if named else []), "", "", Text(skip.reason))
         return table
 
     def __str__(self) -> str:

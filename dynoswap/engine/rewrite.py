@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..display import DYNOPOOL_SUFFIX
 from ..errors import OptionError
 from .find import Resizer, node_label
 
@@ -238,7 +239,7 @@ def plan_sites(
             site.rule = "conv_post" if r.kind == "conv" else "patchify_post"
             site.anchor, site.merged = _walk(r.node, pools, modules, taken)
         site.init_scale = _scale(site.resizers)
-        site.name = f"{node_label(r.node)}_dynopool"
+        site.name = f"{node_label(r.node)}{DYNOPOOL_SUFFIX}"
         sites.append(site)
     _dedupe_names(sites)
     return sites, kept

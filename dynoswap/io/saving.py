@@ -27,7 +27,7 @@ from ..errors import (
     SaveError,
 )
 from ..layers import DynOPool2d
-from ..sources import SAVED, build_model, check_source
+from ..sources import SAVED, ModelSource, build_model, check_source
 from ..validate import check_alpha
 from .checkpoint import report_nonfinite
 from .output import replace_output
@@ -61,6 +61,7 @@ __all__ = [
     "load",
     "read_recipe",
     "read_weights",
+    "record_source",
     "save",
     "verify_saved",
     "write_saved",
@@ -88,8 +89,9 @@ def _savable_recipe(model: nn.Module) -> Recipe:
     data = raw_recipe_of(model) or {}
     if not data.get("source"):
         raise SaveError(
-            "the model's source is unknown, so load() could not rebuild it: pass source= to convert, e.g. "
-            "convert(model, ..., source=ModelSource('torchvision', 'resnet50', {'num_classes': 10}))"
+            "the model's source is unknown, so load() could not rebuild it: name the function that builds "
+            "the unconverted model, save(model, path, source='mypkg.models:make') (loaded back with "
+            "trust_code=True), or pass source= to convert"
         )
     if isinstance(data["source"], dict) and data["source"].get("library") == SAVED:
         raise SaveError("the model's source is a saved model: convert the original model, not a loaded one")
@@ -178,7 +180,43 @@ def _same_outputs(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-def save(model: nn.Module, path: str | os.PathLike[str], *, overwrite: bool = True) -> Path:
+def _as_source(source: str | ModelSource) -> ModelSource:
+    """``"pkg.module:factory"`` (called with no arguments) or a :class:`ModelSource`, checked for form only."""
+    if isinstance(source, ModelSource):
+        return source
+    if not isinstance(source, str) or source.count(":") != 1 or not all(source.partition(":")[::2]):
+        raise SaveError(
+            f"source must name a factory as 'package.module:function' (or be a ModelSource), got {source!r}"
+        )
+    return ModelSource("user", source)
+
+
+def record_source(model: nn.Module, source: str | ModelSource) -> None:
+    """Record in a converted model's recipe where its base model comes from (what ``load`` rebuilds).
+
+    Args:
+        model: A GraphModule returned by ``dynoswap.convert``.
+        source: ``"pkg.module:factory"`` for your own model class: a function importable by the
+            process that loads, returning the unconverted model (random weights are fine, the saved
+            weights replace them); or a :class:`ModelSource` (a factory with keyword arguments, or
+            a torchvision/timm name).
+
+    Raises:
+        SaveError: Not a converted model, or ``source`` is not of that form.
+    """
+    data = raw_recipe_of(model)
+    if data is None:
+        raise SaveError("not a converted model: dynoswap.save needs the output of dynoswap.convert")
+    data["source"] = _as_source(source).to_dict()
+
+
+def save(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    overwrite: bool = True,
+    source: str | ModelSource | None = None,
+) -> Path:
     """Write ``path/recipe.json`` and ``path/model.safetensors``, verified, crash-safe.
 
     The folder is written next to ``path``, loaded back and compared with ``model``
@@ -186,22 +224,36 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, overwrite: bool = Tr
     at the same time makes this call fail instead of racing it.
 
     Args:
-        model: A GraphModule returned by ``dynoswap.convert`` (with ``source=`` given).
+        model: A GraphModule returned by ``dynoswap.convert``.
         path: Output folder.
         overwrite: Replace an existing saved model at ``path`` (anything else there is refused).
+        source: Where the unconverted model comes from, when ``convert`` was not told (a model class of
+            your own): ``"pkg.module:factory"``, or a :class:`ModelSource` with keyword arguments. It is
+            recorded in the model's recipe (see :func:`record_source`) if the save succeeds; loading it
+            back imports and calls the factory, so it needs ``load(..., trust_code=True)``.
 
     Returns:
         The output folder.
 
     Raises:
-        SaveError: Not a converted model, an unknown source, or a save that does not read back.
+        SaveError: Not a converted model, an unknown source, or a save that does not read back (a
+            factory that cannot be imported or builds another model included).
         OutputExistsError: ``path`` holds something else, or a saved model and ``overwrite`` is False.
         OutputLockedError: Another process is writing ``path``.
     """
-    _savable_recipe(model)
-    with replace_output(path, SAVED_MODEL, force=overwrite) as work:
-        write_saved(model, work)
-        verify_saved(model, work)
+    data = raw_recipe_of(model)
+    previous = data.get("source") if data is not None else None
+    if source is not None:
+        record_source(model, source)
+    try:
+        _savable_recipe(model)
+        with replace_output(path, SAVED_MODEL, force=overwrite) as work:
+            write_saved(model, work)
+            verify_saved(model, work)
+    except BaseException:
+        if source is not None and data is not None:
+            data["source"] = previous  # a failed save leaves the model as it was
+        raise
     return Path(path)
 
 

@@ -15,6 +15,13 @@ from .sizing import FLOOR_GRADIENTS, output_size, straight_through_size
 AGGREGATES = ("max", "mean")
 
 
+def _float32_shortest(value: float) -> float:
+    """Return the shortest decimal that reads back as the float32 ``value`` (``0.6000000238...`` → ``0.6``)."""
+    import numpy as np
+
+    return float(str(np.float32(value)))
+
+
 def _pair_of_scales(init_scale: float | Sequence[float]) -> tuple[float, float]:
     if isinstance(init_scale, (int, float)):
         pair = (float(init_scale), float(init_scale))
@@ -145,9 +152,18 @@ class DynOPool2d(nn.Module):
     # -- scales -------------------------------------------------------------
     @property
     def scale(self) -> tuple[float, float]:
-        """Current scale factors (r_h, r_w) = 1 / alpha."""
-        a_h, a_w = self.alpha.detach().tolist()
-        return 1.0 / a_h, 1.0 / a_w
+        """Current scale factors (r_h, r_w) = 1 / alpha, to alpha's precision.
+
+        The reciprocal is taken in alpha's dtype; a float32 alpha gives each factor as the shortest
+        decimal that reads back as the same float32, so ``set_scale((0.6, 0.45))`` reads back
+        ``(0.6, 0.45)``, not float32's binary expansion ``0.6000000143...``. A float64 alpha gives
+        float64's reciprocal.
+        """
+        r = self.alpha.detach().reciprocal()
+        if r.dtype == torch.float64:
+            r_h, r_w = r.tolist()
+            return r_h, r_w
+        return _float32_shortest(float(r[0])), _float32_shortest(float(r[1]))
 
     @torch.no_grad()
     def set_scale(self, scale: float | Sequence[float]) -> None:

@@ -27,7 +27,7 @@ def plot_history(
     """Save a three-panel figure of a run's epoch records (``log.jsonl`` lines).
 
     Left: height (solid) and width (dashed) of each tie group's output, one colour per
-    group in execution order, from the sizes before training (epoch 0) on; dotted
+    group (numbered from 1 in execution order, as in the tables) from the sizes before training (epoch 0) on; dotted
     horizontal lines mark the original model's sizes. Middle: train_acc and val_acc.
     Right: the real cost (GMACs, or ms with a latency cost) per epoch, against the target when the
     run had one, and lambda per step when one was given.
@@ -56,7 +56,7 @@ def plot_history(
     for i, group in enumerate(groups):
         colour = colours[i % len(colours)]
         sizes = [dict(group_sizes(pools)).get(group) for _, pools in history]
-        label = f"{i + 1}: {group}"
+        label = f"{i + 1}: {group}"  # tie groups are numbered from 1 in execution order, as in every table
         ax_size.plot(epochs, [s[0] if s else None for s in sizes], "-o", color=colour, ms=3, label=label)
         ax_size.plot(epochs, [s[1] if s else None for s in sizes], "--s", color=colour, ms=3)
         original = originals.get(group)
@@ -90,6 +90,10 @@ def plot_history(
         per_step = [i / max(len(steps), 1) * train_epochs[-1] for i in range(1, len(steps) + 1)]
         ax_lam.plot(per_step, steps, color="tab:purple", lw=0.7, alpha=0.6)
         ax_lam.set_ylabel("lambda per step", color="tab:purple")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax_size, ax_acc, ax_gmacs):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     if title:
         fig.suptitle(title)
     fig.tight_layout()
