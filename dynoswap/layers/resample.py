@@ -45,21 +45,26 @@ _BLAS_DTYPES = (torch.float32, torch.float64)
 _BLOCK = 16  #: column block of the diagonal matmuls: one cache line of float32
 
 
-#: What a second derivative through DynOPool2d says (torch's own message names no layer).
-NO_DOUBLE_BACKWARD = (
-    "DynOPool2d has no second derivative: its fused backward is first-order only, so a double backward "
+#: What a second derivative through a DynOPool says (torch's own message names no layer); ``{layer}`` is its class.
+_NO_DOUBLE_BACKWARD = (
+    "{layer} has no second derivative: its fused backward is first-order only, so a double backward "
     "(create_graph=True, e.g. a gradient penalty) cannot pass through it; freeze the model "
     "(dynoswap.export.freeze) for plain torch ops that have one"
 )
+NO_DOUBLE_BACKWARD = _NO_DOUBLE_BACKWARD.format(layer="DynOPool2d")
+NO_DOUBLE_BACKWARD_ND = _NO_DOUBLE_BACKWARD.format(layer="DynOPool1d / DynOPool3d")
 
 
-def first_order_only(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Like ``torch.autograd.function.once_differentiable``, with :data:`NO_DOUBLE_BACKWARD` as the error.
+def first_order_only(message: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Like ``torch.autograd.function.once_differentiable``, with ``message`` as the error.
 
     The backward runs without recording a graph; when a graph was asked for (``create_graph=True``),
     its outputs point to a node that raises the message only if something really differentiates them.
     """
+    return functools.partial(_first_order_only, message=message)
 
+
+def _first_order_only(fn: Callable[..., Any], message: str) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(ctx: Any, *args: Any) -> Any:
         with torch.no_grad():
@@ -67,7 +72,7 @@ def first_order_only(fn: Callable[..., Any]) -> Callable[..., Any]:
         if not torch.is_grad_enabled() or not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             return outputs
         outs = outputs if isinstance(outputs, tuple) else (outputs,)
-        err_fn = torch._C._functions.DelayedError(NO_DOUBLE_BACKWARD.encode(), len(outs))
+        err_fn = torch._C._functions.DelayedError(message.encode(), len(outs))
 
         def fake_requires_grad(value: torch.Tensor | None) -> torch.Tensor | None:
             if value is None:
@@ -276,7 +281,7 @@ class _MaxQueryPool(torch.autograd.Function):
         return out
 
     @staticmethod
-    @first_order_only
+    @first_order_only(NO_DOUBLE_BACKWARD)
     def backward(ctx, grad_out):
         x, idx = ctx.saved_tensors
         rows, cols = ctx.tables
@@ -351,7 +356,7 @@ class _MaxQueryPoolNd(torch.autograd.Function):
         return out
 
     @staticmethod
-    @first_order_only
+    @first_order_only(NO_DOUBLE_BACKWARD_ND)
     def backward(ctx, grad_out):
         x, idx = ctx.saved_tensors
         tables: tuple[AxisTable, ...] = ctx.tables
