@@ -54,7 +54,8 @@ def export_cmd(
         raise UsageError(f"-o {output}: a {spec.name} file must be named *{spec.suffix} (or pick --format)")
     check_output(output, spec.output_kind, force)
     loaded = load_model(model, num_classes, model_kwargs, weights, allow_missing)
-    size = parse_input_size(input_size, default_input_size(loaded.model) or (224, 224))
+    recorded = default_input_size(loaded.model)  # the CLI exports 2-D models: (H, W)
+    size = parse_input_size(input_size, (recorded[0], recorded[1]) if recorded and len(recorded) == 2 else (224, 224))
     result = export_model(
         loaded.model,
         output,

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..graph.modal import graph_for
 from ..graph.propagate import eval_mode
-from ..layers import DynOPool2d
+from ..layers import DynOPool2d, DynOPoolNd
 from .handles import HANDLES, opaque_dynopools
 
 #: Key of ``by_layer`` for MACs outside any leaf module (functional ops of a traced model).
@@ -69,24 +69,34 @@ def _pair(input_size: int | Sequence[int]) -> tuple[int, int]:
     return size  # type: ignore[return-value,unused-ignore]
 
 
-def infer_in_chans(model: nn.Module, default: int = 3) -> int:
+#: The convolution of each number of spatial axes: what :func:`infer_in_chans` looks for.
+CONV_TYPES: dict[int, type[nn.modules.conv._ConvNd]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def infer_in_chans(model: nn.Module, default: int = 3, ndim: int = 2) -> int:
     """Input channels: those of the first conv the model runs.
 
     For a traced model, the first conv of its (eval-mode) graph; otherwise the first registered
     ``nn.Conv2d`` (registration order need not be execution order in a GraphModule).
+
+    Args:
+        model: The model.
+        default: Channels when the model has no such conv.
+        ndim: Spatial axes of the input: the conv looked for is ``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Conv3d``.
     """
+    conv_type = CONV_TYPES[ndim]
     graph = graph_for(model, training=False)
     if graph is not None:
         modules = dict(model.named_modules())
         for node in graph.nodes:
             m = modules.get(str(node.target)) if node.op == "call_module" else None
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, conv_type):
                 return m.in_channels
-            if m is not None and not isinstance(m, DynOPool2d):
-                conv = next((c for c in m.modules() if isinstance(c, nn.Conv2d)), None)
+            if m is not None and not isinstance(m, DynOPoolNd):
+                conv = next((c for c in m.modules() if isinstance(c, conv_type)), None)
                 if conv is not None:
                     return conv.in_channels
-    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    first = next((m for m in model.modules() if isinstance(m, conv_type)), None)
     return first.in_channels if first is not None else default
 
 
