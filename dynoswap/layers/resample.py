@@ -380,11 +380,19 @@ def _axis_slope_grad(grad_q: torch.Tensor, x: torch.Tensor, tables: Sequence[Axi
     table = tables[axis]
     dtype = torch.promote_types(x.dtype, torch.float32)
     acc = torch.promote_types(table.pos.dtype, dtype)
+    others = [d for d in range(x.dim()) if d != dim]
+    if all(t.identity for t in tables):
+        # Every query point is a sample (MaxPool's case): the slope is the next sample's difference.
+        length = x.shape[dim]
+        grad = torch.zeros(length, dtype=acc, device=x.device)
+        if length > 1:
+            diff = (x.narrow(dim, 1, length - 1) - x.narrow(dim, 0, length - 1)).to(dtype)
+            grad[:-1] = (grad_q.narrow(dim, 0, length - 1).to(dtype) * diff).sum(others, dtype=acc)
+        return torch.where(table.inside, grad, 0).to(table.pos.dtype)
     slope = (x.index_select(dim, table.hi) - x.index_select(dim, table.lo)).to(dtype)
     if not all(t.identity for i, t in enumerate(tables) if i != axis):
         # Along ``axis`` the size is unchanged, so the interpolation copies it exactly.
         slope = F.interpolate(slope, size=tuple(t.count for t in tables), mode=_MODES[len(tables)], align_corners=False)
-    others = [d for d in range(x.dim()) if d != dim]
     grad = (grad_q.to(dtype) * slope).sum(others, dtype=acc)
     return torch.where(table.inside, grad, 0).to(table.pos.dtype)
 
