@@ -389,7 +389,13 @@ def _axis_slope_grad(grad_q: torch.Tensor, x: torch.Tensor, tables: Sequence[Axi
             diff = (x.narrow(dim, 1, length - 1) - x.narrow(dim, 0, length - 1)).to(dtype)
             grad[:-1] = (grad_q.narrow(dim, 0, length - 1).to(dtype) * diff).sum(others, dtype=acc)
         return torch.where(table.inside, grad, 0).to(table.pos.dtype)
-    slope = (x.index_select(dim, table.hi) - x.index_select(dim, table.lo)).to(dtype)
+    # x[hi] - x[lo] is the next sample's difference at lo (zero at the last sample, where hi == lo):
+    # one gather of the differences instead of two of the samples.
+    length = x.shape[dim]
+    diff = torch.zeros_like(x, dtype=dtype)
+    if length > 1:
+        diff.narrow(dim, 0, length - 1).copy_(x.narrow(dim, 1, length - 1) - x.narrow(dim, 0, length - 1))
+    slope = diff.index_select(dim, table.lo)
     if not all(t.identity for i, t in enumerate(tables) if i != axis):
         # Along ``axis`` the size is unchanged, so the interpolation copies it exactly.
         slope = F.interpolate(slope, size=tuple(t.count for t in tables), mode=_MODES[len(tables)], align_corners=False)
