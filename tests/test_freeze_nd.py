@@ -181,3 +181,21 @@ def test_export_is_verified_against_eager(tmp_path, seeded, fmt, ndim):
     else:
         got = torch.export.load(str(path)).module()(x)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("ndim", [1, 3])
+def test_folded_freeze_folds_the_batch_norms_of_the_models_dimension(seeded, ndim):
+    conv, norm = CONVS[ndim], {1: nn.BatchNorm1d, 3: nn.BatchNorm3d}[ndim]
+    model = nn.Sequential(conv(2, 4, 3, padding=1), norm(4), nn.ReLU(), POOLS[ndim](0.6), conv(4, 3, 1), norm(3))
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, norm):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    model.eval()
+    frozen = freeze(model, SIZES[ndim], fold_bn=True)
+    assert [list(p) for p in frozen.meta["dynoswap"][FROZEN_KEY]["folded"]] == [["0", "1"], ["4", "5"]]
+    assert not any(isinstance(m, norm) for m in frozen.modules())
+    x = torch.randn(2, 2, *SIZES[ndim])
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), model(x), rtol=0, atol=1e-5)

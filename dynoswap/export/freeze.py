@@ -339,12 +339,25 @@ def _sizes_at(gm: fx.GraphModule, nodes: list[fx.Node], input_size: tuple[int, .
         raise ExportError("a DynOPool of the graph did not run at the freeze input size") from exc
 
 
-def foldable_pairs(gm: fx.GraphModule) -> tuple[tuple[str, str], ...]:
+#: The (conv, batch norm) types that fold, by number of spatial axes.
+_FOLDABLE: dict[int, tuple[type[nn.Module], type[nn.Module]]] = {
+    1: (nn.Conv1d, nn.BatchNorm1d),
+    2: (nn.Conv2d, nn.BatchNorm2d),
+    3: (nn.Conv3d, nn.BatchNorm3d),
+}
+
+
+def foldable_pairs(gm: fx.GraphModule, ndim: int = 2) -> tuple[tuple[str, str], ...]:
     """(conv, batch norm) module pairs of ``gm`` that fold exactly in eval mode.
 
     A pair qualifies when a Conv2d's output feeds only a BatchNorm2d with running
     statistics, and each of the two modules is called once in the graph.
+
+    Args:
+        gm: The graph.
+        ndim: Spatial axes of the model: Conv1d + BatchNorm1d or Conv3d + BatchNorm3d pairs for 1 or 3.
     """
+    conv_type, norm_type = _FOLDABLE[ndim]
     modules = dict(gm.named_modules())
     calls: dict[str, int] = {}
     for n in gm.graph.nodes:
@@ -353,13 +366,13 @@ def foldable_pairs(gm: fx.GraphModule) -> tuple[tuple[str, str], ...]:
     pairs = []
     for n in gm.graph.nodes:
         norm = modules.get(str(n.target)) if n.op == "call_module" else None
-        if not isinstance(norm, nn.BatchNorm2d) or norm.running_mean is None or norm.running_var is None:
+        if not isinstance(norm, norm_type) or norm.running_mean is None or norm.running_var is None:
             continue
         source = n.args[0] if n.args else None
         if not isinstance(source, fx.Node) or source.op != "call_module" or len(source.users) != 1:
             continue
         if (
-            isinstance(modules.get(str(source.target)), nn.Conv2d)
+            isinstance(modules.get(str(source.target)), conv_type)
             and calls[str(source.target)] == calls[str(n.target)] == 1
         ):
             pairs.append((str(source.target), str(n.target)))
@@ -399,7 +412,8 @@ def describe(
         pools.append(FrozenPool(str(node.target), layer.aggregate, alpha, precision, in_size, out))
     if channels_last and any(p.ndim != 2 for p in pools):
         raise ExportError("channels_last is for 2-D models: this model has DynOPool1d or DynOPool3d layers")
-    folded = foldable_pairs(gm) if fold_bn else ()
+    ndims = {p.ndim for p in pools}
+    folded = foldable_pairs(gm, ndims.pop() if len(ndims) == 1 else 2) if fold_bn else ()
     return FrozenSpec("fixed" if size is not None else "ratio", size, tuple(pools), folded, channels_last)
 
 
@@ -415,7 +429,7 @@ def _fold(gm: fx.GraphModule, pairs: Sequence[tuple[str, str]]) -> None:
         raise RecipeError(f"the frozen section folds {[list(p) for p in pairs]}, which this model does not have")
     for conv_name, norm_name in pairs:
         conv, norm = gm.get_submodule(conv_name), gm.get_submodule(norm_name)
-        assert isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d)
+        assert isinstance(conv, nn.modules.conv._ConvNd) and isinstance(norm, nn.modules.batchnorm._BatchNorm)
         fused = fuse_conv_bn_eval(copy.deepcopy(conv).eval(), copy.deepcopy(norm).eval())
         _set_module(gm, conv_name, fused.train(conv.training))
         nodes[norm_name].replace_all_uses_with(nodes[conv_name])
@@ -492,7 +506,8 @@ def freeze(
         input_size: (H, W) ((L,) or (T, H, W) for 1-D and 3-D models): freeze the output sizes at this
             input size (the fixed contract; other input sizes raise :class:`FrozenSizeError`). None keeps
             the learned ratios (any input size).
-        fold_bn: Fold each eval-mode BatchNorm2d into the Conv2d feeding it (:func:`foldable_pairs`):
+        fold_bn: Fold each eval-mode BatchNorm2d into the Conv2d feeding it (:func:`foldable_pairs`; the
+            1-d or 3-d pairs in a model whose DynOPools are all 1-d or 3-d):
             an inference graph with no batch norm, equal to the eval model to float rounding (about
             1e-6). Its training mode no longer normalises: freeze without folding to fine-tune.
         channels_last: Weights and the input in ``torch.channels_last`` (faster on the CPU for most
