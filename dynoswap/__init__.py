@@ -13,7 +13,10 @@ from .version import __version__
 
 #: public name -> submodule that defines it
 _EXPORTS: dict[str, str] = {
+    "DynOPool1d": "layers",
     "DynOPool2d": "layers",
+    "DynOPool3d": "layers",
+    "DynOPoolNd": "layers",
     "convert": "engine",
     "ConversionError": "engine",
     "ConversionReport": "engine",
@@ -45,7 +48,7 @@ if TYPE_CHECKING:
     from .engine import ConversionError, ConversionReport, TraceError, convert  # noqa: F401
     from .export import export_model, freeze  # noqa: F401
     from .io import load, save  # noqa: F401
-    from .layers import DynOPool2d  # noqa: F401
+    from .layers import DynOPool1d, DynOPool2d, DynOPool3d, DynOPoolNd  # noqa: F401
     from .models import ModelSource, build_model, resolve  # noqa: F401
     from .presets import Preset, load_preset  # noqa: F401
     from .train import DataBundle, fit, load_data, make_loaders  # noqa: F401

@@ -66,17 +66,37 @@ def check_input_budget(size: Sequence[int], what: str, batch: int = 1) -> tuple[
             over :data:`MAX_BATCH`, or batch * H * W over :data:`MAX_BATCH_PIXELS`.
     """
     h, w = (int(v) for v in size)
-    if max(h, w) > MAX_INPUT_SIDE or h * w > MAX_INPUT_PIXELS:
+    check_input_extent((h, w), what, batch)
+    return h, w
+
+
+#: How the spatial axes of an input of 1, 2 or 3 axes are named in messages.
+_AXES = {1: "L", 2: "H x W", 3: "T x H x W"}
+
+
+def check_input_extent(size: Sequence[int], what: str, batch: int = 1) -> tuple[int, ...]:
+    """:func:`check_input_budget` for 1, 2 or 3 spatial axes: the bounds apply to the length, area or volume.
+
+    Raises:
+        ValueError: As :func:`check_input_budget`, or not 1 to 3 axes.
+    """
+    sides = tuple(int(v) for v in size)
+    if len(sides) not in _AXES:
+        raise ValueError(f"{what} must have 1, 2 or 3 sides, got {sides}")
+    shown = "x".join(map(str, sides))
+    extent = math.prod(sides)
+    if max(sides) > MAX_INPUT_SIDE or extent > MAX_INPUT_PIXELS:
         raise ValueError(
-            f"{what} {h}x{w} is too large: at most {MAX_INPUT_SIDE} on a side and {MAX_INPUT_PIXELS} pixels in all"
+            f"{what} {shown} is too large: at most {MAX_INPUT_SIDE} on a side and {MAX_INPUT_PIXELS} pixels in all"
         )
     if not 1 <= batch <= MAX_BATCH:
         raise ValueError(f"batch {batch} is out of range: 1 to {MAX_BATCH}")
-    if batch * h * w > MAX_BATCH_PIXELS:
+    if batch * extent > MAX_BATCH_PIXELS:
         raise ValueError(
-            f"batch {batch} of {h}x{w} inputs is too large: batch x H x W must be at most {MAX_BATCH_PIXELS}"
+            f"batch {batch} of {shown} inputs is too large: batch x {_AXES[len(sides)]} "
+            f"must be at most {MAX_BATCH_PIXELS}"
         )
-    return h, w
+    return sides
 
 
 def check_target_sizes(sizes: Any) -> list[tuple[int, int]]:

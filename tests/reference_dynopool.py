@@ -1,4 +1,4 @@
-"""DynOPool written directly from the paper's equations, with ``F.grid_sample``.
+"""DynOPool written directly from the paper's equations, with ``F.grid_sample``, in 1, 2 and 3 dimensions.
 
 Slow but obviously right: it builds the full (N, 2*H_out, 2*W_out, 2) grid of
 query points in normalised coordinates and lets ``grid_sample`` interpolate.
@@ -71,3 +71,48 @@ def reference_dynopool(
     if aggregate == "max":
         return cells.amax(dim=(3, 5))
     return cells.mean(dim=(3, 5))
+
+
+def reference_dynopool_nd(
+    x: torch.Tensor,
+    alpha: torch.Tensor,
+    aggregate: str = "max",
+    continuous: bool = False,
+    floor_gradient: str = "pass",
+) -> torch.Tensor:
+    """:func:`reference_dynopool` for 1, 2 or 3 spatial axes: two query points per axis and cell.
+
+    The grid of every query point, ``2**d`` per cell, goes to ``F.grid_sample`` (``bilinear``
+    on a 5-D input is trilinear); a 1-D input is sampled as one row of pixels, whose row
+    coordinate is its pixel centre. 2-D is :func:`reference_dynopool` itself.
+
+    Args:
+        x: Input (N, C, L), (N, C, H, W) or (N, C, T, H, W).
+        alpha: Inverse scales, one per spatial axis.
+        aggregate: ``"max"`` or ``"mean"`` over each cell's query values.
+        continuous: As in :func:`reference_dynopool`.
+        floor_gradient: As in :func:`reference_dynopool`.
+    """
+    ndim = x.dim() - 2
+    if ndim == 2:
+        return reference_dynopool(x, alpha, aggregate, continuous, floor_gradient)
+    n = x.shape[0]
+    alpha = alpha.to(x.dtype)
+    axes = [reference_size(side, alpha[i], continuous, floor_gradient) for i, side in enumerate(x.shape[2:])]
+    counts = [count for count, _ in axes]
+    coords = [reference_coords(count, size) for count, size in axes]  # in (T, H, W) order
+    if ndim == 1:
+        coords = [torch.zeros(1, dtype=x.dtype), *coords]  # one row: its centre is normalised 0
+        x = x.unsqueeze(2)
+    mesh = torch.meshgrid(*coords, indexing="ij")
+    grid = torch.stack(mesh[::-1], dim=-1)  # grid_sample wants (x, y[, z]): the last axis first
+    grid = grid.unsqueeze(0).expand(n, *grid.shape)
+    queries = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if ndim == 1:
+        queries = queries.squeeze(2)
+    split = [v for count in counts for v in (count, 2)]
+    cells = queries.reshape(n, -1, *split)
+    pairs = tuple(range(3, 3 + 2 * ndim, 2))
+    if aggregate == "max":
+        return cells.amax(dim=pairs)
+    return cells.mean(dim=pairs)

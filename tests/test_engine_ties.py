@@ -12,6 +12,7 @@ from torch import nn
 
 import dynoswap
 from dynoswap import convert, count_gmacs, gmacs_loss
+from dynoswap.cost.count import FUNCTIONAL
 from dynoswap.engine import ConversionError, TieError
 from tests.sweep_models import move_independently, owners
 
@@ -209,6 +210,37 @@ def test_3d_model_and_converted_model_are_refused_by_name() -> None:
     with pytest.raises(ConversionError, match="already converted") as info:
         convert(gm, (16, 16))
     assert info.value.category == "already converted"
+
+
+def test_a_conv3d_that_does_not_resize_does_not_block_a_2d_conversion() -> None:
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("lambda_resnet26t", pretrained=False, num_classes=10)
+    positional = [n for n, m in model.named_modules() if isinstance(m, nn.Conv3d)]
+    assert positional  # each lambda layer's positional conv, at stride 1
+    gm, report = convert(model, (64, 64))
+    assert all(isinstance(gm.get_submodule(n), nn.Conv3d) for n in positional)
+    assert not any(r.name in positional for r in report.replacements)
+    x = torch.randn(2, 3, 64, 64)
+    # The positional Conv3d runs on (N, 1, H, W, V): its cost follows (H, W) in the loss. The lambda's
+    # matmuls are functional ops of the traced graph, which the loss holds at their reference count.
+    reference = count_gmacs(gm, 64)
+    functional_ref = reference.by_layer[FUNCTIONAL]
+    assert gmacs_loss(gm).item() == pytest.approx(reference.total, rel=1e-9)  # the loss is recorded here
+    for seed in range(2):
+        move_independently(gm, seed)
+        train_step(gm, x)
+        count = count_gmacs(gm, 64)
+        assert count.by_layer[FUNCTIONAL] != functional_ref  # the scales did move the lambdas
+        expected = count.total - count.by_layer[FUNCTIONAL]
+        assert gmacs_loss(gm).item() - functional_ref == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_model_of_only_stride_1_conv3d_is_refused() -> None:
+    with pytest.raises(ConversionError, match="dynoswap converts 2-D CNNs; found Conv3d at 0") as info:
+        convert(nn.Sequential(nn.Conv3d(3, 4, 3, padding=1), nn.ReLU()), (16, 16))
+    assert info.value.category == "not a 2-D CNN"
 
 
 # -- what convert keeps ------------------------------------------------------------------------

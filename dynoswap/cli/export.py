@@ -65,7 +65,9 @@ def export_cmd(
     from ..export import default_input_size, export_model
 
     loaded = load_model(model, num_classes, model_kwargs, weights, allow_missing)
-    size = given_size or default_input_size(loaded.model) or DEFAULT_INPUT_SIZE
+    recorded = default_input_size(loaded.model)  # the CLI exports 2-D models: (H, W)
+    own = (recorded[0], recorded[1]) if recorded and len(recorded) == 2 else None
+    size = given_size or own or DEFAULT_INPUT_SIZE
     result = export_model(
         loaded.model,
         output,

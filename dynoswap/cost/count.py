@@ -1,4 +1,4 @@
-"""count_gmacs: fvcore's multiply-add count, DynOPool2d included, per layer."""
+"""count_gmacs: fvcore's multiply-add count, DynOPool layers included, per layer."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import nn
 
 from ..graph.modal import graph_for
 from ..graph.propagate import eval_mode
-from ..layers import DynOPool2d
+from ..layers import DynOPoolNd
 from .handles import HANDLES, opaque_dynopools
 
 #: Key of ``by_layer`` for MACs outside any leaf module (functional ops of a traced model).
@@ -31,8 +31,8 @@ class GmacsCount:
             module (a traced model's ``torch.flatten``, ``F.adaptive_avg_pool2d``)
             are under ``"<functional>"``.
         by_operator: GMACs per fvcore operator name.
-        dynopool: GMACs of all DynOPool2d layers together.
-        input_size: The (H, W) counted at.
+        dynopool: GMACs of all DynOPool layers together.
+        input_size: The (H, W) counted at ((L,) or (T, H, W) for 1-D and 3-D models).
         batch: The batch size counted at.
     """
 
@@ -40,7 +40,7 @@ class GmacsCount:
     by_layer: dict[str, float] = field(default_factory=dict)
     by_operator: dict[str, float] = field(default_factory=dict)
     dynopool: float = 0.0
-    input_size: tuple[int, int] = (0, 0)
+    input_size: tuple[int, ...] = (0, 0)
     batch: int = 1
 
     @property
@@ -60,44 +60,58 @@ class GmacsCount:
         }
 
 
-def _pair(input_size: int | Sequence[int]) -> tuple[int, int]:
+def _sides(input_size: int | Sequence[int]) -> tuple[int, ...]:
+    """(H, W) from an int (a square) or 1-3 positive sides: (L,), (H, W) or (T, H, W)."""
     if isinstance(input_size, int):
         input_size = (input_size, input_size)
     size = tuple(int(v) for v in input_size)
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"input_size must be a positive int or an (H, W) pair, got {input_size!r}")
-    return size  # type: ignore[return-value,unused-ignore]
+    if len(size) not in CONV_TYPES or min(size) < 1:
+        raise ValueError(
+            f"input_size must be a positive int, an (H, W) pair, or (L,) / (T, H, W) for 1-D / 3-D models, "
+            f"got {input_size!r}"
+        )
+    return size
 
 
-def infer_in_chans(model: nn.Module, default: int = 3) -> int:
+#: The convolution of each number of spatial axes: what :func:`infer_in_chans` looks for.
+CONV_TYPES: dict[int, type[nn.modules.conv._ConvNd]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def infer_in_chans(model: nn.Module, default: int = 3, ndim: int = 2) -> int:
     """Input channels: those of the first conv the model runs.
 
     For a traced model, the first conv of its (eval-mode) graph; otherwise the first registered
     ``nn.Conv2d`` (registration order need not be execution order in a GraphModule).
+
+    Args:
+        model: The model.
+        default: Channels when the model has no such conv.
+        ndim: Spatial axes of the input: the conv looked for is ``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Conv3d``.
     """
+    conv_type = CONV_TYPES[ndim]
     graph = graph_for(model, training=False)
     if graph is not None:
         modules = dict(model.named_modules())
         for node in graph.nodes:
             m = modules.get(str(node.target)) if node.op == "call_module" else None
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, conv_type):
                 return m.in_channels
-            if m is not None and not isinstance(m, DynOPool2d):
-                conv = next((c for c in m.modules() if isinstance(c, nn.Conv2d)), None)
+            if m is not None and not isinstance(m, DynOPoolNd):
+                conv = next((c for c in m.modules() if isinstance(c, conv_type)), None)
                 if conv is not None:
                     return conv.in_channels
-    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    first = next((m for m in model.modules() if isinstance(m, conv_type)), None)
     return first.in_channels if first is not None else default
 
 
 def example_input(
-    model: nn.Module, input_size: tuple[int, int], batch: int = 1, in_chans: int | None = None
+    model: nn.Module, input_size: tuple[int, ...], batch: int = 1, in_chans: int | None = None
 ) -> torch.Tensor:
-    """Make a random (batch, C, H, W) input on the model's device and dtype."""
+    """Make a random (batch, C, *input_size) input on the model's device and dtype."""
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    chans = in_chans if in_chans is not None else infer_in_chans(model)
+    chans = in_chans if in_chans is not None else infer_in_chans(model, ndim=len(input_size))
     return torch.randn(batch, chans, *input_size, device=device, dtype=dtype)
 
 
@@ -136,23 +150,29 @@ def count_gmacs(
     batch: int = 1,
     in_chans: int | None = None,
 ) -> GmacsCount:
-    """Count a model's GMACs with fvcore, DynOPool2d included.
+    """Count a model's GMACs with fvcore, DynOPool layers (1-d, 2-d, 3-d) included.
 
     The model runs once in eval mode (each module's mode is restored afterwards)
-    under ``torch.no_grad``. DynOPool2d layers count ``MACS_PER_OUTPUT`` per output
+    under ``torch.no_grad``. DynOPool layers count ``4**d`` (16 in 2-D) per output
     element (see :mod:`dynoswap.cost.handles`); ops fvcore has no handle for
     (activations, additions, max pooling) count 0, silently.
 
     Args:
-        model: Any module taking one (N, C, H, W) tensor, converted or not.
-        input_size: (H, W) of the input, or one int for a square input.
+        model: Any module taking one (N, C, H, W) tensor, converted or not (or (N, C, L) / (N, C, T, H, W)).
+        input_size: (H, W) of the input, or one int for a square input; (L,) or (T, H, W) for 1-D and
+            3-D models.
         batch: Batch size of the counted forward pass.
         in_chans: Input channels; default: those of the first conv.
 
     Returns:
         The :class:`GmacsCount`.
     """
-    size = _pair(input_size)
+    size = _sides(input_size)
+    if len(size) != 2 and not any(isinstance(m, CONV_TYPES[len(size)]) for m in model.modules()):
+        raise ValueError(
+            f"input_size {size} has {len(size)} side(s), but the model has no {CONV_TYPES[len(size)].__name__}: "
+            "give (H, W) for a 2-D model"
+        )
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     x = example_input(model, size, batch, in_chans)
@@ -170,7 +190,7 @@ def count_gmacs(
     own = _own_counts(model, per_module)
     by_layer = {(name or FUNCTIONAL): macs / 1e9 for name, macs in own.items() if macs}
     modules = dict(model.named_modules())
-    dynopool = sum(macs for name, macs in own.items() if isinstance(modules[name], DynOPool2d))
+    dynopool = sum(macs for name, macs in own.items() if isinstance(modules[name], DynOPoolNd))
     return GmacsCount(
         total=total / 1e9,
         by_layer=by_layer,

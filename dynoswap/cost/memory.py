@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,13 +15,13 @@ from .count import infer_in_chans
 def estimate_forward_bytes(model: Any, input_size: Sequence[int], batch: int = 1) -> int | None:
     """Estimate the activation memory of one inference forward at ``input_size`` from a small probe forward.
 
-    Runs the model (eval mode, no grad) on a ``PROBE_SIDE``-sided input, takes its largest
-    module output and scales it by the area and the batch: three such tensors alive at once
-    (a layer's input, its output, a skip). Returns None when the probe does not run (a model
+    Runs the model (eval mode, no grad) on a ``PROBE_SIDE``-sided input (1, 2 or 3 axes), takes
+    its largest module output and scales it by the area (length, volume) and the batch: three
+    such tensors alive at once (a layer's input, its output, a skip). Returns None when the probe does not run (a model
     that only takes its own size): then the real forward reports its own error.
     """
-    h, w = (int(v) for v in input_size)
-    probe = (min(h, PROBE_SIDE), min(w, PROBE_SIDE))
+    sides = tuple(int(v) for v in input_size)
+    probe = tuple(min(side, PROBE_SIDE) for side in sides)
     largest = 0
 
     def hook(module: Any, args: Any, out: Any) -> None:
@@ -35,14 +36,14 @@ def estimate_forward_bytes(model: Any, input_size: Sequence[int], batch: int = 1
         first = next(iter(model.parameters()), None)
         device = first.device if first is not None else torch.device("cpu")
         with torch.no_grad():
-            model(torch.zeros(1, infer_in_chans(model), *probe, device=device))
+            model(torch.zeros(1, infer_in_chans(model, ndim=len(sides)), *probe, device=device))
     except Exception:  # noqa: BLE001 - the real forward reports its own error
         return None
     finally:
         model.train(was)
         for handle in handles:
             handle.remove()
-    return int(3 * largest * (h * w) / (probe[0] * probe[1]) * batch)
+    return int(3 * largest * math.prod(sides) / math.prod(probe) * batch)
 
 
 def check_forward_budget(model: Any, input_size: Sequence[int], what: str, batch: int = 1) -> None:
@@ -53,8 +54,8 @@ def check_forward_budget(model: Any, input_size: Sequence[int], what: str, batch
     """
     estimate = estimate_forward_bytes(model, input_size, batch)
     if estimate is not None and estimate > MAX_FORWARD_BYTES:
-        h, w = (int(v) for v in input_size)
+        shown = "x".join(str(int(v)) for v in input_size)
         raise ValueError(
-            f"{what} {h}x{w} (batch {batch}) would need about {estimate / 2**30:.1f} GiB of activations in one "
+            f"{what} {shown} (batch {batch}) would need about {estimate / 2**30:.1f} GiB of activations in one "
             f"forward, more than the {MAX_FORWARD_BYTES / 2**30:.0f} GiB dynoswap allows; choose a smaller size"
         )

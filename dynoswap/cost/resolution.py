@@ -257,7 +257,7 @@ def _alphas_at_conversion(model: nn.Module) -> Iterator[None]:
 
 
 class _Builder:
-    """Turn the analysis's expressions into resolution nodes (4-D feature maps only)."""
+    """Turn the analysis's expressions into resolution nodes (4-D feature maps, other ranks by two spatial axes)."""
 
     def __init__(self, gm: fx.GraphModule, res: Resolution, size: tuple[int, int]) -> None:
         self.gm = gm
@@ -273,7 +273,9 @@ class _Builder:
                 self._pool_module.setdefault(res.exprs[n], self.modules[str(n.target)])  # type: ignore[arg-type,unused-ignore]
         for n in gm.graph.nodes:
             shapes = res.shapes.get(n)
-            if shapes is None or len(shapes[0]) != 4:
+            if shapes is None or len(shapes[0]) != 4 and not self._two(res.exprs[n]):
+                # A tensor of another rank joins only by two size-following axes: a lambda layer's
+                # (N, 1, H, W, V) input to its positional Conv3d costs per pixel of its (H, W).
                 continue
             index = self.index(res.exprs[n], shapes[0])
             if index is not None:

@@ -19,7 +19,7 @@ from ..graph import NodeFailure, UnionFind, World, analyse, node_label, pool_siz
 from ..graph.modal import ModalGraphModule
 from ..graph.propagate import eval_mode
 from ..io.recipe import HEADS, RECIPE_KEY, Recipe, RecipeOptions
-from ..layers import DynOPool2d
+from ..layers import DynOPool2d, DynOPoolNd
 from ..sources import ModelSource
 from ..validate import MAX_SCALE, check_convert_args
 from ..version import __version__
@@ -30,7 +30,8 @@ from .tie import ALREADY, NOT_2D, TieError, TieFinder
 from .trace import LeafSpec, readable_cause, trace
 
 SHAPE_KEY = "dynoswap_shape"
-#: Layers of other dimensionalities: a model built from them is not a 2-D CNN.
+#: Layers of other dimensionalities: a model that resizes with them is not a 2-D CNN (one that only
+#: uses them at stride 1, as a lambda layer's positional Conv3d, is).
 NOT_2D_LAYERS: tuple[type, ...] = (
     nn.Conv3d,
     nn.ConvTranspose3d,
@@ -173,21 +174,31 @@ def _was(r: Resizer) -> dict[str, Any]:
 def _refuse_unsupported(model: nn.Module) -> None:
     """Already converted models and models that are not 2-D CNNs, refused by name."""
     meta = getattr(model, "meta", None)
-    if isinstance(meta, dict) and RECIPE_KEY in meta or any(isinstance(m, DynOPool2d) for m in model.modules()):
+    if isinstance(meta, dict) and RECIPE_KEY in meta or any(isinstance(m, DynOPoolNd) for m in model.modules()):
         raise TieError(
-            "this model is already converted (it holds DynOPool2d layers): train it as it is, or convert the original",
+            "this model is already converted (it holds DynOPool layers): train it as it is, or convert the original",
             ALREADY,
         )
     found_2d = False
-    first_1d = None
+    first_other = None
     for name, m in model.named_modules():
-        if isinstance(m, NOT_2D_LAYERS):
+        if isinstance(m, NOT_2D_LAYERS) and _resizes(m):
             raise TieError(f"dynoswap converts 2-D CNNs; found {type(m).__name__} at {name}", NOT_2D, name)
         found_2d = found_2d or isinstance(m, LAYERS_2D)
-        if first_1d is None and isinstance(m, LAYERS_1D):
-            first_1d = (name, type(m).__name__)
-    if not found_2d and first_1d is not None:
-        raise TieError(f"dynoswap converts 2-D CNNs; found {first_1d[1]} at {first_1d[0]}", NOT_2D, first_1d[0])
+        if first_other is None and isinstance(m, LAYERS_1D + NOT_2D_LAYERS):
+            first_other = (name, type(m).__name__)
+    if not found_2d and first_other is not None:
+        raise TieError(
+            f"dynoswap converts 2-D CNNs; found {first_other[1]} at {first_other[0]}", NOT_2D, first_other[0]
+        )
+
+
+def _resizes(m: object) -> bool:
+    """Whether a conv or pool changes its input's spatial size: an adaptive pool, or a stride above 1."""
+    if isinstance(m, (nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d)):
+        return True
+    stride = getattr(m, "stride", 1)
+    return any(int(v) != 1 for v in (stride if isinstance(stride, (tuple, list)) else (stride,)))
 
 
 def _reference_shapes(gm: fx.GraphModule, size: tuple[int, int], in_chans: int, device: torch.device) -> None:

@@ -14,8 +14,8 @@ from torch import nn
 
 from ..cost.memory import check_forward_budget
 from ..errors import ExportError, FrozenSizeError, OptionError
-from ..layers import DynOPool2d
-from ..validate import check_input_budget
+from ..layers import DynOPoolNd
+from ..validate import check_input_extent
 from .formats import DEFAULT_OPSET, Format, format_of_path, leaves, lookup_format
 from .freeze import FROZEN_KEY, RECIPE_KEY, example_input, freeze, is_frozen
 
@@ -32,12 +32,12 @@ class ExportResult:
     Attributes:
         path: The written file.
         format: ``onnx`` or ``pt2``.
-        input_size: (H, W) the model was frozen and traced at.
-        in_channels: Channels of the input (the C of (N, C, H, W)).
+        input_size: (H, W) the model was frozen and traced at ((L,) or (T, H, W) for 1-D and 3-D models).
+        in_channels: Channels of the input (the C of (N, C, ...)).
         batch: Batch size of the traced example (any batch when ``dynamic_batch``).
         dynamic_batch: Whether the batch dimension is dynamic.
         opset: ONNX opset (None for pt2).
-        dynopools: Number of DynOPool2d layers frozen.
+        dynopools: Number of DynOPool layers frozen.
         freeze_max_abs_diff: max |frozen - converted| in eager mode (None when nothing was frozen).
         max_abs_diff: max |file - eager| over the verification inputs.
         verified_batches: Batch sizes the file was run at.
@@ -48,7 +48,7 @@ class ExportResult:
 
     path: Path
     format: str
-    input_size: tuple[int, int]
+    input_size: tuple[int, ...]
     in_channels: int
     batch: int
     dynamic_batch: bool
@@ -69,11 +69,11 @@ class ExportResult:
         return data
 
 
-def default_input_size(model: nn.Module) -> tuple[int, int] | None:
+def default_input_size(model: nn.Module) -> tuple[int, ...] | None:
     """Return the input size a model was frozen at, else the one it was converted at (from its recipe)."""
     recipe = (getattr(model, "meta", None) or {}).get(RECIPE_KEY) or {}
     size = (recipe.get(FROZEN_KEY) or {}).get("input_size") or recipe.get("input_size")
-    return (int(size[0]), int(size[1])) if size else None
+    return tuple(int(v) for v in size) if size else None
 
 
 def _max_abs_diff(got: list[torch.Tensor], expected: list[torch.Tensor], what: str) -> float:
@@ -117,7 +117,7 @@ def verify_export(
     Args:
         path: The exported file.
         model: The eager model it must match (converted or frozen).
-        input_size: (H, W) of the inputs.
+        input_size: (H, W) of the inputs ((L,) or (T, H, W) for 1-D and 3-D models).
         batch: Batch size; with ``dynamic_batch`` the file is also run at ``batch + 1``.
         dynamic_batch: Whether the file accepts any batch size.
         fmt: Format name; default from the file suffix.
@@ -172,7 +172,8 @@ def export_model(
             (written as is).
         path: Output file.
         fmt: ``"onnx"`` (``torch.onnx.export(dynamo=True)``) or ``"pt2"`` (``torch.export.save``).
-        input_size: (H, W); default: the size the model was frozen or converted at.
+        input_size: (H, W) ((L,) or (T, H, W) for 1-D and 3-D models); default: the size the model
+            was frozen or converted at.
         batch: Batch size of the traced example.
         dynamic_batch: Make the batch dimension dynamic.
         opset: ONNX opset (>= 18).
@@ -197,28 +198,27 @@ def export_model(
     if batch < 1:
         raise ExportError(f"batch must be >= 1, got {batch}")
     size = tuple(int(v) for v in input_size) if input_size is not None else default_input_size(model)
-    if size is None or len(size) != 2 or min(size) < 1:
+    if size is None or len(size) not in (1, 2, 3) or min(size) < 1:
         raise ExportError(f"an input size (H, W) is needed to export {type(model).__name__}, got {input_size!r}")
     try:
-        check_input_budget(size, "input size", max(batch, 2) if dynamic_batch else batch)
+        check_input_extent(size, "input size", max(batch, 2) if dynamic_batch else batch)
         check_forward_budget(model, size, "input size", max(batch, 2) if dynamic_batch else batch)
     except ValueError as exc:
         raise OptionError(str(exc)) from exc
-    h, w = size
     frozen_at = (model.meta[RECIPE_KEY][FROZEN_KEY].get("input_size") if is_frozen(model) else None) or None  # type: ignore[union-attr,index]
-    if frozen_at is not None and tuple(frozen_at) != (h, w):
-        raise FrozenSizeError(f"the model is frozen at input size {tuple(frozen_at)}, not {(h, w)}")
+    if frozen_at is not None and tuple(frozen_at) != size:
+        raise FrozenSizeError(f"the model is frozen at input size {tuple(frozen_at)}, not {size}")
 
     started = time.perf_counter()
     was_training = model.training
     model.eval()
     try:
-        dynopools = sum(isinstance(m, DynOPool2d) for m in model.modules())
+        dynopools = sum(isinstance(m, DynOPoolNd) for m in model.modules())
         # An exported file is for inference: batch norm folded into its conv (no BatchNormalization node).
-        target = freeze(model, (h, w), fold_bn=True).eval() if dynopools else model
+        target = freeze(model, size, fold_bn=True).eval() if dynopools else model
         # Tracing a batch of 1 would pin a dynamic batch dimension to 1.
         trace_batch = max(batch, 2) if dynamic_batch else batch
-        example = example_input(model, (h, w), trace_batch, seed=VERIFY_SEED)
+        example = example_input(model, size, trace_batch, seed=VERIFY_SEED)
         freeze_diff = (
             _max_abs_diff(_eager(target, example), _eager(model, example), "the frozen model") if dynopools else None
         )
@@ -233,9 +233,7 @@ def export_model(
                     f"{spec.name} export of {name} failed: {type(exc).__name__}: {_first_line(exc)}"
                 ) from exc
             written = time.perf_counter()
-            worst = verify_export(
-                tmp, model, (h, w), batch=batch, dynamic_batch=dynamic_batch, fmt=spec.name, atol=atol
-            )
+            worst = verify_export(tmp, model, size, batch=batch, dynamic_batch=dynamic_batch, fmt=spec.name, atol=atol)
             verified = time.perf_counter()
             file_bytes = tmp.stat().st_size
     finally:
@@ -243,7 +241,7 @@ def export_model(
     return ExportResult(
         path=Path(path),
         format=spec.name,
-        input_size=(h, w),
+        input_size=size,
         in_channels=int(example.shape[1]),
         batch=batch,
         dynamic_batch=dynamic_batch,

@@ -1,15 +1,16 @@
-"""freeze(): replace every DynOPool2d by the fixed standard ops it computes at its learned scale.
+"""freeze(): replace every DynOPool (1-d, 2-d or 3-d) by the fixed standard ops it computes at its learned scale.
 
 A DynOPool2d with ``n`` output cells per axis samples its input at exactly the grid of
 ``F.interpolate(x, size=2n, mode="bilinear", align_corners=False)`` and takes the max (or
 mean) of each 2x2 block. Frozen, that is ``F.interpolate`` to the integer size ``(2 h_out,
 2 w_out)`` followed by ``F.max_pool2d(., 2, 2)`` (``F.avg_pool2d`` for ``aggregate="mean"``);
 when the output is exactly half of an even input the interpolation is the identity and only
-the pool remains. Sizes are integers, never a float ``scale_factor``.
+the pool remains. Sizes are integers, never a float ``scale_factor``. DynOPool1d and DynOPool3d
+freeze the same way, with ``linear`` / ``trilinear`` interpolation and a 2-per-axis pool.
 
 For deployment, ``freeze(..., fold_bn=True)`` folds every eval-mode BatchNorm2d into the
 convolution that feeds it (the conv gains the bias; no BatchNorm2d is left), and
-``channels_last=True`` stores the 4-D weights in ``torch.channels_last`` and converts the
+``channels_last=True`` (2-D models) stores the 4-D weights in ``torch.channels_last`` and converts the
 input to it first thing in the graph. On the CPU that layout is what makes the frozen
 resample cheap: ``upsample_bilinear2d`` and ``max_pool2d`` are vectorised over channels
 there, about ten times faster than on contiguous maps. Both are recorded, so a saved
@@ -45,11 +46,13 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from ..cost.count import CONV_TYPES
 from ..errors import ExportError, FrozenSizeError, RecipeError
 from ..io.recipe import RECIPE_KEY
-from ..layers import DynOPool2d, cells
+from ..layers import DynOPoolNd, cells
 from ..layers.dynopool import AGGREGATES
-from ..validate import check_alpha, check_input_budget
+from ..layers.resample import interpolation_mode
+from ..validate import check_alpha, check_input_extent
 
 FROZEN_KEY = "frozen"
 FROZEN_VERSION = 2
@@ -61,28 +64,33 @@ _PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 
 @dataclass(frozen=True)
 class FrozenPool:
-    """What one DynOPool2d was frozen to.
+    """What one DynOPool was frozen to (one entry per spatial axis in ``alpha`` and the sizes).
 
     Attributes:
-        name: Module path of the replaced DynOPool2d.
+        name: Module path of the replaced DynOPool.
         aggregate: ``"max"`` or ``"mean"``.
-        alpha: The learned ``(1/r_h, 1/r_w)``, exactly as stored.
+        alpha: The learned ``1/r`` per axis (``(1/r_h, 1/r_w)`` in 2-D), exactly as stored.
         precision: ``"float32"`` or ``"float64"``: the dtype the layer rounded sizes in.
-        in_size: Input (h, w) at the freeze input size (fixed contract only).
-        out_size: Output (h, w) at the freeze input size (fixed contract only).
+        in_size: Input size (``(h, w)`` in 2-D) at the freeze input size (fixed contract only).
+        out_size: Output size at the freeze input size (fixed contract only).
     """
 
     name: str
     aggregate: str
-    alpha: tuple[float, float]
+    alpha: tuple[float, ...]
     precision: str
-    in_size: tuple[int, int] | None = None
-    out_size: tuple[int, int] | None = None
+    in_size: tuple[int, ...] | None = None
+    out_size: tuple[int, ...] | None = None
 
     @property
-    def scale(self) -> tuple[float, float]:
-        """The learned scale factors (r_h, r_w)."""
-        return 1.0 / self.alpha[0], 1.0 / self.alpha[1]
+    def ndim(self) -> int:
+        """Number of spatial axes the layer resized."""
+        return len(self.alpha)
+
+    @property
+    def scale(self) -> tuple[float, ...]:
+        """The learned scale factors (``(r_h, r_w)`` in 2-D)."""
+        return tuple(1.0 / a for a in self.alpha)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (tuples as lists), with the scale for readers."""
@@ -108,28 +116,36 @@ class FrozenPool:
             raise RecipeError(f"frozen layer record {dict(data)!r} is malformed: {exc}") from exc
         if pool.aggregate not in AGGREGATES or pool.precision not in _PRECISIONS:
             raise RecipeError(f"frozen layer {pool.name!r}: unknown aggregate or precision in {dict(data)!r}")
+        if any(size is not None and len(size) != pool.ndim for size in (pool.in_size, pool.out_size)):
+            raise RecipeError(f"frozen layer {pool.name!r}: alpha and sizes have different lengths in {dict(data)!r}")
         try:
             check_alpha(pool.alpha, f"frozen layer {pool.name!r}: alpha")
             for size in (pool.in_size, pool.out_size):
                 if size is not None and min(size) < 1:
                     raise ValueError(f"frozen layer {pool.name!r}: sizes must be positive, got {size}")
                 if size is not None:
-                    check_input_budget(size, f"frozen layer {pool.name!r}: size")
+                    check_input_extent(size, f"frozen layer {pool.name!r}: size")
         except ValueError as exc:
             raise RecipeError(str(exc)) from exc
         return pool
 
 
-def _floats(value: Any) -> tuple[float, float]:
-    a, b = (float(v) for v in value)
-    return a, b
+#: Spatial axes a frozen record may have.
+_AXIS_COUNTS = (1, 2, 3)
 
 
-def _ints(value: Any) -> tuple[int, int]:
-    if any(isinstance(v, bool) or int(v) != v for v in value):
-        raise ValueError(f"{value!r} is not a pair of integers")
-    a, b = (int(v) for v in value)
-    return a, b
+def _floats(value: Any) -> tuple[float, ...]:
+    values = tuple(float(v) for v in value)
+    if len(values) not in _AXIS_COUNTS:
+        raise ValueError(f"{value!r} does not have 1, 2 or 3 values")
+    return values
+
+
+def _ints(value: Any) -> tuple[int, ...]:
+    values = tuple(value)
+    if any(isinstance(v, bool) or int(v) != v for v in values) or len(values) not in _AXIS_COUNTS:
+        raise ValueError(f"{value!r} is not 1, 2 or 3 integers")
+    return tuple(int(v) for v in values)
 
 
 @dataclass(frozen=True)
@@ -137,7 +153,7 @@ class FrozenSpec:
     """The ``frozen`` section of a recipe: the contract, the input size and every layer."""
 
     mode: str
-    input_size: tuple[int, int] | None
+    input_size: tuple[int, ...] | None
     pools: tuple[FrozenPool, ...]
     folded: tuple[tuple[str, str], ...] = ()  #: (conv, batch norm) module pairs folded into the conv
     channels_last: bool = False  #: weights and the input in ``torch.channels_last``
@@ -190,18 +206,20 @@ class FrozenSpec:
         spec = cls(mode, input_size, tuple(FrozenPool.from_dict(p) for p in pools), pairs, channels_last)
         if mode == "fixed" and (input_size is None or any(p.out_size is None or p.in_size is None for p in spec.pools)):
             raise RecipeError("a fixed-size frozen section needs input_size and every layer's in_size and out_size")
+        if spec.channels_last and any(p.ndim != 2 for p in spec.pools):
+            raise RecipeError("a frozen section with channels_last must only freeze 2-D layers")
         return spec
 
 
 # -- what the frozen graph calls ------------------------------------------------------
-def check_input_size(x: torch.Tensor, expected: tuple[int, int]) -> torch.Tensor:
+def check_input_size(x: torch.Tensor, expected: tuple[int, ...]) -> torch.Tensor:
     """Return ``x`` if its spatial size is ``expected``; raise :class:`FrozenSizeError` otherwise."""
     if isinstance(x, fx.Proxy):  # symbolic tracing of a frozen model (cost analysis): sizes are not known
         return x
-    got = tuple(x.shape[-2:])
-    if x.dim() != 4 or got != tuple(expected):
+    got = tuple(x.shape[2:])
+    if x.dim() != len(expected) + 2 or got != tuple(expected):
         raise FrozenSizeError(
-            f"this frozen model takes (N, C, {expected[0]}, {expected[1]}) inputs, got shape {tuple(x.shape)}: "
+            f"this frozen model takes (N, C, {', '.join(map(str, expected))}) inputs, got shape {tuple(x.shape)}: "
             "resize the input, or freeze the trained model again at this input size "
             "(or without an input size, to keep the learned ratios)"
         )
@@ -213,29 +231,39 @@ def to_channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def _pool_fn(aggregate: str) -> Any:
-    return F.max_pool2d if aggregate == "max" else F.avg_pool2d
+_POOL_FNS: dict[tuple[str, int], Any] = {
+    ("max", 1): F.max_pool1d,
+    ("max", 2): F.max_pool2d,
+    ("max", 3): F.max_pool3d,
+    ("mean", 1): F.avg_pool1d,
+    ("mean", 2): F.avg_pool2d,
+    ("mean", 3): F.avg_pool3d,
+}
 
 
-def resize_pool(x: torch.Tensor, out_size: tuple[int, int], aggregate: str) -> torch.Tensor:
-    """Compute what a DynOPool2d with output size ``out_size`` computes: interpolate to twice it, 2x2 pool."""
-    h, w = x.shape[-2:]
-    if (2 * out_size[0], 2 * out_size[1]) != (h, w):
-        x = F.interpolate(x, size=(2 * out_size[0], 2 * out_size[1]), mode="bilinear", align_corners=False)
-    return _pool_fn(aggregate)(x, 2, 2)
+def _pool_fn(aggregate: str, ndim: int = 2) -> Any:
+    return _POOL_FNS[aggregate, ndim]
 
 
-def ratio_resize_pool(x: torch.Tensor, alpha: tuple[float, float], precision: str, aggregate: str) -> torch.Tensor:
-    """Apply a DynOPool2d frozen at ``alpha``: the output size follows the input size by the layer's rule."""
-    h, w = x.shape[-2:]
+def resize_pool(x: torch.Tensor, out_size: tuple[int, ...], aggregate: str) -> torch.Tensor:
+    """Compute what a DynOPool with output size ``out_size`` computes: interpolate to twice it, 2-per-axis pool."""
+    doubled = tuple(2 * n for n in out_size)
+    if doubled != tuple(x.shape[2:]):
+        x = F.interpolate(x, size=doubled, mode=interpolation_mode(len(out_size)), align_corners=False)
+    return _pool_fn(aggregate, len(out_size))(x, 2, 2)
+
+
+def ratio_resize_pool(x: torch.Tensor, alpha: tuple[float, ...], precision: str, aggregate: str) -> torch.Tensor:
+    """Apply a DynOPool frozen at ``alpha``: the output size follows the input size by the layer's rule."""
     dtype = _PRECISIONS[precision]
-    return resize_pool(x, (cells(h, alpha[0], dtype), cells(w, alpha[1], dtype)), aggregate)
+    sides = x.shape[2:]
+    return resize_pool(x, tuple(cells(n, a, dtype) for n, a in zip(sides, alpha, strict=True)), aggregate)
 
 
 # -- freezing -------------------------------------------------------------------------
 class _LeafTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, DynOPool2d) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, DynOPoolNd) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _as_graph_module(model: nn.Module) -> fx.GraphModule:
@@ -260,16 +288,20 @@ def _as_graph_module(model: nn.Module) -> fx.GraphModule:
 
 def _pool_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     modules = dict(gm.named_modules())
-    return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(modules.get(n.target), DynOPool2d)]
+    return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(modules.get(n.target), DynOPoolNd)]
 
 
-def _precision(pool: DynOPool2d) -> str:
+def _precision(pool: DynOPoolNd) -> str:
     return "float64" if pool.alpha.dtype == torch.float64 else "float32"
 
 
 def example_input(model: nn.Module, input_size: Sequence[int], batch: int = 1, seed: int | None = None) -> torch.Tensor:
-    """Return a random (batch, C, H, W) input for ``model``: C of its first conv, its parameters' device and dtype."""
-    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    """Return a random (batch, C, *input_size) input for ``model``: C of its first conv, its device and dtype.
+
+    The conv looked for has as many spatial axes as ``input_size`` (``nn.Conv2d`` for (H, W)).
+    """
+    conv_type = CONV_TYPES.get(len(input_size), nn.Conv2d)
+    first = next((m for m in model.modules() if isinstance(m, conv_type)), None)
     param = next(iter(model.parameters()), None)
     channels = first.in_channels if first is not None else 3
     device = param.device if param is not None else torch.device("cpu")
@@ -279,14 +311,14 @@ def example_input(model: nn.Module, input_size: Sequence[int], batch: int = 1, s
     return x.to(device)
 
 
-def _sizes_at(gm: fx.GraphModule, nodes: list[fx.Node], input_size: tuple[int, int]) -> list[tuple[int, int]]:
-    """Input (h, w) of each DynOPool call at ``input_size``, from one forward pass."""
-    seen: dict[str, list[tuple[int, int]]] = {}
+def _sizes_at(gm: fx.GraphModule, nodes: list[fx.Node], input_size: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Input size (h, w) of each DynOPool call at ``input_size``, from one forward pass."""
+    seen: dict[str, list[tuple[int, ...]]] = {}
     hooks = []
     for name in {n.target for n in nodes}:
 
         def record(module: nn.Module, args: tuple[Any, ...], name: str = str(name)) -> None:
-            seen.setdefault(name, []).append(tuple(args[0].shape[-2:]))
+            seen.setdefault(name, []).append(tuple(args[0].shape[2:]))
 
         hooks.append(gm.get_submodule(str(name)).register_forward_pre_hook(record))
     was_training = gm.training
@@ -304,15 +336,28 @@ def _sizes_at(gm: fx.GraphModule, nodes: list[fx.Node], input_size: tuple[int, i
     try:
         return [next(calls[str(n.target)]) for n in nodes]
     except (KeyError, StopIteration) as exc:
-        raise ExportError("a DynOPool2d of the graph did not run at the freeze input size") from exc
+        raise ExportError("a DynOPool of the graph did not run at the freeze input size") from exc
 
 
-def foldable_pairs(gm: fx.GraphModule) -> tuple[tuple[str, str], ...]:
+#: The (conv, batch norm) types that fold, by number of spatial axes.
+_FOLDABLE: dict[int, tuple[type[nn.Module], type[nn.Module]]] = {
+    1: (nn.Conv1d, nn.BatchNorm1d),
+    2: (nn.Conv2d, nn.BatchNorm2d),
+    3: (nn.Conv3d, nn.BatchNorm3d),
+}
+
+
+def foldable_pairs(gm: fx.GraphModule, ndim: int = 2) -> tuple[tuple[str, str], ...]:
     """(conv, batch norm) module pairs of ``gm`` that fold exactly in eval mode.
 
     A pair qualifies when a Conv2d's output feeds only a BatchNorm2d with running
     statistics, and each of the two modules is called once in the graph.
+
+    Args:
+        gm: The graph.
+        ndim: Spatial axes of the model: Conv1d + BatchNorm1d or Conv3d + BatchNorm3d pairs for 1 or 3.
     """
+    conv_type, norm_type = _FOLDABLE[ndim]
     modules = dict(gm.named_modules())
     calls: dict[str, int] = {}
     for n in gm.graph.nodes:
@@ -321,13 +366,13 @@ def foldable_pairs(gm: fx.GraphModule) -> tuple[tuple[str, str], ...]:
     pairs = []
     for n in gm.graph.nodes:
         norm = modules.get(str(n.target)) if n.op == "call_module" else None
-        if not isinstance(norm, nn.BatchNorm2d) or norm.running_mean is None or norm.running_var is None:
+        if not isinstance(norm, norm_type) or norm.running_mean is None or norm.running_var is None:
             continue
         source = n.args[0] if n.args else None
         if not isinstance(source, fx.Node) or source.op != "call_module" or len(source.users) != 1:
             continue
         if (
-            isinstance(modules.get(str(source.target)), nn.Conv2d)
+            isinstance(modules.get(str(source.target)), conv_type)
             and calls[str(source.target)] == calls[str(n.target)] == 1
         ):
             pairs.append((str(source.target), str(n.target)))
@@ -340,8 +385,9 @@ def describe(
     """Describe what :func:`freeze` would freeze ``model`` to, without changing it.
 
     Args:
-        model: A converted model (GraphModule with DynOPool2d modules).
-        input_size: (H, W) for the fixed contract; None for the ratio contract.
+        model: A converted model (GraphModule with DynOPool modules).
+        input_size: (H, W) for the fixed contract ((L,) or (T, H, W) for 1-D and 3-D models);
+            None for the ratio contract.
         fold_bn: List the conv + batch norm pairs to fold (:func:`foldable_pairs`).
         channels_last: Record the channels_last layout.
     """
@@ -352,19 +398,22 @@ def describe(
     pools = []
     for node, in_size in zip(nodes, in_sizes, strict=True):
         layer = gm.get_submodule(str(node.target))
-        assert isinstance(layer, DynOPool2d)
-        a_h, a_w = layer.alpha.detach().double().tolist()
+        assert isinstance(layer, DynOPoolNd)
+        alpha = tuple(layer.alpha.detach().double().tolist())
         precision = _precision(layer)
         out = None
         if in_size is not None:
             dtype = _PRECISIONS[precision]
-            out = (cells(in_size[0], a_h, dtype), cells(in_size[1], a_w, dtype))
+            out = tuple(cells(n, a, dtype) for n, a in zip(in_size, alpha, strict=True))
             if out != layer.output_size(in_size):  # one rule: the layer's own rounding must agree
                 raise ExportError(
                     f"{node.target}: frozen size {out} differs from the layer's {layer.output_size(in_size)}"
                 )
-        pools.append(FrozenPool(str(node.target), layer.aggregate, (a_h, a_w), precision, in_size, out))
-    folded = foldable_pairs(gm) if fold_bn else ()
+        pools.append(FrozenPool(str(node.target), layer.aggregate, alpha, precision, in_size, out))
+    if channels_last and any(p.ndim != 2 for p in pools):
+        raise ExportError("channels_last is for 2-D models: this model has DynOPool1d or DynOPool3d layers")
+    ndims = {p.ndim for p in pools}
+    folded = foldable_pairs(gm, ndims.pop() if len(ndims) == 1 else 2) if fold_bn else ()
     return FrozenSpec("fixed" if size is not None else "ratio", size, tuple(pools), folded, channels_last)
 
 
@@ -380,7 +429,7 @@ def _fold(gm: fx.GraphModule, pairs: Sequence[tuple[str, str]]) -> None:
         raise RecipeError(f"the frozen section folds {[list(p) for p in pairs]}, which this model does not have")
     for conv_name, norm_name in pairs:
         conv, norm = gm.get_submodule(conv_name), gm.get_submodule(norm_name)
-        assert isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d)
+        assert isinstance(conv, nn.modules.conv._ConvNd) and isinstance(norm, nn.modules.batchnorm._BatchNorm)
         fused = fuse_conv_bn_eval(copy.deepcopy(conv).eval(), copy.deepcopy(norm).eval())
         _set_module(gm, conv_name, fused.train(conv.training))
         nodes[norm_name].replace_all_uses_with(nodes[conv_name])
@@ -403,12 +452,13 @@ def _rewrite(gm: fx.GraphModule, spec: FrozenSpec) -> fx.GraphModule:
         with graph.inserting_before(node):
             if spec.mode == "fixed":
                 assert pool.in_size is not None and pool.out_size is not None
-                rows, cols = 2 * pool.out_size[0], 2 * pool.out_size[1]
-                if (rows, cols) != pool.in_size:
-                    kwargs: dict[str, Any] = {"size": (rows, cols), "mode": "bilinear", "align_corners": False}
+                doubled = tuple(2 * n for n in pool.out_size)
+                if doubled != pool.in_size:
+                    mode = interpolation_mode(pool.ndim)
+                    kwargs: dict[str, Any] = {"size": doubled, "mode": mode, "align_corners": False}
                     x = graph.call_function(F.interpolate, (x,), kwargs)
                     x.meta.update(node.meta)
-                new = graph.call_function(_pool_fn(pool.aggregate), (x, 2, 2))
+                new = graph.call_function(_pool_fn(pool.aggregate, pool.ndim), (x, 2, 2))
             else:
                 new = graph.call_function(ratio_resize_pool, (x, pool.alpha, pool.precision, pool.aggregate))
         new.meta.update(node.meta)
@@ -433,10 +483,10 @@ def _rewrite(gm: fx.GraphModule, spec: FrozenSpec) -> fx.GraphModule:
         gm.delete_submodule(name)
     graph.lint()
     gm.recompile()
-    leftovers = [n for n, m in gm.named_modules() if isinstance(m, DynOPool2d)]
+    leftovers = [n for n, m in gm.named_modules() if isinstance(m, DynOPoolNd)]
     leftovers += [n for n, _ in gm.named_parameters() if n.rsplit(".", 1)[-1] == "alpha"]
     if leftovers:
-        raise ExportError(f"DynOPool2d modules or alphas outside the graph's calls remain: {leftovers}")
+        raise ExportError(f"DynOPool modules or alphas outside the graph's calls remain: {leftovers}")
     recipe = dict(gm.meta.get(RECIPE_KEY) or {})
     recipe[FROZEN_KEY] = spec.to_dict()
     gm.meta[RECIPE_KEY] = recipe
@@ -446,20 +496,22 @@ def _rewrite(gm: fx.GraphModule, spec: FrozenSpec) -> fx.GraphModule:
 def freeze(
     model: nn.Module, input_size: Sequence[int] | None = None, *, fold_bn: bool = False, channels_last: bool = False
 ) -> fx.GraphModule:
-    """Return a copy of ``model`` in which every DynOPool2d is fixed standard ops.
+    """Return a copy of ``model`` in which every DynOPool (1-d, 2-d, 3-d) is fixed standard ops.
 
-    The copy has no ``alpha`` parameters and no DynOPool2d; every other parameter and
+    The copy has no ``alpha`` parameters and no DynOPool; every other parameter and
     buffer keeps its key (unless folded). In eval mode its outputs equal the converted model's.
 
     Args:
         model: A converted model (the GraphModule of ``dynoswap.convert`` or ``dynoswap.load``).
-        input_size: (H, W): freeze the output sizes at this input size (the fixed contract; other
-            input sizes raise :class:`FrozenSizeError`). None keeps the learned ratios (any input size).
-        fold_bn: Fold each eval-mode BatchNorm2d into the Conv2d feeding it (:func:`foldable_pairs`):
+        input_size: (H, W) ((L,) or (T, H, W) for 1-D and 3-D models): freeze the output sizes at this
+            input size (the fixed contract; other input sizes raise :class:`FrozenSizeError`). None keeps
+            the learned ratios (any input size).
+        fold_bn: Fold each eval-mode BatchNorm2d into the Conv2d feeding it (:func:`foldable_pairs`; the
+            1-d or 3-d pairs in a model whose DynOPools are all 1-d or 3-d):
             an inference graph with no batch norm, equal to the eval model to float rounding (about
             1e-6). Its training mode no longer normalises: freeze without folding to fine-tune.
         channels_last: Weights and the input in ``torch.channels_last`` (faster on the CPU for most
-            CNNs, the frozen resample above all; ``bench deploy`` measures it).
+            CNNs, the frozen resample above all; ``bench deploy`` measures it). 2-D models only.
 
     Returns:
         The frozen GraphModule; ``gm.meta["dynoswap"]["frozen"]`` records what it was frozen to.

@@ -218,7 +218,8 @@ def _to_meta(value: Any) -> Any:
 
 def pool_size(n_in: tuple[int, int], alpha: Alpha) -> tuple[int, int]:
     """DynOPool output size for ``alpha`` (the layer's own rule, in float32 like its forward)."""
-    return output_size(n_in, torch.tensor(alpha, dtype=torch.float32))
+    h, w = output_size(n_in, torch.tensor(alpha, dtype=torch.float32))
+    return h, w
 
 
 class WorldRunner:

@@ -1,10 +1,13 @@
 """Building blocks: one layer per file."""
 
-from .dynopool import DynOPool2d, query_positions
+from .dynopool import DynOPool1d, DynOPool2d, DynOPool3d, DynOPoolNd, query_positions
 from .sizing import FLOOR_GRADIENTS, MIN_SIZE, cells, continuous_size, output_size, straight_through_size
 
 __all__ = [
+    "DynOPool1d",
     "DynOPool2d",
+    "DynOPool3d",
+    "DynOPoolNd",
     "FLOOR_GRADIENTS",
     "MIN_SIZE",
     "continuous_size",

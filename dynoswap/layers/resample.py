@@ -1,4 +1,4 @@
-"""Bilinear sampling at DynOPool's query points, aggregated per output cell.
+"""Linear sampling at DynOPool's query points, aggregated per output cell, in 1, 2 or 3 dimensions.
 
 Query points of one axis are pixel coordinates ``u`` (the ``align_corners=False``
 convention: pixel ``i`` has its centre at ``u = i``), two per output cell:
@@ -21,12 +21,20 @@ gradient is ``max_pool2d``'s own and a coordinate's gradient is
 ``sum(grad * (x[i+1] - x[i]))`` along its axis, computed with batched matmuls
 that never materialise the product. Inference skips the indices: the max of each
 2x2 block is three elementwise maxima.
+
+The same holds per axis in 1-D and 3-D: two query points per axis and cell (2 and 8
+per cell), one ``F.interpolate`` pass (``linear``/``trilinear``), a 2-per-axis max or
+mean pool. :func:`pool_queries` and :func:`traceable_pool_queries` take one coordinate
+vector per axis; 2-D goes through the specialised kernels above, other dimensions
+through :class:`_MaxQueryPoolNd`, whose backward is written for any dimension: the
+winner's gradient, the interpolation's own backward for the input, and per axis
+``sum(grad * slope)`` with the slope ``x[hi] - x[lo]`` interpolated along the other axes.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,21 +45,26 @@ _BLAS_DTYPES = (torch.float32, torch.float64)
 _BLOCK = 16  #: column block of the diagonal matmuls: one cache line of float32
 
 
-#: What a second derivative through DynOPool2d says (torch's own message names no layer).
-NO_DOUBLE_BACKWARD = (
-    "DynOPool2d has no second derivative: its fused backward is first-order only, so a double backward "
+#: What a second derivative through a DynOPool says (torch's own message names no layer); ``{layer}`` is its class.
+_NO_DOUBLE_BACKWARD = (
+    "{layer} has no second derivative: its fused backward is first-order only, so a double backward "
     "(create_graph=True, e.g. a gradient penalty) cannot pass through it; freeze the model "
     "(dynoswap.export.freeze) for plain torch ops that have one"
 )
+NO_DOUBLE_BACKWARD = _NO_DOUBLE_BACKWARD.format(layer="DynOPool2d")
+NO_DOUBLE_BACKWARD_ND = _NO_DOUBLE_BACKWARD.format(layer="DynOPool1d / DynOPool3d")
 
 
-def first_order_only(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Like ``torch.autograd.function.once_differentiable``, with :data:`NO_DOUBLE_BACKWARD` as the error.
+def first_order_only(message: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Like ``torch.autograd.function.once_differentiable``, with ``message`` as the error.
 
     The backward runs without recording a graph; when a graph was asked for (``create_graph=True``),
     its outputs point to a node that raises the message only if something really differentiates them.
     """
+    return functools.partial(_first_order_only, message=message)
 
+
+def _first_order_only(fn: Callable[..., Any], message: str) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(ctx: Any, *args: Any) -> Any:
         with torch.no_grad():
@@ -59,7 +72,7 @@ def first_order_only(fn: Callable[..., Any]) -> Callable[..., Any]:
         if not torch.is_grad_enabled() or not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             return outputs
         outs = outputs if isinstance(outputs, tuple) else (outputs,)
-        err_fn = torch._C._functions.DelayedError(NO_DOUBLE_BACKWARD.encode(), len(outs))
+        err_fn = torch._C._functions.DelayedError(message.encode(), len(outs))
 
         def fake_requires_grad(value: torch.Tensor | None) -> torch.Tensor | None:
             if value is None:
@@ -115,11 +128,31 @@ def axis_table(pos: torch.Tensor, n_in: int) -> AxisTable:
     return AxisTable(pos.detach(), lo, hi, frac, inside, exact, identity)
 
 
-def sample_queries(x: torch.Tensor, rows: AxisTable, cols: AxisTable) -> torch.Tensor:
-    """All query values, shape (N, C, 2*n_h, 2*n_w): one bilinear interpolation pass."""
-    if rows.identity and cols.identity:
+#: ``F.interpolate`` mode, max pool and mean pool of each number of spatial dimensions.
+_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
+_MAX_POOLS: dict[int, Callable[..., Any]] = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+_AVG_POOLS: dict[int, Callable[..., Any]] = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+_UPSAMPLE_BACKWARD: dict[int, Callable[..., Any]] = {
+    1: torch.ops.aten.upsample_linear1d_backward,
+    2: torch.ops.aten.upsample_bilinear2d_backward,
+    3: torch.ops.aten.upsample_trilinear3d_backward,
+}
+
+
+def interpolation_mode(ndim: int) -> str:
+    """Return the ``F.interpolate`` mode that samples ``ndim`` axes linearly: linear, bilinear or trilinear."""
+    return _MODES[ndim]
+
+
+def sample_queries(x: torch.Tensor, tables: Sequence[AxisTable]) -> torch.Tensor:
+    """All query values, shape (N, C, 2*n_1, ..., 2*n_d): one (multi)linear interpolation pass."""
+    if all(t.identity for t in tables):
         return x
-    return F.interpolate(x, size=(rows.count, cols.count), mode="bilinear", align_corners=False)
+    return F.interpolate(x, size=tuple(t.count for t in tables), mode=_MODES[len(tables)], align_corners=False)
+
+
+def _tables(x: torch.Tensor, positions: Sequence[torch.Tensor]) -> tuple[AxisTable, ...]:
+    return tuple(axis_table(pos, n) for pos, n in zip(positions, x.shape[2:], strict=True))
 
 
 def _max_of_blocks(q: torch.Tensor) -> torch.Tensor:
@@ -240,7 +273,7 @@ class _MaxQueryPool(torch.autograd.Function):
     def forward(ctx, x, pos_h, pos_w):
         rows = axis_table(pos_h, x.shape[-2])
         cols = axis_table(pos_w, x.shape[-1])
-        queries = sample_queries(x, rows, cols)
+        queries = sample_queries(x, (rows, cols))
         out, idx = F.max_pool2d(queries, 2, 2, return_indices=True)
         ctx.save_for_backward(x, idx)
         ctx.tables = (rows, cols)
@@ -248,7 +281,7 @@ class _MaxQueryPool(torch.autograd.Function):
         return out
 
     @staticmethod
-    @first_order_only
+    @first_order_only(NO_DOUBLE_BACKWARD)
     def backward(ctx, grad_out):
         x, idx = ctx.saved_tensors
         rows, cols = ctx.tables
@@ -302,45 +335,119 @@ def _differentiable_queries(x: torch.Tensor, pos: torch.Tensor, dim: int) -> tor
     return torch.lerp(x[index + (lo,)], x[index + (hi,)], w)
 
 
-def pool_queries(x: torch.Tensor, pos_h: torch.Tensor, pos_w: torch.Tensor, aggregate: str) -> torch.Tensor:
-    """Sample ``x`` at the query points and aggregate each 2x2 group.
+class _MaxQueryPoolNd(torch.autograd.Function):
+    """Max over each cell's ``2**d`` query values in any dimension; backward through the winner only.
+
+    Saves the input and the winners' indices. The backward scatters the output gradient
+    to the winning query values, maps it to the input with the interpolation's own
+    backward, and gives each axis ``sum(grad_q * slope)``: the slope ``x[hi] - x[lo]``
+    along that axis, interpolated along the others (the derivative of a multilinear
+    sample wrt one coordinate), zero where the coordinate is clamped or on the border.
+    """
+
+    @staticmethod
+    def forward(ctx, x, *positions):
+        tables = _tables(x, positions)
+        queries = sample_queries(x, tables)
+        out, idx = _MAX_POOLS[len(tables)](queries, 2, 2, return_indices=True)
+        ctx.save_for_backward(x, idx)
+        ctx.tables = tables
+        ctx.query_shape = tuple(queries.shape)
+        return out
+
+    @staticmethod
+    @first_order_only(NO_DOUBLE_BACKWARD_ND)
+    def backward(ctx, grad_out):
+        x, idx = ctx.saved_tensors
+        tables: tuple[AxisTable, ...] = ctx.tables
+        # Cells do not overlap: each query value wins at most one cell, so a scatter is the max's backward.
+        grad_q = grad_out.new_zeros(ctx.query_shape).flatten(2)
+        grad_q.scatter_(2, idx.reshape(*idx.shape[:2], -1), grad_out.reshape(*grad_out.shape[:2], -1))
+        grad_q = grad_q.view(ctx.query_shape)
+        need_x, *need_pos = ctx.needs_input_grad
+        grad_x: torch.Tensor | None = None
+        if need_x:
+            counts = [t.count for t in tables]
+            identity = all(t.identity for t in tables)
+            grad_x = grad_q if identity else _UPSAMPLE_BACKWARD[len(tables)](grad_q, counts, list(x.shape), False)
+        grads_pos = [_axis_slope_grad(grad_q, x, tables, axis) if need else None for axis, need in enumerate(need_pos)]
+        return (grad_x, *grads_pos)
+
+
+def _axis_slope_grad(grad_q: torch.Tensor, x: torch.Tensor, tables: Sequence[AxisTable], axis: int) -> torch.Tensor:
+    """Gradient of ``sum(grad_q * queries)`` wrt the coordinates of ``axis``, with grid_sample's conventions."""
+    dim = 2 + axis
+    table = tables[axis]
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    acc = torch.promote_types(table.pos.dtype, dtype)
+    others = [d for d in range(x.dim()) if d != dim]
+    if all(t.identity for t in tables):
+        # Every query point is a sample (MaxPool's case): the slope is the next sample's difference.
+        length = x.shape[dim]
+        grad = torch.zeros(length, dtype=acc, device=x.device)
+        if length > 1:
+            diff = (x.narrow(dim, 1, length - 1) - x.narrow(dim, 0, length - 1)).to(dtype)
+            grad[:-1] = (grad_q.narrow(dim, 0, length - 1).to(dtype) * diff).sum(others, dtype=acc)
+        return torch.where(table.inside, grad, 0).to(table.pos.dtype)
+    # x[hi] - x[lo] is the next sample's difference at lo (zero at the last sample, where hi == lo):
+    # one gather of the differences instead of two of the samples.
+    length = x.shape[dim]
+    diff = torch.zeros_like(x, dtype=dtype)
+    if length > 1:
+        diff.narrow(dim, 0, length - 1).copy_(x.narrow(dim, 1, length - 1) - x.narrow(dim, 0, length - 1))
+    slope = diff.index_select(dim, table.lo)
+    if not all(t.identity for i, t in enumerate(tables) if i != axis):
+        # Along ``axis`` the size is unchanged, so the interpolation copies it exactly.
+        slope = F.interpolate(slope, size=tuple(t.count for t in tables), mode=_MODES[len(tables)], align_corners=False)
+    grad = (grad_q.to(dtype) * slope).sum(others, dtype=acc)
+    return torch.where(table.inside, grad, 0).to(table.pos.dtype)
+
+
+def pool_queries(x: torch.Tensor, positions: Sequence[torch.Tensor], aggregate: str) -> torch.Tensor:
+    """Sample ``x`` at the query points and aggregate each cell's ``2**d`` values.
 
     Args:
-        x: Input, shape (N, C, H, W).
-        pos_h: Row coordinates in pixels, two per output row, shape (2*n_h,).
-        pos_w: Column coordinates in pixels, two per output column, shape (2*n_w,).
+        x: Input, shape (N, C, *spatial) with 1, 2 or 3 spatial axes.
+        positions: Per spatial axis, its coordinates in pixels, two per output cell, shape (2*n,).
         aggregate: ``"max"`` (the paper's choice) or ``"mean"``.
 
     Returns:
-        Tensor of shape (N, C, n_h, n_w).
+        Tensor of shape (N, C, n_1, ..., n_d).
     """
+    ndim = len(positions)
+    tracked = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in positions))
     if aggregate == "max":
         # Query values are computed in x's own dtype: autocast must not re-type them.
         with torch.autocast(x.device.type, enabled=False):
-            if torch.is_grad_enabled() and (x.requires_grad or pos_h.requires_grad or pos_w.requires_grad):
-                return _MaxQueryPool.apply(x, pos_h, pos_w)
-            rows, cols = axis_table(pos_h, x.shape[-2]), axis_table(pos_w, x.shape[-1])
-            return _max_of_blocks(sample_queries(x, rows, cols))
-    if not (torch.is_grad_enabled() and (x.requires_grad or pos_h.requires_grad or pos_w.requires_grad)):
+            if tracked:
+                return (_MaxQueryPool if ndim == 2 else _MaxQueryPoolNd).apply(x, *positions)
+            queries = sample_queries(x, _tables(x, positions))
+            return _max_of_blocks(queries) if ndim == 2 else _MAX_POOLS[ndim](queries, 2, 2)
+    if not tracked:
         # Inference: the same interpolation pass as max, so a frozen layer's ops match bit for bit.
-        rows, cols = axis_table(pos_h, x.shape[-2]), axis_table(pos_w, x.shape[-1])
-        return F.avg_pool2d(sample_queries(x, rows, cols), 2, 2)
-    queries = _differentiable_queries(_differentiable_queries(x, pos_h, 2), pos_w, 3)
-    return F.avg_pool2d(queries, 2, 2)
+        return _AVG_POOLS[ndim](sample_queries(x, _tables(x, positions)), 2, 2)
+    return _AVG_POOLS[ndim](_separable_queries(x, positions), 2, 2)
 
 
-def traceable_pool_queries(x: torch.Tensor, pos_h: torch.Tensor, pos_w: torch.Tensor, aggregate: str) -> torch.Tensor:
+def _separable_queries(x: torch.Tensor, positions: Sequence[torch.Tensor]) -> torch.Tensor:
+    """All query values through autograd: one differentiable gather-and-lerp per axis."""
+    for axis, pos in enumerate(positions):
+        x = _differentiable_queries(x, pos, 2 + axis)
+    return x
+
+
+def traceable_pool_queries(x: torch.Tensor, positions: Sequence[torch.Tensor], aggregate: str) -> torch.Tensor:
     """:func:`pool_queries` without value-dependent branches, for torch.compile and torch.export.
 
     Same values and the same gradient conventions. Inference samples with one
     ``F.interpolate`` pass at the integer size ``2 n``; training samples each axis
     with differentiable gathers so autograd (and the compiler) derives the backward.
     """
+    ndim = len(positions)
     with torch.autocast(x.device.type, enabled=False):
-        positions_need_grad = torch.is_grad_enabled() and (pos_h.requires_grad or pos_w.requires_grad)
-        if positions_need_grad:
-            queries = _differentiable_queries(_differentiable_queries(x, pos_h, 2), pos_w, 3)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in positions):
+            queries = _separable_queries(x, positions)
         else:
-            size = (pos_h.shape[0], pos_w.shape[0])
-            queries = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        return F.max_pool2d(queries, 2, 2) if aggregate == "max" else F.avg_pool2d(queries, 2, 2)
+            size = tuple(p.shape[0] for p in positions)
+            queries = F.interpolate(x, size=size, mode=_MODES[ndim], align_corners=False)
+        return (_MAX_POOLS if aggregate == "max" else _AVG_POOLS)[ndim](queries, 2, 2)

@@ -58,13 +58,17 @@ def straight_through_size(
     return cont + (torch.floor(cont + 0.5) - cont).detach()
 
 
-def output_size(n_in: tuple[int, int], alpha: torch.Tensor) -> tuple[int, int]:
-    """Integer output size (h, w) for an integer input size, as the forward pass uses it."""
+def output_size(n_in: tuple[int, ...], alpha: torch.Tensor) -> tuple[int, ...]:
+    """Integer output size for an integer input size, one length per axis, as the forward pass uses it.
+
+    Args:
+        n_in: Input length of each axis: ``(l,)``, ``(h, w)`` or ``(t, h, w)``.
+        alpha: Inverse scales, one per axis.
+    """
     with torch.no_grad():
         n = torch.tensor(n_in, dtype=alpha.dtype, device=alpha.device)
         size = straight_through_size(n, alpha.detach())
-    h, w = (int(v) for v in size.tolist())
-    return h, w
+    return tuple(int(v) for v in size.tolist())
 
 
 def _round_to_float32(value: float) -> float:
