@@ -82,6 +82,8 @@ class ConversionReport:
         resized_to_partner: Fixed-factor upsamplings that now take their partner's size.
         adapted_heads: Layers behind which ``head="adapt"`` inserted an adaptive pool.
         limits: Ops that need their input at least as large as at conversion, and what that means.
+        submodule: Path of the converted part when one submodule was converted in place (its input
+            size is ``input_size``); None for a whole model.
     """
 
     model: str
@@ -93,6 +95,7 @@ class ConversionReport:
     resized_to_partner: list[str] = field(default_factory=list)
     adapted_heads: list[str] = field(default_factory=list)
     limits: dict[str, str] = field(default_factory=dict)
+    submodule: str | None = None
 
     @property
     def status(self) -> str:
@@ -114,6 +117,8 @@ class ConversionReport:
         data = asdict(self)
         data["status"] = self.status
         data["input_size"] = list(self.input_size)
+        if self.submodule is None:
+            del data["submodule"]  # a whole-model report reads as it always did
         for rep in data["replacements"]:
             rep["init_scale"] = list(rep["init_scale"])
             rep["original_out"] = list(rep["original_out"]) if rep["original_out"] else None
@@ -123,7 +128,8 @@ class ConversionReport:
         """Build a rich table: one row per DynOPool, then the skipped resizers."""
         from rich.table import Table
 
-        title = f"{self.model}: {self.num_dynopools} DynOPool, {self.num_alphas} alpha ({self.placement})"
+        part = f" {self.submodule} ({self.input_size[0]}x{self.input_size[1]} input)" if self.submodule else ""
+        title = f"{self.model}{part}: {self.num_dynopools} DynOPool, {self.num_alphas} alpha ({self.placement})"
         table = Table(title=title)
         for col in ("node", "was", "rule", "dynopool", "init scale", "group", "note"):
             table.add_column(col)
@@ -141,4 +147,5 @@ class ConversionReport:
         return table
 
     def __str__(self) -> str:
-        return f"ConversionReport({self.model}: {self.status}, {self.num_dynopools} DynOPool, {self.num_alphas} alpha)"
+        name = f"{self.model} {self.submodule}" if self.submodule else self.model
+        return f"ConversionReport({name}: {self.status}, {self.num_dynopools} DynOPool, {self.num_alphas} alpha)"

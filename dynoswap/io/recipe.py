@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import RecipeError, UntrustedCodeError
 from ..sources import LIBRARIES, ModelSource
-from ..validate import MAX_INPUT_SIDE, MAX_UPSAMPLE, check_input_budget
+from ..validate import MAX_INPUT_SIDE, MAX_UPSAMPLE, check_input_budget, check_submodule_path
 from .bounded import MAX_JSON_BYTES, loads_json, read_capped
 
 if TYPE_CHECKING:
@@ -43,6 +43,9 @@ PLACEMENTS = ("post", "pre")
 PATCHIFY = ("post", "skip")
 #: What convert(head=...) accepts: keep a fixed-size head ("none") or pool to its size before it ("adapt").
 HEADS = ("none", "adapt")
+#: What convert(anchors=...) accepts for a detector whose backbone is converted: anchor strides
+#: ``image / grid`` as floats ("float", they follow the learned sizes) or torchvision's ``image // grid``.
+ANCHORS = ("float", "integer")
 # Packages whose already-imported classes a recipe may name as leaf modules without trust_code.
 TRUSTED_LEAF_PACKAGES = ("torch", "torchvision", "timm", "dynoswap")
 
@@ -133,6 +136,10 @@ class RecipeOptions:
         head: How the classifier head is handled (``"none"``, ``"adapt"``); None when the
             converter did not record it.
         init_alphas: Initial alpha (h, w) per DynOPool name, when the converter records them.
+        submodule: Path of the converted part (``"backbone"``) when one submodule was converted in
+            place; None for a whole-model conversion. The input size is that part's input size.
+        anchors: How a converted detector's anchor generators compute strides (:data:`ANCHORS`);
+            None when the model has none.
     """
 
     placement: str = "post"
@@ -143,6 +150,8 @@ class RecipeOptions:
     patchify: str = "post"
     head: str | None = None
     init_alphas: dict[str, tuple[float, float]] | None = None
+    submodule: str | None = None
+    anchors: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form; fields added after version 1 appear only when set."""
@@ -158,6 +167,10 @@ class RecipeOptions:
             data["head"] = self.head
         if self.init_alphas is not None:
             data["init_alphas"] = {k: list(v) for k, v in self.init_alphas.items()}
+        if self.submodule is not None:
+            data["submodule"] = self.submodule
+        if self.anchors is not None:
+            data["anchors"] = self.anchors
         return data
 
     def convert_kwargs(self) -> dict[str, Any]:
@@ -197,6 +210,13 @@ class RecipeOptions:
         if data.get("init_alphas") is not None:
             alphas = read.mapping(data["init_alphas"], p + "init_alphas")
             opts.init_alphas = {str(k): read.pair(v, f"{p}init_alphas.{k}", read.number) for k, v in alphas.items()}
+        if data.get("submodule") is not None:
+            try:  # only its shape here: load resolves it child by child on the model it rebuilt
+                opts.submodule = check_submodule_path(data["submodule"], "it")
+            except ValueError as exc:
+                raise read.fail(p + "submodule", str(exc).removeprefix("it ")) from exc
+        if data.get("anchors") is not None:
+            opts.anchors = read.string(data["anchors"], p + "anchors", ANCHORS)
         return opts
 
 
