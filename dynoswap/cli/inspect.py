@@ -45,6 +45,7 @@ def inspect_cmd(
     debug: bool = DebugOption,
 ) -> None:
     """Show a model's GMACs, params, stage sizes and, for converted models, every DynOPool."""
+    from ..engine.submodule import part_of, resolve_part
     from ..io.recipe import input_size_of
     from .render import dynopool_table, layer_table, mismatch_table, safe, summary_table
     from .summary import summarize
@@ -58,13 +59,16 @@ def inspect_cmd(
     table = load_table(latency_table)
     loaded = load_model(model, num_classes, model_kwargs, weights, allow_missing, trust_code, strict_values)
     size = parse_input_size(input_size, input_size_of(loaded.model) or (224, 224))
-    check_forward(loaded.model, size)
-    summary = summarize(loaded.model, size, model, loaded.source.library, depth=depth)
+    # A model with one converted part is shown by that part, at the part's input size.
+    part = part_of(loaded.model)
+    target = resolve_part(loaded.model, part) if part else loaded.model
+    check_forward(target, size)
+    summary = summarize(target, size, model, loaded.source.library, depth=depth, submodule=part)
     latency = None
     if table is not None:
         from ..cost.latency import predict_latency
 
-        latency = predict_latency(loaded.model, table, size)
+        latency = predict_latency(target, table, size)
     if plot is not None:
         from .plot import plot_stages
 
