@@ -545,6 +545,10 @@ def convert(
         pool.to(device=device, dtype=dtype)
         pool.training = model.training
     gm = _assemble(model, views)
+    if hasattr(model, "feature_info"):  # a timm features_only model: reductions that follow the learned sizes
+        from .features import attach_feature_info
+
+        attach_feature_info(model, gm, (h, w))
     by_index = {s.index: pools[s.name] for s in sites}
     if sizes is not None:
         example = torch.zeros(1, in_chans, h, w, device=device, dtype=first.dtype if first is not None else None)
