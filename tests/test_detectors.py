@@ -9,10 +9,11 @@ import torch
 import torchvision.models.detection as detection
 from torch import fx, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.ops import MultiScaleRoIAlign
 
 from dynoswap.cost import count_gmacs, gmacs_loss
 from dynoswap.engine import convert
-from dynoswap.engine.anchors import FloatStrideAnchorGenerator
+from dynoswap.engine.anchors import FloatScaleRoIAlign, FloatStrideAnchorGenerator
 from dynoswap.io.recipe import recipe_of
 from dynoswap.layers import DynOPool2d
 
@@ -149,3 +150,43 @@ def test_anchor_centres_land_on_the_feature_grid_after_the_scales_move() -> None
     whole.train()
     losses = whole([torch.rand(3, SIDE, SIDE)], [target("fasterrcnn_mobilenet_v3_large_fpn", SIDE)])
     assert all(math.isfinite(float(v)) for v in losses.values())
+
+
+def test_roi_pooling_samples_each_level_at_its_learned_scale() -> None:
+    model, _ = build("fasterrcnn_mobilenet_v3_large_fpn")
+    whole, report = convert(model, (SIDE, SIDE), submodule="backbone")
+    pooler = whole.roi_heads.box_roi_pool
+    assert isinstance(pooler, FloatScaleRoIAlign) and pooler.size_divisible == 32
+    assert not any(type(m) is MultiScaleRoIAlign for m in whole.modules())
+
+    def stock() -> MultiScaleRoIAlign:  # a fresh one: torchvision's keeps the first scales it sees
+        return MultiScaleRoIAlign(pooler.featmap_names, pooler.output_size, pooler.sampling_ratio)
+
+    boxes = [torch.tensor([[20.0, 30.0, 70.0, 90.0], [8.0, 12.0, 90.0, 84.0]])]  # inside every level's last cell
+    shapes = [(SIDE, SIDE)]
+    _, features = _levels(whole)
+    named = dict(zip(("0", "1", "pool"), features, strict=True))
+    # Where every grid divides the image: exactly torchvision's pooling.
+    assert torch.equal(pooler(named, boxes, shapes), stock()(named, boxes, shapes))
+    for name, scale in zip((g[0] for g in report.groups), MOVED, strict=True):
+        whole.backbone.get_submodule(name).set_scale(scale)
+    _, features = _levels(whole)
+    grids = [tuple(f.shape[-2:]) for f in features]
+    assert any(SIDE % h or SIDE % w for h, w in grids[:2]), grids
+    # Coordinate maps: cell (i, j) of an h x w level holds its image point (j * W / w, i * H / h), so RoIAlign
+    # of a box gives the image coordinates of its bins' centres when, and only when, the scale is right.
+    maps = {}
+    for key, (h, w) in zip(("0", "1", "pool"), grids, strict=True):
+        xs = torch.arange(w, dtype=torch.float32) * (SIDE / w)
+        ys = torch.arange(h, dtype=torch.float32) * (SIDE / h)
+        maps[key] = torch.stack((xs.expand(h, w), ys[:, None].expand(h, w)))[None]
+    bins = pooler.output_size[0]
+    centre = (torch.arange(bins, dtype=torch.float32) + 0.5) / bins
+    want_x = torch.stack([b[0] + centre * (b[2] - b[0]) for b in boxes[0]])[:, None, :].expand(-1, bins, -1)
+    want_y = torch.stack([b[1] + centre * (b[3] - b[1]) for b in boxes[0]])[:, :, None].expand(-1, -1, bins)
+    got = pooler(maps, boxes, shapes)
+    torch.testing.assert_close(got[:, 0], want_x, rtol=0, atol=1e-3)
+    torch.testing.assert_close(got[:, 1], want_y, rtol=0, atol=1e-3)
+    old = stock()(maps, boxes, shapes)
+    miss = float(torch.maximum((old[:, 0] - want_x).abs(), (old[:, 1] - want_y).abs()).max())
+    assert miss > 10.0  # power-of-two scales: 17 px here

@@ -87,6 +87,7 @@ def test_save_load_gives_identical_outputs(converted, tmp_path) -> None:
     back = dynoswap.load(tmp_path / "m")
     assert type(back) is type(whole) and isinstance(back.backbone, fx.GraphModule)
     assert type(back.rpn.anchor_generator).__name__ == "FloatStrideAnchorGenerator"
+    assert type(back.roi_heads.box_roi_pool).__name__ == "FloatScaleRoIAlign"
     own, loaded = whole.state_dict(), back.state_dict()
     assert list(own) == list(loaded) and all(torch.equal(own[k], loaded[k]) for k in own)
     whole.eval(), back.eval()
@@ -174,6 +175,7 @@ def test_a_converted_model_is_refused(converted) -> None:
 def test_integer_anchors_keep_torchvisions_generator(detector) -> None:
     whole, _ = convert(detector, (128, 128), submodule="backbone", anchors="integer")
     assert type(whole.rpn.anchor_generator) is type(detector.rpn.anchor_generator)
+    assert type(whole.roi_heads.box_roi_pool) is type(detector.roi_heads.box_roi_pool)
     assert recipe_of(whole).options.anchors == "integer"
     with pytest.raises(OptionError, match="anchors must be one of"):
         convert(detector, (128, 128), submodule="backbone", anchors="round")

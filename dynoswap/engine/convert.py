@@ -444,8 +444,9 @@ def convert(
         check: With ``init_scale``/``overrides``/``sizes``, run the moved-scale check again at those scales.
         submodule: Convert only this part (a dotted path such as ``"backbone"``), at its own
             ``input_size``, in a copy of ``model`` (see :mod:`dynoswap.engine.submodule`).
-        anchors: With ``submodule``, how a torchvision detector's anchor generators compute strides:
-            ``"float"`` (the default: anchors follow the learned sizes) or ``"integer"`` (torchvision's).
+        anchors: With ``submodule``, how a torchvision detector's anchor generators and RoI poolers
+            compute strides: ``"float"`` (the default: they follow the learned sizes) or ``"integer"``
+            (torchvision's).
 
     Returns:
         The converted GraphModule and its ConversionReport; with ``submodule``, the whole model

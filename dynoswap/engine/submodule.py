@@ -4,9 +4,9 @@ A detector or a model with an untraceable forward is converted part by part: the
 (a submodule path) is converted like a whole model, at its own input size, and put back
 in place in a copy of the model. The whole model carries the recipe in its ``meta`` dict,
 with the part's path in ``options.submodule``, so ``dynoswap.save``/``load``, ``freeze`` and
-``export`` take the whole model. For a torchvision detector the anchor generators are
-replaced by :class:`~dynoswap.engine.anchors.FloatStrideAnchorGenerator`, so anchors follow
-the learned feature sizes (recorded as ``options.anchors``).
+``export`` take the whole model. For a torchvision detector the anchor generators and RoI
+poolers are replaced by their float-stride forms (:mod:`dynoswap.engine.anchors`), so anchors
+and pooling follow the learned feature sizes (recorded as ``options.anchors``).
 
 A path is resolved child by child (``named_children``), never by ``getattr``.
 """

@@ -43,8 +43,9 @@ PLACEMENTS = ("post", "pre")
 PATCHIFY = ("post", "skip")
 #: What convert(head=...) accepts: keep a fixed-size head ("none") or pool to its size before it ("adapt").
 HEADS = ("none", "adapt")
-#: What convert(anchors=...) accepts for a detector whose backbone is converted: anchor strides
-#: ``image / grid`` as floats ("float", they follow the learned sizes) or torchvision's ``image // grid``.
+#: What convert(anchors=...) accepts for a detector whose backbone is converted: anchor strides and RoI
+#: pooling scales ``grid / image`` as floats ("float", they follow the learned sizes) or torchvision's
+#: integer strides and power-of-two scales ("integer").
 ANCHORS = ("float", "integer")
 # Packages whose already-imported classes a recipe may name as leaf modules without trust_code.
 TRUSTED_LEAF_PACKAGES = ("torch", "torchvision", "timm", "dynoswap")
@@ -138,8 +139,8 @@ class RecipeOptions:
         init_alphas: Initial alpha (h, w) per DynOPool name, when the converter records them.
         submodule: Path of the converted part (``"backbone"``) when one submodule was converted in
             place; None for a whole-model conversion. The input size is that part's input size.
-        anchors: How a converted detector's anchor generators compute strides (:data:`ANCHORS`);
-            None when the model has none.
+        anchors: How a converted detector's anchor generators and RoI poolers compute strides
+            (:data:`ANCHORS`); None when the model has no anchor generator.
     """
 
     placement: str = "post"
