@@ -95,6 +95,12 @@ def test_save_load_gives_identical_outputs(converted, tmp_path) -> None:
         a, b = whole(_images()), back(_images())
     assert a[0].keys() == b[0].keys()
     assert all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+    # A recipe naming a part the rebuilt model lacks, or no path at all, is refused before any weight loads.
+    for bad, message in (("neck", "FasterRCNN has no child 'neck'"), ("__class__.x()", "must be a dotted submodule")):
+        document["recipe"]["options"]["submodule"] = bad
+        (tmp_path / "m" / "recipe.json").write_text(json.dumps(document))
+        with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            dynoswap.load(tmp_path / "m")
 
 
 def test_freeze_freezes_the_part_in_place_and_loads_back(converted, tmp_path) -> None:
