@@ -68,6 +68,15 @@ def test_the_whole_model_carries_the_recipe_with_the_part(converted) -> None:
     assert recipe_of(whole.backbone).options.submodule is None
 
 
+def test_costs_of_the_whole_model_are_its_parts(converted) -> None:
+    from dynoswap.cost import alphas, gmacs_loss, stage_sizes
+
+    whole, _ = converted
+    assert torch.equal(gmacs_loss(whole), gmacs_loss(whole.backbone))
+    assert alphas(whole) == alphas(whole.backbone) and len(alphas(whole)) == 6
+    assert stage_sizes(whole, (128, 128)) == stage_sizes(whole.backbone, (128, 128))
+
+
 def test_a_whole_model_conversion_writes_what_it_always_wrote() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(), nn.MaxPool2d(2))
     gm, report = convert(model, (32, 32))

@@ -45,8 +45,8 @@ def inspect_cmd(
     debug: bool = DebugOption,
 ) -> None:
     """Show a model's GMACs, params, stage sizes and, for converted models, every DynOPool."""
-    from ..engine.submodule import part_of, resolve_part
-    from ..io.recipe import input_size_of
+    from ..engine.submodule import resolve_part
+    from ..io.recipe import input_size_of, part_of
     from .render import dynopool_table, layer_table, mismatch_table, safe, summary_table
     from .summary import summarize
 

@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import ConversionError, OptionError
-from ..io.recipe import ANCHORS, RECIPE_KEY, Recipe, raw_recipe_of
+from ..io.recipe import ANCHORS, RECIPE_KEY, Recipe, part_of, raw_recipe_of, walk_part
 from ..layers import DynOPool2d
 from ..sources import ModelSource
 from ..validate import check_submodule_path
@@ -56,33 +56,20 @@ def resolve_part(model: nn.Module, path: str) -> nn.Module:
             that hold resizers where the path went wrong).
     """
     check_submodule_path(path)
-    module, walked = model, ""
-    for part in path.split("."):
-        children = dict(module.named_children())
-        if part not in children:
-            where = f"'{walked}'" if walked else type(model).__name__
-            names = part_candidates(module, f"{walked}." if walked else "") or [
-                f"{walked}.{n}" if walked else n for n in children
-            ]
-            hint = f"; parts with pools or strided convs: {_listing(names)}" if names else "; it has no submodules"
-            raise OptionError(f"submodule '{path}' does not exist: {where} has no child '{part}'{hint}")
-        module = children[part]
-        walked = f"{walked}.{part}" if walked else part
-    return module
+    module, walked, missing = walk_part(model, path)
+    if missing is None:
+        return module
+    where = f"'{walked}'" if walked else type(model).__name__
+    prefix = f"{walked}." if walked else ""
+    names = part_candidates(module, prefix) or [prefix + n for n, _ in module.named_children()]
+    hint = f"; parts with pools or strided convs: {_listing(names)}" if names else "; it has no submodules"
+    raise OptionError(f"submodule '{path}' does not exist: {where} has no child '{missing}'{hint}")
 
 
 def _set_part(model: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, child = path.rpartition(".")
     parent = resolve_part(model, parent_path) if parent_path else model
     setattr(parent, child, new)
-
-
-def part_of(model: nn.Module) -> str | None:
-    """Return the path of the converted part recorded in ``model``'s recipe; None for a whole-model conversion."""
-    data = raw_recipe_of(model)
-    options = data.get("options") if data else None
-    value = options.get("submodule") if isinstance(options, dict) else None
-    return value if isinstance(value, str) else None
 
 
 def replace_part(model: nn.Module, new: nn.Module) -> nn.Module:

@@ -486,7 +486,8 @@ def freeze(
     Raises:
         ExportError: the model cannot be traced or does not run at ``input_size``.
     """
-    from ..engine.submodule import part_of, resolve_part
+    from ..engine.submodule import resolve_part
+    from ..io.recipe import part_of
 
     path = part_of(model)
     if path is not None:
@@ -509,7 +510,8 @@ def refreeze(converted: nn.Module, frozen: Mapping[str, Any]) -> nn.Module:
     Raises:
         RecipeError: the section is malformed or lists other DynOPools than the model has.
     """
-    from ..engine.submodule import part_of, resolve_part
+    from ..engine.submodule import resolve_part
+    from ..io.recipe import part_of
 
     spec = FrozenSpec.from_dict(frozen)
     path = part_of(converted)

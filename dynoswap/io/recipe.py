@@ -411,6 +411,39 @@ def input_size_of(model: Any) -> tuple[int, int] | None:
     return (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) and len(size) == 2 else None
 
 
+def part_of(model: Any) -> str | None:
+    """Return the path of a model's converted part (``convert(..., submodule=...)``), or None."""
+    data = raw_recipe_of(model)
+    options = data.get("options") if data else None
+    value = options.get("submodule") if isinstance(options, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def walk_part(model: nn.Module, path: str) -> tuple[nn.Module, str, str | None]:
+    """Follow a dotted ``path`` child by child (``named_children``, never ``getattr``).
+
+    Returns:
+        The deepest module reached, the path walked to it, and the first child name that is
+        missing (None when the whole path exists).
+    """
+    module, walked = model, ""
+    for part in path.split("."):
+        child = dict(module.named_children()).get(part)
+        if child is None:
+            return module, walked, part
+        module, walked = child, f"{walked}.{part}" if walked else part
+    return module, walked, None
+
+
+def converted_part(model: nn.Module) -> nn.Module:
+    """Return the converted part of a whole model (``convert(..., submodule=...)``); the model itself otherwise."""
+    path = part_of(model)
+    if path is None:
+        return model
+    module, _, missing = walk_part(model, path)
+    return model if missing is not None else module
+
+
 def check_leaf(text: str, *, trust_code: bool = False, where: str = "recipe") -> None:
     """Refuse a leaf class outside torch, torchvision, timm and dynoswap unless ``trust_code``; imports nothing."""
     if not text.startswith("class:"):
