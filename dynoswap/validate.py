@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -171,6 +172,33 @@ def check_convert_args(model: Any, input_size: Any, sizes: Any = None) -> tuple[
     if sizes is not None:
         check_target_sizes(sizes)
     return size
+
+
+# -- the part of a model a conversion names ----------------------------------------------------
+#: Longest submodule path ``convert(..., submodule=...)`` and a recipe accept.
+MAX_SUBMODULE_CHARS = 200
+#: A dotted path of ASCII identifiers or child indices (``backbone``, ``features.0``, ``model.backbone``).
+_SUBMODULE_PATH = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_]*|[0-9]+)(?:\.(?:[A-Za-z_][A-Za-z0-9_]*|[0-9]+))*")
+
+
+def check_submodule_path(value: Any, what: str = "submodule") -> str:
+    """Return a submodule path: dotted ASCII identifiers or child indices, at most :data:`MAX_SUBMODULE_CHARS`.
+
+    Only the shape is checked; the path is resolved child by child on the model it names.
+
+    Raises:
+        OptionError: Not a string, empty, too long, or not a dotted path (``backbone``, ``features.0``).
+    """
+    if not isinstance(value, str):
+        raise OptionError(f"{what} must be a dotted submodule path such as 'backbone', got {type(value).__name__}")
+    if len(value) > MAX_SUBMODULE_CHARS:
+        raise OptionError(f"{what} is {len(value)} characters long; a submodule path has at most {MAX_SUBMODULE_CHARS}")
+    if not _SUBMODULE_PATH.fullmatch(value):
+        raise OptionError(
+            f"{what} must be a dotted submodule path of names or indices such as 'backbone' or 'features.0', "
+            f"got {value!r:.80}"
+        )
+    return value
 
 
 # -- a forward's memory, estimated before it runs ---------------------------------------------

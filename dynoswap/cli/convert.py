@@ -108,9 +108,14 @@ def _first_node(report_dict: dict[str, Any]) -> str | None:
 
 
 def run_conversion(
-    model: nn.Module, plan: ConvertPlan, source: Any, leaf_modules: Sequence[Any] = (), head: str = "none"
+    model: nn.Module,
+    plan: ConvertPlan,
+    source: Any,
+    leaf_modules: Sequence[Any] = (),
+    head: str = "none",
+    submodule: str | None = None,
 ) -> tuple[nn.Module, Any]:
-    """Convert ``model`` following the plan; the preset's first-layer init scale becomes an override."""
+    """Convert ``model`` (or its part ``submodule``) following the plan; a preset's first-layer scale is an override."""
     from .. import engine
 
     def once(overrides: dict[str, Any] | None, target: nn.Module) -> tuple[nn.Module, Any]:
@@ -125,6 +130,7 @@ def run_conversion(
             leaf_modules=tuple(leaf_modules),
             head=head,
             source=source,
+            submodule=submodule,
         )
 
     first = plan.first_init_scale
@@ -175,6 +181,12 @@ def convert_cmd(
     head: str = typer.Option(
         "none", "--head", help="adapt: pool a flattened map to its original size before a fixed-size Linear."
     ),
+    submodule: str | None = typer.Option(
+        None,
+        "--submodule",
+        metavar="PATH",
+        help="Convert only this part (e.g. backbone) at its own --input-size; the whole model is kept and saved.",
+    ),
     output: Path | None = typer.Option(None, "-o", "--output", help="Save the converted model to this directory."),
     force: bool = typer.Option(False, "--force", help="Replace an existing saved model at -o (nothing else)."),
     trust_code: bool = TrustCodeOption,
@@ -200,6 +212,7 @@ def convert_cmd(
         # -o is locked and checked before any slow work, and held until the model is written.
         work = stack.enter_context(replace_output(output, SAVED_MODEL, force)) if output is not None else None
         from ..cost import original_stage_sizes
+        from ..engine.submodule import resolve_part
         from ..io.saving import verify_saved, write_saved
         from .render import compare_table, dynopool_table, mismatch_table, replacement_table, safe, skipped_table
         from .summary import recorded_summary, summarize
@@ -209,17 +222,22 @@ def convert_cmd(
         if loaded.is_saved:
             raise UsageError(f"{model} is already a converted dynoswap model; use `dynoswap inspect {model}`")
         leaves = [resolve_leaf(name, trust_code=trust_code, where="--leaf-module") for name in leaf_module or ()]
-        gm, report = run_conversion(loaded.model, plan, loaded.source, leaves, head)
+        gm, report = run_conversion(loaded.model, plan, loaded.source, leaves, head, submodule)
+        # With --submodule the facts are the part's (its input size); the whole model is what is saved.
+        part, original = (
+            (resolve_part(gm, submodule), resolve_part(loaded.model, submodule)) if submodule else (gm, loaded.model)
+        )
         # Row for row with the converted model's stages: what the original resizers produced there.
-        before_stages = original_stage_sizes(gm, report)
-        before = summarize(loaded.model, plan.input_size, model, loaded.source.library, stages=before_stages)
-        after = summarize(gm, plan.input_size, model, loaded.source.library)
+        before_stages = original_stage_sizes(part, report)
+        library = loaded.source.library
+        before = summarize(original, plan.input_size, model, library, stages=before_stages, submodule=submodule)
+        after = summarize(part, plan.input_size, model, library, submodule=submodule)
         report_dict = report.to_dict()
         latency = None
         if table is not None:
             from ..cost.latency import predict_latency
 
-            latency = predict_latency(gm, table, plan.input_size)
+            latency = predict_latency(part, table, plan.input_size)
         if work is not None:
             write_saved(gm, work, recorded_summary(after))
             verify_saved(gm, work)

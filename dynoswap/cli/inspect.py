@@ -141,7 +141,7 @@ def inspect_cmd(
     debug: bool = DebugOption,
 ) -> None:
     """Show a model's GMACs, params, stage sizes and, for converted models, every DynOPool."""
-    from ..io.recipe import input_size_of
+    from ..io.recipe import input_size_of, part_of
     from .summary import summarize
 
     # Every argument that needs no torch is checked before the slow imports.
@@ -162,14 +162,19 @@ def inspect_cmd(
             return
     table = load_table(latency_table)
     loaded = load_model(model, num_classes, model_kwargs, weights, allow_missing, trust_code, strict_values)
+    from ..engine.submodule import resolve_part
+
     size = given_size or input_size_of(loaded.model) or DEFAULT_INPUT_SIZE
-    check_forward(loaded.model, size)
-    summary = summarize(loaded.model, size, model, loaded.source.library, depth=depth)
+    # A model with one converted part is shown by that part, at the part's input size.
+    part = part_of(loaded.model)
+    target = resolve_part(loaded.model, part) if part else loaded.model
+    check_forward(target, size)
+    summary = summarize(target, size, model, loaded.source.library, depth=depth, submodule=part)
     latency = None
     if table is not None:
         from ..cost.latency import predict_latency
 
-        latency = predict_latency(loaded.model, table, size)
+        latency = predict_latency(target, table, size)
     if plot is not None:
         from .plot import plot_stages
 

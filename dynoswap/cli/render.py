@@ -59,6 +59,8 @@ def summary_table(summary: ModelSummary, title: str | None = None) -> Table:
     table.add_column("key", style="bold")
     table.add_column("value")
     table.add_row("model", safe(summary.model))
+    if summary.submodule:
+        table.add_row("converted part", safe(summary.submodule))
     table.add_row("source", safe(summary.source))
     table.add_row("input size", fmt_size(summary.input_size))
     table.add_row("GMACs", fmt_gmacs(summary.gmacs))

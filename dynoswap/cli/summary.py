@@ -39,6 +39,7 @@ class ModelSummary:
     dynopools: list[dict[str, Any]] = field(default_factory=list)
     layers: list[LayerRow] = field(default_factory=list)
     frozen: str | None = None  #: how a frozen model's sizes are fixed, e.g. "fixed at 48x40" or "learned ratios"
+    submodule: str | None = None  #: the part these facts are about, when one part of the model was converted
 
     def to_dict(self) -> dict[str, Any]:
         """Return the JSON form (see the module docstring)."""
@@ -52,6 +53,8 @@ class ModelSummary:
             "dynopools": self.dynopools,
             "frozen": self.frozen,
         }
+        if self.submodule is not None:
+            data["submodule"] = self.submodule
         if self.layers:
             data["layers"] = [
                 {"name": r.name, "type": r.kind, "out_shape": list(r.out_shape or ()), "gmacs": r.gmacs}
@@ -162,6 +165,7 @@ def summarize(
     source: str,
     depth: int | None = None,
     stages: list[tuple[int, int]] | None = None,
+    submodule: str | None = None,
 ) -> ModelSummary:
     """Count GMACs and params, find stage sizes and DynOPools of a model at ``input_size``.
 
@@ -172,6 +176,7 @@ def summarize(
         source: Source library to report.
         depth: Add per-layer rows down to this many dotted name levels.
         stages: Stage sizes when already known (they cost a trace to find).
+        submodule: The part's path when ``model`` is the converted part of a whole model (its facts are the part's).
     """
     from ..cost import count_gmacs, resolution_graph, stage_sizes
     from ..layers import DynOPool2d
@@ -186,6 +191,7 @@ def summarize(
         gmacs = (count or count_gmacs(model, size)).total
         pools = []
     return ModelSummary(
+        submodule=submodule,
         frozen=frozen_contract(model),
         model=name,
         source=source,

@@ -6,14 +6,19 @@ from torch import nn
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """Return the model inside DataParallel / DDP / torch.compile wrappers (the one that was converted)."""
+    """Return the model inside DataParallel / DDP / torch.compile wrappers (the one that was converted).
+
+    A whole model with one converted part (``convert(..., submodule=...)``) gives that part.
+    """
+    from ..io.recipe import converted_part
+
     while True:
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
             model = model._orig_mod  # type: ignore[assignment]
         else:
-            return model
+            return converted_part(model)
 
 
 def reference_input_size(model: nn.Module) -> tuple[int, int] | None:

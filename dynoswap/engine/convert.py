@@ -8,7 +8,7 @@ import inspect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import fx, nn
@@ -26,8 +26,9 @@ from ..version import __version__
 from .find import Resizer, Skip, find_resizers
 from .report import ConversionError, ConversionReport, Replacement, Skipped
 from .rewrite import Site, apply_sites, plan_sites, resize_to_partner, upsample_factor
+from .submodule import convert_part, with_part_hint
 from .tie import ALREADY, NOT_2D, TieError, TieFinder
-from .trace import LeafSpec, readable_cause, trace
+from .trace import LeafSpec, TraceError, readable_cause, trace
 
 SHAPE_KEY = "dynoswap_shape"
 #: Layers of other dimensionalities: a model that resizes with them is not a 2-D CNN (one that only
@@ -376,6 +377,7 @@ def _adapt_head(gm: fx.GraphModule) -> Any:
     return adapt
 
 
+@overload
 def convert(
     model: nn.Module,
     input_size: Sequence[int] = (224, 224),
@@ -389,7 +391,46 @@ def convert(
     head: str = "none",
     source: Any = None,
     check: bool = True,
-) -> tuple[fx.GraphModule, ConversionReport]:
+    submodule: None = None,
+    anchors: str | None = None,
+) -> tuple[fx.GraphModule, ConversionReport]: ...
+
+
+@overload
+def convert(
+    model: nn.Module,
+    input_size: Sequence[int] = (224, 224),
+    *,
+    placement: str = "post",
+    init_scale: float | Sequence[float] | None = None,
+    overrides: Mapping[str, float | Sequence[float]] | None = None,
+    sizes: Sequence[Sequence[int]] | None = None,
+    leaf_modules: Sequence[LeafSpec] = (),
+    patchify: str = "post",
+    head: str = "none",
+    source: Any = None,
+    check: bool = True,
+    submodule: str,
+    anchors: str | None = None,
+) -> tuple[nn.Module, ConversionReport]: ...
+
+
+def convert(
+    model: nn.Module,
+    input_size: Sequence[int] = (224, 224),
+    *,
+    placement: str = "post",
+    init_scale: float | Sequence[float] | None = None,
+    overrides: Mapping[str, float | Sequence[float]] | None = None,
+    sizes: Sequence[Sequence[int]] | None = None,
+    leaf_modules: Sequence[LeafSpec] = (),
+    patchify: str = "post",
+    head: str = "none",
+    source: Any = None,
+    check: bool = True,
+    submodule: str | None = None,
+    anchors: str | None = None,
+) -> tuple[nn.Module, ConversionReport]:
     """Replace every resizing op of ``model`` by a DynOPool2d (paper 4.4, supplement 1.1).
 
     The caller's model is not modified. Scales of DynOPools whose outputs must keep equal
@@ -414,9 +455,15 @@ def convert(
             ``"adapt"`` inserts ``nn.AdaptiveAvgPool2d(original size)`` before the flatten.
         source: ``ModelSource`` (or its dict) the model was built from; needed by ``dynoswap.save``.
         check: With ``init_scale``/``overrides``/``sizes``, run the moved-scale check again at those scales.
+        submodule: Convert only this part (a dotted path such as ``"backbone"``), at its own
+            ``input_size``, in a copy of ``model`` (see :mod:`dynoswap.engine.submodule`).
+        anchors: With ``submodule``, how a torchvision detector's anchor generators and RoI poolers
+            compute strides: ``"float"`` (the default: they follow the learned sizes) or ``"integer"``
+            (torchvision's).
 
     Returns:
-        The converted GraphModule and its ConversionReport.
+        The converted GraphModule and its ConversionReport; with ``submodule``, the whole model
+        (the part a GraphModule in place, the recipe in its ``meta`` dict) and the part's report.
 
     Raises:
         TraceError: the model cannot be traced (names the module, the line and the fix).
@@ -425,6 +472,24 @@ def convert(
         ConversionError: not a 2-D CNN, already converted, or fails at ``input_size``.
         OptionError: bad options (names, sizes, scales); a ``ValueError``.
     """
+    if submodule is not None:
+        return convert_part(
+            model,
+            submodule,
+            input_size,
+            anchors=anchors,
+            source=source,
+            placement=placement,
+            init_scale=init_scale,
+            overrides=overrides,
+            sizes=sizes,
+            leaf_modules=leaf_modules,
+            patchify=patchify,
+            head=head,
+            check=check,
+        )
+    if anchors is not None:
+        raise OptionError("anchors applies to a converted part (submodule=...): a whole-model conversion has none")
     # Misuse (a model name, input_size (64.5, 64) or (True, True), sizes below 2) fails here.
     h, w = check_convert_args(model, input_size, sizes)
     if head not in HEADS:
@@ -432,7 +497,10 @@ def convert(
     leaf_modules = tuple(leaf_modules)
     _refuse_unsupported(model)
     model = copy.deepcopy(model)
-    views = _trace_modes(model, leaf_modules)
+    try:
+        views = _trace_modes(model, leaf_modules)
+    except TraceError as err:
+        raise with_part_hint(err, model) from err.__cause__
     first = next(iter(model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
     in_chans = infer_in_chans(model)
@@ -491,6 +559,10 @@ def convert(
         pool.to(device=device, dtype=dtype)
         pool.training = model.training
     gm = _assemble(model, views)
+    if hasattr(model, "feature_info"):  # a timm features_only model: reductions that follow the learned sizes
+        from .features import attach_feature_info
+
+        attach_feature_info(model, gm, (h, w))
     by_index = {s.index: pools[s.name] for s in sites}
     if sizes is not None:
         example = torch.zeros(1, in_chans, h, w, device=device, dtype=first.dtype if first is not None else None)

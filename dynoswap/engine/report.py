@@ -83,6 +83,8 @@ class ConversionReport:
         resized_to_partner: Fixed-factor upsamplings that now take their partner's size.
         adapted_heads: Layers behind which ``head="adapt"`` inserted an adaptive pool.
         limits: Ops that need their input at least as large as at conversion, and what that means.
+        submodule: Path of the converted part when one submodule was converted in place (its input
+            size is ``input_size``); None for a whole model.
     """
 
     model: str
@@ -94,6 +96,7 @@ class ConversionReport:
     resized_to_partner: list[str] = field(default_factory=list)
     adapted_heads: list[str] = field(default_factory=list)
     limits: dict[str, str] = field(default_factory=dict)
+    submodule: str | None = None
 
     @property
     def status(self) -> str:
@@ -115,6 +118,8 @@ class ConversionReport:
         data = asdict(self)
         data["status"] = self.status
         data["input_size"] = list(self.input_size)
+        if self.submodule is None:
+            del data["submodule"]  # a whole-model report reads as it always did
         for rep in data["replacements"]:
             rep["init_scale"] = list(rep["init_scale"])
             rep["original_out"] = list(rep["original_out"]) if rep["original_out"] else None
@@ -132,7 +137,8 @@ class ConversionReport:
 
         from ..display import MIN_NAME_WIDTH, Name
 
-        title = f"{self.model}: {self.num_dynopools} DynOPool, {self.num_alphas} alpha ({self.placement})"
+        part = f" {self.submodule} ({self.input_size[0]}x{self.input_size[1]} input)" if self.submodule else ""
+        title = f"{self.model}{part}: {self.num_dynopools} DynOPool, {self.num_alphas} alpha ({self.placement})"
         # A DynOPool is named after its node; the column appears only when some name says more.
         named = any(rep.dynopool != f"{rep.name}{DYNOPOOL_SUFFIX}" for rep in self.replacements)
         notes = {rep.rule: rep.cost_note for rep in self.replacements if rep.cost_note}
@@ -167,4 +173,5 @@ class ConversionReport:
         return table
 
     def __str__(self) -> str:
-        return f"ConversionReport({self.model}: {self.status}, {self.num_dynopools} DynOPool, {self.num_alphas} alpha)"
+        name = f"{self.model} {self.submodule}" if self.submodule else self.model
+        return f"ConversionReport({name}: {self.status}, {self.num_dynopools} DynOPool, {self.num_alphas} alpha)"

@@ -39,7 +39,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, overload
 
 import torch
 import torch.nn.functional as F
@@ -493,19 +493,36 @@ def _rewrite(gm: fx.GraphModule, spec: FrozenSpec) -> fx.GraphModule:
     return gm
 
 
+@overload
+def freeze(
+    model: fx.GraphModule,
+    input_size: Sequence[int] | None = None,
+    *,
+    fold_bn: bool = False,
+    channels_last: bool = False,
+) -> fx.GraphModule: ...
+
+
+@overload
 def freeze(
     model: nn.Module, input_size: Sequence[int] | None = None, *, fold_bn: bool = False, channels_last: bool = False
-) -> fx.GraphModule:
+) -> nn.Module: ...
+
+
+def freeze(
+    model: nn.Module, input_size: Sequence[int] | None = None, *, fold_bn: bool = False, channels_last: bool = False
+) -> nn.Module:
     """Return a copy of ``model`` in which every DynOPool (1-d, 2-d, 3-d) is fixed standard ops.
 
     The copy has no ``alpha`` parameters and no DynOPool; every other parameter and
     buffer keeps its key (unless folded). In eval mode its outputs equal the converted model's.
 
     Args:
-        model: A converted model (the GraphModule of ``dynoswap.convert`` or ``dynoswap.load``).
-        input_size: (H, W) ((L,) or (T, H, W) for 1-D and 3-D models): freeze the output sizes at this
-            input size (the fixed contract; other input sizes raise :class:`FrozenSizeError`). None keeps
-            the learned ratios (any input size).
+        model: A converted model (the GraphModule of ``dynoswap.convert`` or ``dynoswap.load``), or a whole
+            model with one converted part (``convert(..., submodule=...)``): that part is frozen in place.
+        input_size: (H, W) ((L,) or (T, H, W) for 1-D and 3-D models; a converted part's own input size):
+            freeze the output sizes at this input size (the fixed contract; other input sizes raise
+            :class:`FrozenSizeError`). None keeps the learned ratios (any input size).
         fold_bn: Fold each eval-mode BatchNorm2d into the Conv2d feeding it (:func:`foldable_pairs`; the
             1-d or 3-d pairs in a model whose DynOPools are all 1-d or 3-d):
             an inference graph with no batch norm, equal to the eval model to float rounding (about
@@ -514,17 +531,27 @@ def freeze(
             CNNs, the frozen resample above all; ``bench deploy`` measures it). 2-D models only.
 
     Returns:
-        The frozen GraphModule; ``gm.meta["dynoswap"]["frozen"]`` records what it was frozen to.
+        The frozen GraphModule (the whole model for a converted part); ``meta["dynoswap"]["frozen"]``
+        records what it was frozen to.
 
     Raises:
         ExportError: the model cannot be traced or does not run at ``input_size``.
     """
+    from ..engine.submodule import resolve_part
+    from ..io.recipe import part_of
+
+    path = part_of(model)
+    if path is not None:
+        part = freeze(
+            _as_graph_module(resolve_part(model, path)), input_size, fold_bn=fold_bn, channels_last=channels_last
+        )
+        return _with_frozen_part(model, part)
     gm = _as_graph_module(model)
     spec = describe(gm, input_size, fold_bn=fold_bn, channels_last=channels_last)
     return _rewrite(_copy(gm), spec)
 
 
-def refreeze(converted: nn.Module, frozen: Mapping[str, Any]) -> fx.GraphModule:
+def refreeze(converted: nn.Module, frozen: Mapping[str, Any]) -> nn.Module:
     """Rebuild a frozen model from its converted model and its recorded ``frozen`` section.
 
     This is how a saved frozen model loads: rebuild the converted model from the recipe,
@@ -534,8 +561,24 @@ def refreeze(converted: nn.Module, frozen: Mapping[str, Any]) -> fx.GraphModule:
     Raises:
         RecipeError: the section is malformed or lists other DynOPools than the model has.
     """
+    from ..engine.submodule import resolve_part
+    from ..io.recipe import part_of
+
     spec = FrozenSpec.from_dict(frozen)
+    path = part_of(converted)
+    if path is not None:
+        return _with_frozen_part(converted, _rewrite(_copy(_as_graph_module(resolve_part(converted, path))), spec))
     return _rewrite(_copy(_as_graph_module(converted)), spec)
+
+
+def _with_frozen_part(model: nn.Module, part: fx.GraphModule) -> nn.Module:
+    """Return a copy of the whole ``model``, its converted part replaced by the frozen ``part`` and recorded."""
+    from ..engine.submodule import replace_part
+
+    whole = replace_part(model, part)
+    meta: dict[str, Any] = whole.meta  # type: ignore[assignment]  # the recipe dict convert(submodule=) set
+    meta[RECIPE_KEY] = {**meta[RECIPE_KEY], FROZEN_KEY: copy.deepcopy(part.meta[RECIPE_KEY][FROZEN_KEY])}
+    return whole
 
 
 def is_frozen(model: nn.Module) -> bool:

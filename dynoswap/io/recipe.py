@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import DynoswapError, RecipeError, UntrustedCodeError
 from ..sources import LIBRARIES, ModelSource
-from ..validate import MAX_INPUT_SIDE, MAX_UPSAMPLE, check_input_budget
+from ..validate import MAX_INPUT_SIDE, MAX_UPSAMPLE, check_input_budget, check_submodule_path
 from .bounded import MAX_JSON_BYTES, loads_json, read_capped
 from .output import register_output_kind
 
@@ -45,6 +45,10 @@ PLACEMENTS = ("post", "pre")
 PATCHIFY = ("post", "skip")
 #: What convert(head=...) accepts: keep a fixed-size head ("none") or pool to its size before it ("adapt").
 HEADS = ("none", "adapt")
+#: What convert(anchors=...) accepts for a detector whose backbone is converted: anchor strides and RoI
+#: pooling scales ``grid / image`` as floats ("float", they follow the learned sizes) or torchvision's
+#: integer strides and power-of-two scales ("integer").
+ANCHORS = ("float", "integer")
 # Packages whose already-imported classes a recipe may name as leaf modules without trust_code.
 TRUSTED_LEAF_PACKAGES = ("torch", "torchvision", "timm", "dynoswap")
 
@@ -163,6 +167,10 @@ class RecipeOptions:
         head: How the classifier head is handled (``"none"``, ``"adapt"``); None when the
             converter did not record it.
         init_alphas: Initial alpha (h, w) per DynOPool name, when the converter records them.
+        submodule: Path of the converted part (``"backbone"``) when one submodule was converted in
+            place; None for a whole-model conversion. The input size is that part's input size.
+        anchors: How a converted detector's anchor generators and RoI poolers compute strides
+            (:data:`ANCHORS`); None when the model has no anchor generator.
     """
 
     placement: str = "post"
@@ -173,6 +181,8 @@ class RecipeOptions:
     patchify: str = "post"
     head: str | None = None
     init_alphas: dict[str, tuple[float, float]] | None = None
+    submodule: str | None = None
+    anchors: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form; fields added after version 1 appear only when set."""
@@ -188,6 +198,10 @@ class RecipeOptions:
             data["head"] = self.head
         if self.init_alphas is not None:
             data["init_alphas"] = {k: list(v) for k, v in self.init_alphas.items()}
+        if self.submodule is not None:
+            data["submodule"] = self.submodule
+        if self.anchors is not None:
+            data["anchors"] = self.anchors
         return data
 
     def convert_kwargs(self) -> dict[str, Any]:
@@ -227,6 +241,13 @@ class RecipeOptions:
         if data.get("init_alphas") is not None:
             alphas = read.mapping(data["init_alphas"], p + "init_alphas")
             opts.init_alphas = {str(k): read.pair(v, f"{p}init_alphas.{k}", read.number) for k, v in alphas.items()}
+        if data.get("submodule") is not None:
+            try:  # only its shape here: load resolves it child by child on the model it rebuilt
+                opts.submodule = check_submodule_path(data["submodule"], "it")
+            except ValueError as exc:
+                raise read.fail(p + "submodule", str(exc).removeprefix("it ")) from exc
+        if data.get("anchors") is not None:
+            opts.anchors = read.string(data["anchors"], p + "anchors", ANCHORS)
         return opts
 
 
@@ -482,6 +503,39 @@ def input_size_of(model: Any) -> tuple[int, int] | None:
     data = raw_recipe_of(model)
     size = data.get("input_size") if data else None
     return (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) and len(size) == 2 else None
+
+
+def part_of(model: Any) -> str | None:
+    """Return the path of a model's converted part (``convert(..., submodule=...)``), or None."""
+    data = raw_recipe_of(model)
+    options = data.get("options") if data else None
+    value = options.get("submodule") if isinstance(options, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def walk_part(model: nn.Module, path: str) -> tuple[nn.Module, str, str | None]:
+    """Follow a dotted ``path`` child by child (``named_children``, never ``getattr``).
+
+    Returns:
+        The deepest module reached, the path walked to it, and the first child name that is
+        missing (None when the whole path exists).
+    """
+    module, walked = model, ""
+    for part in path.split("."):
+        child = dict(module.named_children()).get(part)
+        if child is None:
+            return module, walked, part
+        module, walked = child, f"{walked}.{part}" if walked else part
+    return module, walked, None
+
+
+def converted_part(model: nn.Module) -> nn.Module:
+    """Return the converted part of a whole model (``convert(..., submodule=...)``); the model itself otherwise."""
+    path = part_of(model)
+    if path is None:
+        return model
+    module, _, missing = walk_part(model, path)
+    return model if missing is not None else module
 
 
 def check_leaf(text: str, *, trust_code: bool = False, where: str = "recipe") -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,9 +45,6 @@ from .recipe import (
     resolve_leaf,
 )
 from .run import saved_model_folder
-
-if TYPE_CHECKING:
-    from torch import fx
 
 __all__ = [
     "FORMAT",
@@ -309,8 +306,10 @@ def _check_alphas(state: dict[str, torch.Tensor], where: str, model: nn.Module) 
                 raise CheckpointError(f"{exc}; the file is damaged") from exc
 
 
-def load(path: str | os.PathLike[str], *, trust_code: bool = False, strict_values: bool = False) -> fx.GraphModule:
+def load(path: str | os.PathLike[str], *, trust_code: bool = False, strict_values: bool = False) -> nn.Module:
     """Rebuild a saved converted model: source checked and built, conversion replayed, weights loaded strictly.
+
+    Returns the converted GraphModule, or the whole model when one part of it was converted (``submodule``).
 
     Args:
         path: A folder written by :func:`save`, or a training run folder (``dynoswap train -o RUN``):
@@ -346,8 +345,8 @@ def load(path: str | os.PathLike[str], *, trust_code: bool = False, strict_value
     leaves = [resolve_leaf(s, trust_code=trust_code, where=where) for s in recipe.options.leaf_modules]
     options = recipe.options.convert_kwargs()
     options["leaf_modules"] = leaves
-    try:
-        gm, _ = convert(base, recipe.input_size, source=source, check=False, **options)
+    try:  # a recorded submodule converts that part of the rebuilt model in place: gm is then the whole model
+        gm: nn.Module = convert(base, recipe.input_size, source=source, check=False, **options)[0]
     except (ConversionError, OptionError) as exc:  # the conversion's own refusals; anything else is a bug
         raise RecipeError(f"{where}: the recorded conversion cannot be replayed: {' '.join(str(exc).split())}") from exc
     if recipe.frozen is not None:
