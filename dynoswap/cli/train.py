@@ -506,9 +506,11 @@ def train_cmd(
                 console.print(  # type: ignore[union-attr]
                     f"final {cost_unit} {final:.4g}, target {target:g} ({final / target - 1:+.1%})"
                 )
-            console.print(f"log: {safe(run_dir / 'log.jsonl')}  checkpoint: {safe(run_dir / 'checkpoint')}")  # type: ignore[union-attr]
+            console.print(  # type: ignore[union-attr]
+                f"log: {safe(run_dir / 'log.jsonl')}  checkpoint: {safe(run_dir / 'checkpoint')}", soft_wrap=True
+            )
             for line in next_steps(run_dir):
-                console.print(line)  # type: ignore[union-attr]
+                console.print(line, soft_wrap=True)  # type: ignore[union-attr]  # a path is never broken
     finally:
         if ctx.enabled:
             import torch.distributed as dist
