@@ -41,7 +41,7 @@ class Hyper:
 
 
 #: Defaults without a preset: short CPU-friendly runs of the built-in sets.
-DEFAULTS = Hyper(epochs=10, batch_size=64, lr=0.05, alpha_lr=0.02, weight_decay=5e-4, momentum=0.9, lam=0.0, amp=False)
+DEFAULTS = Hyper(epochs=10, batch_size=64, lr=0.05, alpha_lr=0.005, weight_decay=5e-4, momentum=0.9, lam=0.0, amp=False)
 
 
 def merge_hyper(preset: Preset | None, flags: dict[str, Any]) -> Hyper:
