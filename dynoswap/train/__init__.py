@@ -6,8 +6,9 @@ Public names load lazily (PEP 562), so that a command can check its DATA spec
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_names
 
 #: public name -> submodule that defines it
 _EXPORTS: dict[str, str] = {
@@ -41,14 +42,4 @@ if TYPE_CHECKING:
     from .plot import plot_history  # noqa: F401
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'dynoswap.train' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_names(__name__, _EXPORTS)
