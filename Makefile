@@ -22,13 +22,17 @@ demo: install
 	$(VENV)/bin/dynoswap convert resnet50 --input-size 224 224 -o out/resnet50-dynopool --force
 	$(VENV)/bin/dynoswap inspect out/resnet50-dynopool
 
-test: install
-	$(PYTEST) --ignore=tests/test_engine_sweep.py --ignore=tests/test_train_sweep.py
+SWEEPS := tests/test_engine_sweep.py tests/test_train_sweep.py
 
-# The broad model sweep (every torchvision classifier/segmenter, one timm model per family) and the
-# training robustness sweep (10 CNN families trained briefly with a lambda and with a budget): their own target.
+test: install
+	$(PYTEST) -m "not slow" $(addprefix --ignore=,$(SWEEPS))
+
+# The broad model sweep (every torchvision classifier/segmenter, one timm model per family), the
+# training robustness sweep (10 CNN families trained briefly with a lambda and with a budget) and every
+# other test marked slow (the README's long blocks, the ResNet-50 detectors, long layer properties).
 sweep: install
-	$(PYTEST) tests/test_engine_sweep.py tests/test_train_sweep.py
+	$(PYTEST) $(SWEEPS)
+	$(PYTEST) -m slow $(addprefix --ignore=,$(SWEEPS))
 
 test-fast: install
 	$(PYTEST) -m "not slow"
