@@ -153,3 +153,22 @@ def test_cli_retrain_logs_the_retrain_phase(tmp_path):
     result = CliRunner().invoke(app, args, env={"COLUMNS": "150", "NO_COLOR": "1", "TERM": "dumb"})
     assert result.exit_code == 0, result.output
     assert [r["phase"] for r in read_log(out)] == ["search", "retrain"]
+
+
+def test_fit_progress_bar_shows_an_eta():
+    import io
+
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, width=200, color_system=None)
+    fit(_model(), _loader(64), epochs=1, lr=0.01, max_steps=2, console=console)
+    assert "eta" in buffer.getvalue()
+
+
+def test_fit_printing_to_a_pipe_never_breaks_an_epoch_line(capsys, monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)
+    fit(_model(), _loader(64), epochs=1, lr=0.01, max_steps=2, target_gmacs=0.002, input_size=(32, 32))
+    lines = capsys.readouterr().out.splitlines()
+    epoch = [line for line in lines if line.startswith("epoch 1/1")]
+    assert len(epoch) == 1 and len(epoch[0]) > 80 and "sizes " in epoch[0], lines

@@ -142,13 +142,22 @@ def _autocast(device: torch.device, amp: bool):
 def _progress(enabled: bool, console: Any):
     if not enabled or not getattr(console, "is_terminal", False):
         return None  # piped or logged output gets plain lines instead (see _plain_every)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
         TextColumn("{task.fields[stats]}"),
         console=console,
         transient=False,
@@ -486,9 +495,9 @@ def fit(
 
     main = ctx.is_main
     if main and progress and console is None:
-        from rich.console import Console
+        from ..display import make_console
 
-        console = Console()
+        console = make_console()  # a pipe gets no width limit: an epoch line is never broken
     log_path = Path(out) / LOG_FILE if out is not None else None
     if log_path is not None and main:
         checkpointing.claim_run_folder(Path(out))  # type: ignore[arg-type]  # locked, and provably a dynoswap run
