@@ -154,3 +154,13 @@ def test_a_pipe_gets_long_lines_whole_and_columns_still_wins(monkeypatch, capsys
     monkeypatch.setenv("COLUMNS", "80")
     out_console().print(record)
     assert max(len(line) for line in capsys.readouterr().out.splitlines()) <= 80
+
+
+def test_paper_table_fits_80_columns_and_cuts_no_value():
+    result = runner.invoke(app, ["paper", "table1", "--dataset", "cifar100"], env={"COLUMNS": "80", "NO_COLOR": "1"})
+    assert result.exit_code == 0, result.output
+    table = result.stdout.split("\n\n")[0]
+    assert ELLIPSIS not in table and all(len(line) <= 80 for line in table.splitlines())
+    rows = [line.split() for line in table.splitlines() if line[:2] in ("1 ", "4 ")]
+    assert ["1", "MobileNetV2", "CIFAR-100", "DynOPool-S", "32x32"] in [row[:5] for row in rows]
+    assert all(row[-1] in ("ok", "rounding", "disagrees", "off") for row in rows), rows

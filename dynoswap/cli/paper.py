@@ -20,30 +20,45 @@ paper_app = typer.Typer(help="Reproduce the paper's tables with dynoswap's cost 
 
 
 def _sizes(sizes: list[tuple[int, int]] | tuple[tuple[int, int], ...]) -> str:
-    return " ".join(f"{h}x{w}" for h, w in sizes)
+    return "\n".join(f"{h}x{w}" for h, w in sizes)  # one stage per line: a size is never cut
 
 
 def rows_table(results: list[RowResult]) -> Table:
-    """Paper GMACs next to dynoswap's, one line per printed row."""
+    """Paper GMACs next to dynoswap's, one row per printed row: fits 80 columns and cuts no value."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title="GMACs at the paper's feature-map sizes (Table 1; Table 4: HRNet-W48)")
-    for column in ("table", "backbone", "data", "model", "sizes (printed)", "paper", "dynoswap", "diff", "status"):
-        table.add_column(column, justify="right" if column in ("paper", "dynoswap", "diff") else "left")
+    table = Table(
+        title="GMACs at the paper's printed sizes (T: Table 1, or 4 for HRNet-W48)",
+        box=box.SIMPLE_HEAD,
+        padding=0,
+        pad_edge=False,
+        show_edge=False,
+    )
+    rows = []
     for res in results:
         r = res.row
-        style = {"ok": "green", "rounding": "yellow", "disagrees": "yellow"}.get(res.status, "red")
-        table.add_row(
-            r.table,
-            r.backbone,
-            r.dataset,
-            r.model,
-            _sizes(r.printed_sizes),
-            f"{r.paper_gmacs:.2f}",
-            f"{res.gmacs:.3f}",
-            f"{res.difference:+.1%}",
-            f"[{style}]{res.status}[/]",
+        rows.append(
+            [
+                r.table,
+                r.backbone,
+                r.dataset,
+                r.model,
+                _sizes(r.printed_sizes),
+                f"{r.paper_gmacs:.2f}",
+                f"{res.gmacs:.3f}",
+                f"{res.difference:+.1%}",
+                res.status,
+            ]
         )
+    for i, column in enumerate(("T", "backbone", "data", "model", "sizes", "paper", "dynoswap", "diff", "status")):
+        # Each column as wide as its longest value (or header word), so nothing is cut or broken mid-word.
+        widest = max([len(line) for row in rows for line in row[i].splitlines()] + [len(column)])
+        right = column in ("paper", "dynoswap", "diff")
+        table.add_column(column, justify="right" if right else "left", min_width=widest, overflow="fold")
+    for row, res in zip(rows, results, strict=True):
+        style = {"ok": "green", "rounding": "yellow", "disagrees": "yellow"}.get(res.status, "red")
+        table.add_row(*row[:-1], f"[{style}]{row[-1]}[/]")
     return table
 
 

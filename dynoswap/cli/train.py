@@ -231,7 +231,8 @@ def _announce(
     console.print(
         f"training {model_spec} on {data.name} ({len(data.train)} images, {data.num_classes} classes, "
         f"{data.input_size[0]}x{data.input_size[1]}) on {ctx.device}{world}: {hyper.epochs} epochs, "
-        f"batch {hyper.batch_size}, lr {hyper.lr:g}, alpha lr {hyper.alpha_lr:g}, {cost} -> {safe(out)}"
+        f"batch {hyper.batch_size}, lr {hyper.lr:g}, alpha lr {hyper.alpha_lr:g}, {cost} -> {safe(out)}",
+        soft_wrap=True,  # one record, one line, whatever the width
     )
 
 
@@ -493,7 +494,7 @@ def train_cmd(
                 from ..train.plot import plot_history
 
                 plot_history(read_log(run_dir), plot, title=f"{model} on {bundle.name}", force=force)
-                console.print(f"plot: {safe(plot)}")  # type: ignore[union-attr]
+                console.print(f"plot: {safe(plot)}", soft_wrap=True)  # type: ignore[union-attr]
             if target is not None:
                 if table is not None:
                     from ..cost.latency import predict_latency
@@ -504,7 +505,7 @@ def train_cmd(
 
                     final = count_gmacs(net, bundle.input_size).total
                 console.print(  # type: ignore[union-attr]
-                    f"final {cost_unit} {final:.4g}, target {target:g} ({final / target - 1:+.1%})"
+                    f"final {cost_unit} {final:.4g}, target {target:g} ({final / target - 1:+.1%})", soft_wrap=True
                 )
             console.print(  # type: ignore[union-attr]
                 f"log: {safe(run_dir / 'log.jsonl')}  checkpoint: {safe(run_dir / 'checkpoint')}", soft_wrap=True

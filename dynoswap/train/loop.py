@@ -626,7 +626,9 @@ def fit(
                 if bar is not None:
                     bar.update(task_id, advance=1, stats=stats)
                 elif plain_every and ((i + 1) % plain_every == 0 or i + 1 == steps_per_epoch):
-                    console.print(f"  epoch {epoch + 1}/{epochs} step {i + 1}/{steps_per_epoch}  {stats}")
+                    console.print(
+                        f"  epoch {epoch + 1}/{epochs} step {i + 1}/{steps_per_epoch}  {stats}", soft_wrap=True
+                    )
             loss_sum, task_sum, correct, counted, count = all_reduce_sums(
                 [sums["loss"], sums["task"], sums["correct"], sums["counted"], sums["count"]], ctx
             )
@@ -671,7 +673,7 @@ def fit(
                     state["starting_weights"] = starting_weights  # until the landing restarts from them
                 checkpointing.save_checkpoint(out, raw, state, log_record=record)
             if main and console is not None:
-                console.print(epoch_line(record, epochs))
+                console.print(epoch_line(record, epochs), soft_wrap=True)  # one record, one line
             barrier(ctx)
             if on_epoch_end is not None:
                 on_epoch_end(record)
