@@ -39,36 +39,54 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def check_size(value: Any, what: str, low: int = 1) -> tuple[int, int]:
-    """Return ``value`` as an (h, w) pair of integers >= ``low``.
+#: How a size of 1, 2 or 3 spatial axes is described in messages.
+_SIZE_SHAPES = {1: "(L,)", 2: "(h, w)", 3: "(T, H, W)"}
+
+
+def _size_words(ndims: Sequence[int]) -> str:
+    if tuple(ndims) == (2,):
+        return "a pair of integers (h, w)"
+    if len(ndims) == 1:
+        return f"{ndims[0]} integers {_SIZE_SHAPES[ndims[0]]}"
+    return "1 to 3 integers: " + ", ".join(_SIZE_SHAPES[n] for n in ndims)
+
+
+def check_size(value: Any, what: str, low: int = 1, ndims: Sequence[int] = (2,)) -> tuple[int, ...]:
+    """Return ``value`` as a tuple of integers >= ``low``, one per spatial axis.
+
+    Args:
+        value: The size.
+        what: How messages name it.
+        low: Smallest side.
+        ndims: Accepted numbers of axes: (2,) for an image size (the default), (1, 2, 3) for any input.
 
     Raises:
-        TypeError: Not a pair of integers (floats such as 64.5 and booleans included).
-        OptionError: A side below ``low``.
+        TypeError: Not a sequence of integers (floats such as 64.5 and booleans included).
+        OptionError: A side below ``low``, or a number of axes not in ``ndims``.
     """
+    words = _size_words(ndims)
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        raise TypeError(f"{what} must be a pair of integers (h, w), got {value!r}")
+        raise TypeError(f"{what} must be {words}, got {value!r}")
     values = tuple(value)
-    if len(values) != 2:
-        raise OptionError(f"{what} must be a pair of integers (h, w), got {len(values)} values: {value!r}")
+    if len(values) not in ndims:
+        raise OptionError(f"{what} must be {words}, got {len(values)} values: {value!r}")
     if not all(_is_int(v) for v in values):
-        raise TypeError(f"{what} must be a pair of integers (h, w), got {value!r}")
-    h, w = (int(v) for v in values)
-    if min(h, w) < low:
-        raise OptionError(f"{what} must be at least {low} on each side, got {(h, w)}")
-    return h, w
+        raise TypeError(f"{what} must be {words}, got {value!r}")
+    sides = tuple(int(v) for v in values)
+    if min(sides) < low:
+        raise OptionError(f"{what} must be at least {low} on each side, got {sides}")
+    return sides
 
 
-def check_input_budget(size: Sequence[int], what: str, batch: int = 1) -> tuple[int, int]:
-    """Refuse an input size or batch that would allocate without bound; returns (H, W).
+def check_input_budget(size: Sequence[int], what: str, batch: int = 1) -> tuple[int, ...]:
+    """Refuse an input size or batch that would allocate without bound; returns the size as ints.
 
     Raises:
-        ValueError: A side over :data:`MAX_INPUT_SIDE`, an area over :data:`MAX_INPUT_PIXELS`, a batch
-            over :data:`MAX_BATCH`, or batch * H * W over :data:`MAX_BATCH_PIXELS`.
+        ValueError: A side over :data:`MAX_INPUT_SIDE`, an extent (length, area or volume) over
+            :data:`MAX_INPUT_PIXELS`, a batch over :data:`MAX_BATCH`, or batch * extent over
+            :data:`MAX_BATCH_PIXELS`.
     """
-    h, w = (int(v) for v in size)
-    check_input_extent((h, w), what, batch)
-    return h, w
+    return check_input_extent(size, what, batch)
 
 
 #: How the spatial axes of an input of 1, 2 or 3 axes are named in messages.
@@ -100,18 +118,18 @@ def check_input_extent(size: Sequence[int], what: str, batch: int = 1) -> tuple[
     return sides
 
 
-def check_target_sizes(sizes: Any) -> list[tuple[int, int]]:
-    """Validate ``sizes=``: one (h, w) per tie group, each at least :data:`MIN_OUTPUT_SIDE`.
+def check_target_sizes(sizes: Any, ndim: int = 2) -> list[tuple[int, ...]]:
+    """Validate ``sizes=``: one size per tie group (``ndim`` sides), each at least :data:`MIN_OUTPUT_SIDE`.
 
     Raises:
-        TypeError: Not a sequence of integer pairs.
+        TypeError: Not a sequence of integer sizes.
         OptionError: A target below :data:`MIN_OUTPUT_SIDE`, which no DynOPool can produce exactly.
     """
     if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence):
-        raise TypeError(f"sizes must be a list of (h, w) pairs, got {type(sizes).__name__}")
+        raise TypeError(f"sizes must be a list of {_SIZE_SHAPES[ndim]} sizes, got {type(sizes).__name__}")
     out = []
     for i, size in enumerate(sizes):
-        pair = check_size(size, f"sizes[{i}]")
+        pair = check_size(size, f"sizes[{i}]", ndims=(ndim,))
         if min(pair) < MIN_OUTPUT_SIDE:
             raise OptionError(
                 f"sizes[{i}] = {pair} cannot be hit exactly: a DynOPool's output is at least {MIN_OUTPUT_SIDE} "
@@ -121,22 +139,23 @@ def check_target_sizes(sizes: Any) -> list[tuple[int, int]]:
     return out
 
 
-def check_scale(value: Any, what: str) -> tuple[float, float]:
-    """Return a scale (r or (r_h, r_w)) as a finite, positive pair.
+def check_scale(value: Any, what: str, ndim: int = 2) -> tuple[float, ...]:
+    """Return a scale (one number, or one per axis: (r_h, r_w) in 2-D) as ``ndim`` finite, positive floats.
 
     Raises:
-        TypeError: Not a number or a pair of numbers.
-        OptionError: NaN, infinite or not > 0.
+        TypeError: Not a number or ``ndim`` numbers.
+        OptionError: NaN, infinite, not > 0 or above :data:`MAX_SCALE`.
     """
-    values = (value, value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    shape = "an (h, w) pair of numbers" if ndim == 2 else f"{ndim} numbers {_SIZE_SHAPES[ndim]}"
+    values = (value,) * ndim if isinstance(value, (int, float)) and not isinstance(value, bool) else value
     if isinstance(values, (str, bytes, bool)) or not hasattr(values, "__iter__"):
-        raise TypeError(f"{what} must be a number or an (h, w) pair of numbers, got {value!r}")
-    pair = tuple(values)
-    if len(pair) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair):
-        raise TypeError(f"{what} must be a number or an (h, w) pair of numbers, got {value!r}")
-    if not all(math.isfinite(v) and 0 < v <= MAX_SCALE for v in pair):
+        raise TypeError(f"{what} must be a number or {shape}, got {value!r}")
+    scales = tuple(values)
+    if len(scales) != ndim or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scales):
+        raise TypeError(f"{what} must be a number or {shape}, got {value!r}")
+    if not all(math.isfinite(v) and 0 < v <= MAX_SCALE for v in scales):
         raise OptionError(f"{what} must be finite, > 0 and at most {MAX_SCALE:g}, got {value!r}")
-    return float(pair[0]), float(pair[1])
+    return tuple(float(v) for v in scales)
 
 
 def check_alpha(values: Sequence[float], what: str) -> None:
@@ -152,14 +171,14 @@ def check_alpha(values: Sequence[float], what: str) -> None:
         )
 
 
-def check_convert_args(model: Any, input_size: Any, sizes: Any = None) -> tuple[int, int]:
-    """Check ``dynoswap.convert``'s model and input size before any work; returns (H, W).
+def check_convert_args(model: Any, input_size: Any, sizes: Any = None) -> tuple[int, ...]:
+    """Check ``dynoswap.convert``'s model and input size before any work; returns (L,), (H, W) or (T, H, W).
 
     An already converted model is refused by the engine itself (with its refusal category).
 
     Raises:
         TypeError: ``model`` is not a ``torch.nn.Module`` (e.g. a model name), or ``input_size``
-            is not a pair of integers.
+            is not 1 to 3 integers.
         OptionError: A side below 1, or a target size below 2.
     """
     from torch import nn
@@ -167,10 +186,10 @@ def check_convert_args(model: Any, input_size: Any, sizes: Any = None) -> tuple[
     if not isinstance(model, nn.Module):
         hint = " (build it first, e.g. dynoswap.models.resolve(name)[0])" if isinstance(model, str) else ""
         raise TypeError(f"convert needs a torch.nn.Module, got {type(model).__name__} {model!r:.60}{hint}")
-    size = check_size(input_size, "input_size")
+    size = check_size(input_size, "input_size", ndims=(1, 2, 3))
     check_input_budget(size, "input_size")
     if sizes is not None:
-        check_target_sizes(sizes)
+        check_target_sizes(sizes, len(size))
     return size
 
 

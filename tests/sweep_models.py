@@ -82,7 +82,7 @@ def move_independently(gm: nn.Module, seed: int, low: float = 0.3, high: float =
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in owners(gm).values():
-            m.set_scale(tuple((low + (high - low) * torch.rand(2, generator=g)).tolist()))
+            m.set_scale(tuple((low + (high - low) * torch.rand(m.ndim, generator=g)).tolist()))
 
 
 if __name__ == "__main__":

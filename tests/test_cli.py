@@ -241,7 +241,7 @@ def test_debug_shows_the_exception():
     [
         (["--sizes", "16x16,8xeight"], "'8xeight' is not a size"),
         (["--sizes", ","], "--sizes is empty"),
-        (["--input-size", "0", "64"], "--input-size must be two positive integers"),
+        (["--input-size", "0", "64"], "--input-size must be positive integers, got 0 64"),
         (["--placement", "middle"], "--placement must be one of post, pre"),
         (["--override", "conv1"], "must look like NODE=R"),
         (["--override", "conv1=-2"], "not a scale factor"),

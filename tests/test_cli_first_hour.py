@@ -48,7 +48,7 @@ def run_cli_bare(args: list[str], cwd: Path) -> tuple[int, list[str], bool]:
 
 
 BAD_ARGUMENTS = [
-    (["convert", "resnet50", "--input-size", "0", "0"], "--input-size must be two positive integers H W"),
+    (["convert", "resnet50", "--input-size", "0", "0"], "--input-size must be positive integers, got"),
     (["convert", "resnet50", "--weights", "nope.pth"], "--weights nope.pth: no such file"),
     (["convert", "resnet50", "--weights", "."], "--weights . is a folder, not a file"),
     (["convert", "resnet50", "--head", "wide"], "--head must be none or adapt"),
@@ -58,7 +58,7 @@ BAD_ARGUMENTS = [
     (["convert", "resnet50", "--config", "nope.yaml"], "nope.yaml does not exist"),
     (["convert", "resnet50", "--latency-table", "nope.json"], "--latency-table nope.json: no such file"),
     (["inspect", "resnet50", "--weights", "nope.pth"], "--weights nope.pth: no such file"),
-    (["inspect", "resnet50", "--input-size", "5", "0"], "--input-size must be two positive integers H W"),
+    (["inspect", "resnet50", "--input-size", "5", "0"], "--input-size must be positive integers, got"),
     (["export", "resnet50", "-o", "m.onnx", "--format", "tflite"], "--format must be one of onnx, pt2"),
     (["export", "resnet50", "-o", "m.pt2"], "a onnx file must be named *.onnx"),
     (["export", "resnet50", "-o", "m.onnx", "--weights", "nope.pth"], "--weights nope.pth: no such file"),
@@ -67,7 +67,10 @@ BAD_ARGUMENTS = [
     (["train", "vgg-tiny", "--data", "mnist"], "unknown data 'mnist'"),
     (["train", "vgg-tiny", "--data", "imagefolder:nope"], "imagefolder: folder nope does not exist"),
     (["train", "vgg-tiny", "--data", "barcodes", "--lr", "nan"], "--lr must be a finite number >= 0"),
-    (["train", "vgg-tiny", "--data", "barcodes", "--input-size", "0", "8"], "--input-size must be two positive"),
+    (
+        ["train", "vgg-tiny", "--data", "barcodes", "--input-size", "0", "8"],
+        "--input-size must be positive integers, got 0 8",
+    ),
     (["train", "vgg-tiny", "--data", "barcodes", "--warmup", "0.9"], "--warmup 0.9 ends after --search-end"),
     (["train", "vgg-tiny", "--data", "barcodes", "--floor-gradient", "x"], "--floor-gradient must be pass or stop"),
 ]

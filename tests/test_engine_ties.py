@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable
 
 import pytest
@@ -200,12 +201,13 @@ def test_rnet_head_refused_with_the_reason_and_adapted_on_request() -> None:
 
 
 # -- refusals -------------------------------------------------------------------------------
-def test_3d_model_and_converted_model_are_refused_by_name() -> None:
+def test_3d_model_with_a_2d_size_and_converted_model_are_refused_by_name() -> None:
     import torchvision
 
-    with pytest.raises(ConversionError, match="dynoswap converts 2-D CNNs; found Conv3d at stem.0") as info:
+    expected = re.escape("Conv3d at stem.0 resizes 3-D but input_size has 2 sides: give input_size as (T, H, W)")
+    with pytest.raises(ConversionError, match=expected) as info:
         convert(torchvision.models.video.r3d_18(), (32, 32))
-    assert info.value.category == "not a 2-D CNN"
+    assert info.value.category == "other dimension"
     gm, _ = convert(Combined(COMBINE["add"][0], 4), (16, 16))
     with pytest.raises(ConversionError, match="already converted") as info:
         convert(gm, (16, 16))
@@ -237,10 +239,11 @@ def test_a_conv3d_that_does_not_resize_does_not_block_a_2d_conversion() -> None:
         assert gmacs_loss(gm).item() - functional_ref == pytest.approx(expected, rel=1e-9)
 
 
-def test_a_model_of_only_stride_1_conv3d_is_refused() -> None:
-    with pytest.raises(ConversionError, match="dynoswap converts 2-D CNNs; found Conv3d at 0") as info:
+def test_a_model_of_only_stride_1_conv3d_is_refused_with_a_2d_size() -> None:
+    expected = re.escape("Conv3d at 0 is 3-D but input_size has 2 sides: give input_size as (T, H, W)")
+    with pytest.raises(ConversionError, match=expected) as info:
         convert(nn.Sequential(nn.Conv3d(3, 4, 3, padding=1), nn.ReLU()), (16, 16))
-    assert info.value.category == "not a 2-D CNN"
+    assert info.value.category == "other dimension"
 
 
 # -- what convert keeps ------------------------------------------------------------------------

@@ -89,11 +89,12 @@ def test_min_output_side_follows_the_size_rule():
     ("args", "error", "message"),
     [
         (("resnet18", (64, 64)), TypeError, "convert needs a torch.nn.Module, got str 'resnet18'"),
-        ((nn.Conv2d(3, 3, 3), (64.5, 64)), TypeError, "input_size must be a pair of integers"),
-        ((nn.Conv2d(3, 3, 3), (True, True)), TypeError, "input_size must be a pair of integers"),
-        ((nn.Conv2d(3, 3, 3), (64,)), ValueError, "got 1 values"),
+        ((nn.Conv2d(3, 3, 3), (64.5, 64)), TypeError, "input_size must be 1 to 3 integers"),
+        ((nn.Conv2d(3, 3, 3), (True, True)), TypeError, "input_size must be 1 to 3 integers"),
+        ((nn.Conv2d(3, 3, 3), (64, 64, 64, 64)), ValueError, "got 4 values"),
+        ((nn.Conv2d(3, 3, 3), (64,)), ValueError, "Conv2d at the model is 2-D but input_size has 1 side"),
         ((nn.Conv2d(3, 3, 3), (0, 64)), ValueError, "at least 1 on each side"),
-        ((nn.Conv2d(3, 3, 3), "64x64"), TypeError, "input_size must be a pair of integers"),
+        ((nn.Conv2d(3, 3, 3), "64x64"), TypeError, "input_size must be 1 to 3 integers"),
     ],
 )
 def test_convert_misuse_is_a_clear_type_or_value_error(args, error, message):

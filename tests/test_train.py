@@ -199,7 +199,7 @@ def test_checkpoint_of_a_model_without_source_keeps_a_plain_state_dict(tmp_path)
 
 
 def test_fit_errors():
-    with pytest.raises(TrainingError, match="no DynOPool2d"):
+    with pytest.raises(TrainingError, match="no DynOPool layer"):
         fit(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), _loader(32), epochs=1, progress=False)
     with pytest.raises(OptionError, match="out="):
         fit(_model(), _loader(32), epochs=1, resume=True, progress=False)

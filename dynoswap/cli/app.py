@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import sys
+from typing import Any
 
 import typer
+from typer.core import TyperGroup
+
+from .common import join_size_arguments
 
 # Command modules under dynoswap.cli; a module that is not there (yet) is skipped.
 COMMANDS: tuple[str, ...] = ("convert", "inspect", "list", "train", "export", "profile", "paper")
@@ -18,6 +23,14 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+class _Group(TyperGroup):
+    """The root command: ``--input-size`` may take 1, 2 or 3 numbers (see ``join_size_arguments``)."""
+
+    def main(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:  # noqa: D102
+        given = list(sys.argv[1:] if args is None else args)
+        return super().main(join_size_arguments(given), *rest, **kwargs)
+
+
 def build_app(commands: tuple[str, ...] = COMMANDS) -> typer.Typer:
     """Create the app and register each command module that exists.
 
@@ -26,6 +39,7 @@ def build_app(commands: tuple[str, ...] = COMMANDS) -> typer.Typer:
     """
     app = typer.Typer(
         name="dynoswap",
+        cls=_Group,
         help="Put DynOPool's learnable resizing into torchvision and timm CNNs.",
         no_args_is_help=True,
         add_completion=False,

@@ -10,6 +10,7 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -262,28 +263,65 @@ StrictValuesOption = typer.Option(
 )
 
 
-DEFAULT_INPUT_SIZE = (224, 224)
+DEFAULT_INPUT_SIZE: tuple[int, ...] = (224, 224)
+#: What ``--input-size`` takes: 1, 2 or 3 numbers (``L``, ``H W``, ``T H W``), or them joined by ``x``.
+INPUT_SIZE_METAVAR = "H W | L | T H W"
 InputSizeOption = typer.Option(
     None,
     "--input-size",
-    metavar="H W",
-    help="Input height and width (default: a saved model's or a preset's own size, else "
+    metavar=INPUT_SIZE_METAVAR,
+    help="Input height and width; one number (length) for a 1-D model, three (frames, height, width) for a "
+    "3-D one (default: a saved model's or a preset's own size, else "
     f"{DEFAULT_INPUT_SIZE[0]} {DEFAULT_INPUT_SIZE[1]}).",
 )
+_SIZE_NUMBER = re.compile(r"[0-9]+")
+
+
+def join_size_arguments(args: list[str]) -> list[str]:
+    """Join the 1 to 3 numbers after each ``--input-size`` into one ``AxBxC`` argument.
+
+    Click options take a fixed number of values, and ``--input-size`` takes 1, 2 or 3: ``--input-size
+    16 112 112`` reaches the option as ``16x112x112``; arguments after ``--`` are left alone.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        out.append(arg)
+        i += 1
+        if arg == "--":
+            out += args[i:]
+            break
+        if arg == "--input-size":
+            numbers: list[str] = []
+            while i < len(args) and len(numbers) < 3 and _SIZE_NUMBER.fullmatch(args[i]):
+                numbers.append(args[i])
+                i += 1
+            if numbers:
+                out.append("x".join(numbers))
+    return out
 
 
 # -- parsers ------------------------------------------------------------------
-def parse_input_size(value: tuple[int, int] | None, default: tuple[int, int] = DEFAULT_INPUT_SIZE) -> tuple[int, int]:
-    """Return a validated (H, W), or ``default`` when not given."""
+def parse_input_size(value: str | None, default: tuple[int, ...] = DEFAULT_INPUT_SIZE) -> tuple[int, ...]:
+    """Return a validated input size of 1 to 3 sides, or ``default`` when not given.
+
+    Args:
+        value: ``"64x64"`` (what :func:`join_size_arguments` makes of ``64 64``), ``"16000"`` or ``"8x64x64"``.
+        default: The size when ``value`` is empty.
+    """
     if not value:
         return default
     from ..validate import check_input_budget
 
-    h, w = (int(v) for v in value)
-    if h < 1 or w < 1:
-        raise UsageError(f"--input-size must be two positive integers H W, got {h} {w}")
+    parts = value.lower().replace(",", "x").split("x")
+    if not 1 <= len(parts) <= 3 or not all(_SIZE_NUMBER.fullmatch(p.strip()) for p in parts):
+        raise UsageError(f"--input-size must be 1 to 3 positive integers (L, H W or T H W), got {value!r}")
+    sides = tuple(int(p) for p in parts)
+    if min(sides) < 1:
+        raise UsageError(f"--input-size must be positive integers, got {' '.join(map(str, sides))}")
     try:
-        return check_input_budget((h, w), "--input-size")
+        return check_input_budget(sides, "--input-size")
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
 
@@ -311,7 +349,7 @@ def check_weights(path: Path | None) -> Path | None:
     return check_file(path, "--weights", "a saved dynoswap model folder is opened by naming it as the model")
 
 
-def check_forward(model: nn.Module, size: tuple[int, int], batch: int = 1) -> None:
+def check_forward(model: nn.Module, size: tuple[int, ...], batch: int = 1) -> None:
     """Refuse an input size whose forward would ask for more activation memory than dynoswap allows."""
     from ..cost.memory import check_forward_budget
 
@@ -321,51 +359,56 @@ def check_forward(model: nn.Module, size: tuple[int, int], batch: int = 1) -> No
         raise UsageError(str(exc)) from exc
 
 
-def parse_size(text: str, option: str = "--sizes") -> tuple[int, int]:
-    """``"100x96"`` → (100, 96); a single number means a square."""
+#: How a target size of each dimension is written, with an example.
+_SIZE_FORMS = {1: ("L", "100"), 2: ("HxW", "100x96"), 3: ("TxHxW", "8x56x56")}
+
+
+def parse_size(text: str, option: str = "--sizes", ndim: int = 2) -> tuple[int, ...]:
+    """``"100x96"`` → (100, 96); a single number means the same on every axis (``ndim`` of them)."""
     parts = text.strip().lower().split("x")
     try:
         values = [int(p) for p in parts]
     except ValueError:
         values = []
     if len(values) == 1:
-        values = values * 2
-    if len(values) != 2 or min(values) < 1:
-        raise UsageError(f"{option}: {text!r} is not a size; write HxW with positive integers, e.g. 100x96")
+        values = values * ndim
+    if len(values) != ndim or min(values) < 1:
+        form, example = _SIZE_FORMS[ndim]
+        raise UsageError(f"{option}: {text!r} is not a size; write {form} with positive integers, e.g. {example}")
     if min(values) < MIN_OUTPUT_SIDE:
         raise UsageError(
             f"{option}: {text!r} cannot be hit exactly: a DynOPool's output is at least {MIN_OUTPUT_SIDE} on each side"
         )
-    return values[0], values[1]
+    return tuple(values)
 
 
-def parse_sizes(text: str | None) -> list[tuple[int, int]] | None:
-    """``"100x96,52x50"`` → [(100, 96), (52, 50)]."""
+def parse_sizes(text: str | None, ndim: int = 2) -> list[tuple[int, ...]] | None:
+    """``"100x96,52x50"`` → [(100, 96), (52, 50)]; ``ndim`` values per size (a single number: all axes)."""
     if text is None:
         return None
     items = [t for t in text.replace(" ", "").split(",") if t]
     if not items:
         raise UsageError("--sizes is empty; write target sizes per stage, e.g. 100x96,52x50")
-    return [parse_size(t) for t in items]
+    return [parse_size(t, ndim=ndim) for t in items]
 
 
-def parse_scale(text: str, option: str) -> float | tuple[float, float]:
-    """``"0.5"`` → 0.5, ``"0.6x0.4"`` → (0.6, 0.4); every factor must be > 0."""
+def parse_scale(text: str, option: str) -> float | tuple[float, ...]:
+    """``"0.5"`` → 0.5, ``"0.6x0.4"`` → (0.6, 0.4), one factor per axis (up to 3); every factor must be > 0."""
     parts = text.strip().lower().split("x")
     try:
         values = [float(p) for p in parts]
     except ValueError:
         values = []
-    if len(values) not in (1, 2) or not all(math.isfinite(v) and v > 0 for v in values):
-        raise UsageError(f"{option}: {text!r} is not a scale factor; write R or RHxRW with numbers > 0")
-    return values[0] if len(values) == 1 else (values[0], values[1])
+    if len(values) not in (1, 2, 3) or not all(math.isfinite(v) and v > 0 for v in values):
+        raise UsageError(f"{option}: {text!r} is not a scale factor; write R or RHxRW (RTxRHxRW) with numbers > 0")
+    return values[0] if len(values) == 1 else tuple(values)
 
 
-def parse_overrides(items: list[str] | None) -> dict[str, float | tuple[float, float]] | None:
+def parse_overrides(items: list[str] | None) -> dict[str, float | tuple[float, ...]] | None:
     """``["layer2.0.conv1=0.6"]`` → {"layer2.0.conv1": 0.6}."""
     if not items:
         return None
-    out: dict[str, float | tuple[float, float]] = {}
+    out: dict[str, float | tuple[float, ...]] = {}
     for item in items:
         node, sep, value = item.partition("=")
         if not sep or not node.strip():

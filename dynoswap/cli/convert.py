@@ -50,13 +50,13 @@ PLACEMENTS = ("post", "pre")
 class ConvertPlan:
     """Conversion options after merging a preset/config with the command-line flags (flags win)."""
 
-    input_size: tuple[int, int]
+    input_size: tuple[int, ...]
     num_classes: int | None
     placement: str
     init_scale: float | None
     first_init_scale: float | None
     overrides: dict[str, Any] | None
-    sizes: list[tuple[int, int]] | None
+    sizes: list[tuple[int, ...]] | None
 
 
 def _load_preset(preset: str | None, config: Path | None, trust_code: bool = False) -> Preset | None:
@@ -73,28 +73,30 @@ def _load_preset(preset: str | None, config: Path | None, trust_code: bool = Fal
 
 def make_plan(
     preset: Preset | None,
-    input_size: tuple[int, int] | None,
+    input_size: str | tuple[int, ...] | None,
     num_classes: int | None,
     placement: str | None,
     init_scale: float | None,
     override: list[str] | None,
     sizes: str | None,
 ) -> ConvertPlan:
-    """Merge preset options and flags into one validated plan."""
+    """Merge preset options and flags into one validated plan (``input_size``: the flag's text, or a checked size)."""
     opts = preset.convert if preset else None
     chosen = placement or (opts.placement if opts else "post")
     if chosen not in PLACEMENTS:
         raise UsageError(f"--placement must be one of {', '.join(PLACEMENTS)}, got {chosen!r}")
     if init_scale is not None and not (math.isfinite(init_scale) and 0 < init_scale <= MAX_SCALE):
         raise UsageError(f"--init-scale must be a finite number > 0 and at most {MAX_SCALE:g}, got {init_scale}")
+    default = opts.input_size if opts else DEFAULT_INPUT_SIZE
+    size = input_size if isinstance(input_size, tuple) else parse_input_size(input_size, default)
     return ConvertPlan(
-        input_size=parse_input_size(input_size, opts.input_size if opts else DEFAULT_INPUT_SIZE),
+        input_size=size,
         num_classes=num_classes if num_classes is not None else (opts.num_classes if opts else None),
         placement=chosen,
         init_scale=init_scale if init_scale is not None else (opts.init_scale if opts else None),
         first_init_scale=opts.first_init_scale if opts and init_scale is None else None,
         overrides=parse_overrides(override),
-        sizes=parse_sizes(sizes),
+        sizes=parse_sizes(sizes, len(size)),
     )
 
 
@@ -147,21 +149,23 @@ def run_conversion(
 
 def upsampling_notes(model: nn.Module) -> list[str]:
     """One line per DynOPool whose output is larger than its input (after a forward)."""
-    from ..layers import DynOPool2d
+    from ..layers import DynOPoolNd
+    from .render import fmt_size
 
     notes = []
     for name, module in model.named_modules():
-        if isinstance(module, DynOPool2d) and module.last_in_size and module.last_out_size:
-            (hi, wi), (ho, wo) = module.last_in_size, module.last_out_size
-            if ho > hi or wo > wi:
-                notes.append(f"note: {name} upsamples {hi}x{wi} -> {ho}x{wo} (its target is larger than its input)")
+        if isinstance(module, DynOPoolNd) and module.last_in_size and module.last_out_size:
+            n_in, n_out = module.last_in_size, module.last_out_size
+            if any(o > i for i, o in zip(n_in, n_out, strict=True)):
+                what = f"upsamples {fmt_size(n_in)} -> {fmt_size(n_out)}"
+                notes.append(f"note: {name} {what} (its target is larger than its input)")
     return notes
 
 
 @handle_errors
 def convert_cmd(
     model: str = typer.Argument(..., help="Model name (resnet50, tv:NAME, timm:NAME) or pkg.module:factory."),
-    input_size: tuple[int, int] | None = InputSizeOption,
+    input_size: str | None = InputSizeOption,
     num_classes: int | None = NumClassesOption,
     model_kwargs: list[str] | None = ModelKwargsOption,
     weights: Path | None = WeightsOption,

@@ -8,6 +8,7 @@ import typer
 
 from .common import (
     DEFAULT_INPUT_SIZE,
+    INPUT_SIZE_METAVAR,
     AllowMissingOption,
     DebugOption,
     JsonOption,
@@ -31,11 +32,12 @@ def export_cmd(
     model: str = typer.Argument(..., help="Saved model directory (converted or frozen), or a model name."),
     fmt: str = typer.Option("onnx", "--format", "-f", help="onnx (torch.onnx dynamo exporter) or pt2 (torch.export)."),
     output: Path = typer.Option(..., "-o", "--output", help="File to write (.onnx or .pt2)."),
-    input_size: tuple[int, int] | None = typer.Option(
+    input_size: str | None = typer.Option(
         None,
         "--input-size",
-        metavar="H W",
-        help="Input height and width (default: the size the model was frozen or converted at, else 224 224).",
+        metavar=INPUT_SIZE_METAVAR,
+        help="Input height and width; 1 number for a 1-D model, 3 for a 3-D one (default: the size the model "
+        "was frozen or converted at, else 224 224).",
     ),
     batch: int = typer.Option(1, "--batch", min=1, help="Batch size of the traced input."),
     dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Accept any batch size."),

@@ -70,7 +70,7 @@ def show(
         console.print(f"stage plot written to {safe(plot)}")
 
 
-def read_recorded(spec: str, size: tuple[int, int] | None, trust_code: bool) -> ModelSummary | None:
+def read_recorded(spec: str, size: tuple[int, ...] | None, trust_code: bool) -> ModelSummary | None:
     """Return a saved folder's summary from its files alone (recipe and safetensors), or None to build the model.
 
     The recorded summary is used when it is there, was taken at the requested input size and
@@ -126,7 +126,7 @@ def read_recorded(spec: str, size: tuple[int, int] | None, trust_code: bool) -> 
 @handle_errors
 def inspect_cmd(
     model: str = typer.Argument(..., help="Model name (resnet50, tv:NAME, timm:NAME, pkg.mod:factory) or saved model."),
-    input_size: tuple[int, int] | None = InputSizeOption,
+    input_size: str | None = InputSizeOption,
     num_classes: int | None = NumClassesOption,
     model_kwargs: list[str] | None = ModelKwargsOption,
     weights: Path | None = WeightsOption,

@@ -19,7 +19,7 @@ DATASETS = {"aircraft": "FGVC-Aircraft", "cifar100": "CIFAR-100", "imagenet": "I
 paper_app = typer.Typer(help="Reproduce the paper's tables with dynoswap's cost model.", no_args_is_help=True)
 
 
-def _sizes(sizes: list[tuple[int, int]] | tuple[tuple[int, int], ...]) -> str:
+def _sizes(sizes: list[tuple[int, ...]] | tuple[tuple[int, ...], ...]) -> str:
     return "\n".join(f"{h}x{w}" for h, w in sizes)  # one stage per line: a size is never cut
 
 

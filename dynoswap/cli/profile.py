@@ -55,7 +55,7 @@ def predicted_line(ms: float, table: LatencyTable) -> str:
 def profile_cmd(
     model: str = typer.Argument(..., help="Model name (resnet18, tv:NAME, timm:NAME) or a saved converted model."),
     output: Path = typer.Option(..., "-o", "--output", metavar="T.json", help="Write the latency table here."),
-    input_size: tuple[int, int] | None = InputSizeOption,
+    input_size: str | None = InputSizeOption,
     num_classes: int | None = NumClassesOption,
     model_kwargs: list[str] | None = ModelKwargsOption,
     weights: Path | None = WeightsOption,

@@ -32,10 +32,10 @@ class ModelSummary:
 
     model: str
     source: str
-    input_size: tuple[int, int]
+    input_size: tuple[int, ...]
     gmacs: float
     params: int
-    stages: list[tuple[int, int]]
+    stages: list[tuple[int, ...]]
     dynopools: list[dict[str, Any]] = field(default_factory=list)
     layers: list[LayerRow] = field(default_factory=list)
     frozen: str | None = None  #: how a frozen model's sizes are fixed, e.g. "fixed at 48x40" or "learned ratios"
@@ -97,7 +97,7 @@ def frozen_contract(model: nn.Module) -> str | None:
         return None
     record = (raw_recipe_of(model) or {})[FROZEN_KEY]
     size = record.get("input_size")
-    return f"fixed at {size[0]}x{size[1]}" if record.get("mode") == "fixed" and size else "learned ratios"
+    return "fixed at " + "x".join(map(str, size)) if record.get("mode") == "fixed" and size else "learned ratios"
 
 
 def count_params(model: nn.Module) -> int:
@@ -105,7 +105,7 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def dynopool_rows(model: nn.Module, input_size: tuple[int, int]) -> list[dict[str, Any]]:
+def dynopool_rows(model: nn.Module, input_size: tuple[int, ...]) -> list[dict[str, Any]]:
     """One JSON row per DynOPool (name, alpha, scale, in, out, group), from ``dynoswap.alphas``."""
     from ..cost import alphas
 
@@ -122,7 +122,7 @@ def dynopool_rows(model: nn.Module, input_size: tuple[int, int]) -> list[dict[st
     ]
 
 
-def layer_rows(model: nn.Module, input_size: tuple[int, int], depth: int, by_layer: dict[str, float]) -> list[LayerRow]:
+def layer_rows(model: nn.Module, input_size: tuple[int, ...], depth: int, by_layer: dict[str, float]) -> list[LayerRow]:
     """Per-module rows down to ``depth`` dotted levels: output shape and GMACs (children summed)."""
     import torch
 
@@ -164,7 +164,7 @@ def summarize(
     name: str,
     source: str,
     depth: int | None = None,
-    stages: list[tuple[int, int]] | None = None,
+    stages: list[tuple[int, ...]] | None = None,
     submodule: str | None = None,
 ) -> ModelSummary:
     """Count GMACs and params, find stage sizes and DynOPools of a model at ``input_size``.
@@ -179,11 +179,11 @@ def summarize(
         submodule: The part's path when ``model`` is the converted part of a whole model (its facts are the part's).
     """
     from ..cost import count_gmacs, resolution_graph, stage_sizes
-    from ..layers import DynOPool2d
+    from ..layers import DynOPoolNd
 
-    size = (int(input_size[0]), int(input_size[1]))
+    size = tuple(int(v) for v in input_size)
     count = count_gmacs(model, size) if depth else None
-    if any(isinstance(m, DynOPool2d) for m in model.modules()):
+    if any(isinstance(m, DynOPoolNd) for m in model.modules()):
         # The recorded resolution graph already holds the count (eq. 7 equals fvcore's total).
         gmacs = float(resolution_graph(model, size).gmacs(size).detach()) if count is None else count.total
         pools = dynopool_rows(model, size)

@@ -15,7 +15,15 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from .common import DebugOption, ModelKwargsOption, TrustCodeOption, UsageError, handle_errors, parse_kwargs
+from .common import (
+    INPUT_SIZE_METAVAR,
+    DebugOption,
+    ModelKwargsOption,
+    TrustCodeOption,
+    UsageError,
+    handle_errors,
+    parse_kwargs,
+)
 from .profile import load_table
 from .render import safe
 
@@ -103,7 +111,7 @@ def check_training_flags(
 def build_model(
     spec: str,
     num_classes: int,
-    input_size: tuple[int, int],
+    input_size: tuple[int, ...],
     preset: Preset | None,
     model_kwargs: list[str] | None,
     placement: str | None,
@@ -166,8 +174,9 @@ def check_channels(model: nn.Module, spec: str, data: Any) -> int:
     """Refuse, before training, a model whose input channels differ from the data's; returns the channels."""
     from ..cost.count import infer_in_chans
 
-    channels = int(data.train[0][0].shape[0])
-    wanted = infer_in_chans(model)
+    sample = data.train[0][0]
+    channels = int(sample.shape[0])
+    wanted = infer_in_chans(model, ndim=sample.dim() - 1)
     if wanted != channels:
         raise UsageError(
             f"{spec} takes {wanted}-channel images but {data.name} has {channels}-channel images; build the model "
@@ -177,7 +186,7 @@ def check_channels(model: nn.Module, spec: str, data: Any) -> int:
 
 
 def _check_saved_model(
-    model: nn.Module, spec: str, input_size: tuple[int, int], num_classes: int, channels: int = 3
+    model: nn.Module, spec: str, input_size: tuple[int, ...], num_classes: int, channels: int = 3
 ) -> None:
     import torch
 
@@ -230,7 +239,7 @@ def _announce(
         cost = f"lambda {hyper.lam:g}"
     console.print(
         f"training {model_spec} on {data.name} ({len(data.train)} images, {data.num_classes} classes, "
-        f"{data.input_size[0]}x{data.input_size[1]}) on {ctx.device}{world}: {hyper.epochs} epochs, "
+        f"{'x'.join(map(str, data.input_size))}) on {ctx.device}{world}: {hyper.epochs} epochs, "
         f"batch {hyper.batch_size}, lr {hyper.lr:g}, alpha lr {hyper.alpha_lr:g}, {cost} -> {safe(out)}",
         soft_wrap=True,  # one record, one line, whatever the width
     )
@@ -337,8 +346,11 @@ def train_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of weights, data order and synthetic data."),
     workers: int = typer.Option(0, "--workers", min=0, metavar="N", help="DataLoader worker processes (N >= 0)."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: GPU if any)."),
-    input_size: tuple[int, int] | None = typer.Option(
-        None, "--input-size", metavar="H W", help="Input height and width (default: the data set's own size)."
+    input_size: str | None = typer.Option(
+        None,
+        "--input-size",
+        metavar=INPUT_SIZE_METAVAR,
+        help="Input height and width; 1 number for 1-D data, 3 for video (default: the data set's own size).",
     ),
     model_kwargs: list[str] | None = ModelKwargsOption,
     placement: str | None = typer.Option(None, "--placement", help="post or pre (conversion rule)."),
@@ -389,7 +401,7 @@ def train_cmd(
     if floor_gradient not in ("pass", "stop"):
         raise UsageError(f"--floor-gradient must be pass or stop, got {floor_gradient!r}")
     check_data_spec(data)
-    input_size = parse_input_size(input_size) if input_size else None
+    size = parse_input_size(input_size) if input_size else None
     preset_obj = _load_preset(preset, None, trust_code)
     hyper = merge_hyper(
         preset_obj,
@@ -427,7 +439,7 @@ def train_cmd(
         torch.manual_seed(seed)
         # New sizes appear while alphas train; benchmark mode would re-tune for each of them.
         torch.backends.cudnn.benchmark = False
-        bundle = load_data(data, input_size, seed)
+        bundle = load_data(data, size, seed)  # type: ignore[arg-type]  # 1-D and video sizes: the data decides
         net = build_model(
             model,
             bundle.num_classes,

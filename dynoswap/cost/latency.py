@@ -2,7 +2,7 @@
 
 :func:`profile` times each MAC-bearing layer of a converted model in the form it takes after
 deployment (:func:`dynoswap.export.freeze` with batch norm folded: a folded norm costs
-nothing, a DynOPool2d is its frozen resample) at a few input sizes around the current ones,
+nothing, a DynOPoolNd is its frozen resample) at a few input sizes around the current ones,
 on one backend (:data:`BACKENDS`: CPU eager, ONNX Runtime, CUDA eager). Each layer gets a
 piecewise-linear curve of latency (ms) against the pixel count of its node in the
 resolution graph (:mod:`dynoswap.cost.resolution`). What the layers do not see (activations,
@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..errors import LatencyTableError
-from ..layers import DynOPool2d, cells
+from ..layers import DynOPoolNd, cells
 from .reference import unwrap
 from .resolution import ResolutionGraph, resolution_graph
 
@@ -417,7 +417,7 @@ class _Site:
     resize: Callable[[torch.Tensor], Op] | None = None  #: a DynOPool: its frozen op at another input
 
 
-def _pool_op(layer: DynOPool2d) -> Callable[[torch.Tensor], Op]:
+def _pool_op(layer: DynOPoolNd) -> Callable[[torch.Tensor], Op]:
     from ..export.freeze import _PRECISIONS, resize_pool
 
     a_h, a_w = layer.alpha.detach().double().tolist()
@@ -463,7 +463,7 @@ def _sites(model: nn.Module, graph: ResolutionGraph, size: tuple[int, int], batc
         x, out_pixels = seen[name]
         h, w = node_sizes[node]
         module = modules[name]
-        if isinstance(module, DynOPool2d):
+        if isinstance(module, DynOPoolNd):
             make = _pool_op(module)
             sites.append(_Site(name, make(x), x, out_pixels, h * w, resize=make))
         elif name in deployed:  # folded batch norms are gone: they cost nothing deployed
@@ -496,11 +496,11 @@ def _curve(site: _Site, backend: Backend, repeats: int, factors: Sequence[float]
 
 
 @contextlib.contextmanager
-def _alphas_kept(model: nn.Module, graph: ResolutionGraph) -> Iterator[list[DynOPool2d]]:
+def _alphas_kept(model: nn.Module, graph: ResolutionGraph) -> Iterator[list[DynOPoolNd]]:
     """Tie group leaders in execution order; their alphas are restored on exit."""
     pools = [model.get_submodule(name) for name in graph.dynopools]
-    pools += [m for m in model.modules() if isinstance(m, DynOPool2d)]
-    leaders = list({id(m.leader): m.leader for m in pools if isinstance(m, DynOPool2d)}.values())
+    pools += [m for m in model.modules() if isinstance(m, DynOPoolNd)]
+    leaders = list({id(m.leader): m.leader for m in pools if isinstance(m, DynOPoolNd)}.values())
     saved = [m.alpha.detach().clone() for m in leaders]
     try:
         yield leaders
@@ -558,7 +558,7 @@ class ProfileResult:
 
 def _at_settings(
     model: nn.Module,
-    leaders: list[DynOPool2d],
+    leaders: list[DynOPoolNd],
     base: list[torch.Tensor],
     settings: list[list[float]],
     measure: Callable[[], float],
@@ -594,7 +594,7 @@ def profile(
     measure the prediction error. The model's alphas are restored afterwards.
 
     Args:
-        model: A converted model (a GraphModule with DynOPool2d layers).
+        model: A converted model (a GraphModule with DynOPoolNd layers).
         input_size: (H, W); default: the converted model's input size.
         backend: Key of :data:`BACKENDS`.
         batch: Batch size of every timing.
@@ -611,7 +611,10 @@ def profile(
     chosen = lookup_backend(backend)
     model = unwrap(model)
     graph, size = _graph_and_size(model, input_size)
-    size = graph.input_size if size is None else (int(size[0]), int(size[1]))
+    size = graph.input_size if size is None else tuple(int(v) for v in size)
+    if len(size) != 2:
+        raise LatencyTableError(f"latency tables are measured for 2-D models; this one's input size is {size}")
+    size = (size[0], size[1])
     was_training = model.training
     model.eval()
     try:

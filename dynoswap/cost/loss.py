@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layers import DynOPool2d
+from ..layers import DynOPoolNd
 from .reference import unwrap
 from .resolution import resolution_graph
 
@@ -28,7 +28,7 @@ def gmacs_loss(model: nn.Module, input_size: int | Sequence[int] | None = None) 
     requested size, so every call answers for its own ``input_size``, in any order.
 
     Args:
-        model: A converted model (or any fx-traceable model with DynOPool2d).
+        model: A converted model (or any fx-traceable model with DynOPoolNd).
         input_size: (H, W) to cost; default: the converted model's input size (or, for a
             model without a recipe, the size it was first recorded at).
 
@@ -42,7 +42,7 @@ def gmacs_loss(model: nn.Module, input_size: int | Sequence[int] | None = None) 
 def _alpha_params(model: nn.Module) -> list[nn.Parameter]:
     found: dict[int, nn.Parameter] = {}
     for m in model.modules():
-        if isinstance(m, DynOPool2d):
+        if isinstance(m, DynOPoolNd):
             found.setdefault(id(m.alpha), m.alpha)
     return list(found.values())
 
@@ -55,7 +55,7 @@ def param_groups(model: nn.Module, lr: float, alpha_lr: float, weight_decay: flo
     alpha lr 1e-2, weight decay 5e-4 for VGG-16 on CIFAR-100.
 
     Args:
-        model: Model with DynOPool2d layers.
+        model: Model with DynOPoolNd layers.
         lr: Learning rate of the weights.
         alpha_lr: Learning rate of the alphas.
         weight_decay: Weight decay of the weights (alphas get none).
@@ -74,7 +74,7 @@ def param_groups(model: nn.Module, lr: float, alpha_lr: float, weight_decay: flo
 
 
 def alphas(model: nn.Module, input_size: int | Sequence[int] | None = None) -> list[dict[str, Any]]:
-    """Per DynOPool2d, in execution order: name, alpha, scale, in/out size and tie group.
+    """Per DynOPoolNd, in execution order: name, alpha, scale, in/out size and tie group.
 
     Sizes come from the resolution graph and the current alphas (no forward
     pass). JSON-able, for logs and the CLI.
@@ -97,7 +97,7 @@ def alphas(model: nn.Module, input_size: int | Sequence[int] | None = None) -> l
     rows = []
     for name, node in graph.dynopools.items():
         m = model.get_submodule(name)
-        assert isinstance(m, DynOPool2d)
+        assert isinstance(m, DynOPoolNd)
         rows.append(
             {
                 "name": name,

@@ -21,7 +21,7 @@ def unwrap(model: nn.Module) -> nn.Module:
             return converted_part(model)
 
 
-def reference_input_size(model: nn.Module) -> tuple[int, int] | None:
+def reference_input_size(model: nn.Module) -> tuple[int, ...] | None:
     """Read the input size a converted model was built for (its recipe's ``input_size``)."""
     from ..io.recipe import input_size_of
 

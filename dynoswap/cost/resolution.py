@@ -6,7 +6,7 @@ model runs on the meta device at the reference size and in a few moved worlds
 sizes agree in every world share one node. Each node is
 
 - ``input``: the input size;
-- ``dynopool``: a DynOPool2d's output, ``size_st(parent)`` at its current alpha;
+- ``dynopool``: a DynOPoolNd's output, ``size_st(parent)`` at its current alpha;
 - ``scaled``: a remaining fixed resizer (a strided conv or pool the model kept),
   exact for Conv2d / MaxPool2d / AvgPool2d, else ``a * n + b`` rounded half up
   (``a`` and ``b`` read from the worlds: a pad, a fixed-factor upsampling);
@@ -36,7 +36,7 @@ from torch import fx, nn
 from ..errors import OptionError
 from ..graph import SIZE_RULES, NodeFailure, Resolution, SizeRule, analyse, eval_mode, make_worlds, tensor_inputs
 from ..graph.modal import graph_for
-from ..layers import DynOPool2d, continuous_size
+from ..layers import DynOPoolNd, continuous_size
 from .count import count_gmacs, infer_in_chans
 from .instrument import instrumented
 from .reference import reference_input_size, unwrap
@@ -51,8 +51,8 @@ class ResNode:
     Attributes:
         kind: ``"input"``, ``"dynopool"``, ``"scaled"`` or ``"const"``.
         parent: Index of the parent node (-1 for input and const).
-        size: Integer (h, w) at the reference input size and the alphas at recording.
-        module: The DynOPool2d (kind ``dynopool``).
+        size: Integer size per axis at the reference input size and the alphas at recording.
+        module: The DynOPoolNd (kind ``dynopool``).
         ratio: d(output length) / d(input length) per axis (kind ``scaled``): the gradient.
         offset: Output length = ``ratio * input + offset`` before rounding (kind ``scaled``).
         rules: Exact integer size per axis (kind ``scaled``); None: round ``ratio * n + offset``.
@@ -60,11 +60,11 @@ class ResNode:
 
     kind: str
     parent: int = -1
-    size: tuple[int, int] = (0, 0)
-    module: DynOPool2d | None = None
-    ratio: tuple[float, float] = (1.0, 1.0)
-    offset: tuple[float, float] = (0.0, 0.0)
-    rules: tuple[SizeRule, SizeRule] | None = None
+    size: tuple[int, ...] = (0, 0)
+    module: DynOPoolNd | None = None
+    ratio: tuple[float, ...] = (1.0, 1.0)
+    offset: tuple[float, ...] = (0.0, 0.0)
+    rules: tuple[SizeRule, ...] | None = None
 
 
 @dataclass
@@ -82,16 +82,16 @@ class ResolutionGraph:
     """The recorded resolution graph of one model.
 
     Attributes:
-        input_size: The reference (H, W).
+        input_size: The reference spatial size: (L,), (H, W) or (T, H, W).
         nodes: Size expressions in topological order; node 0 is the input.
-        dynopools: DynOPool2d module name -> node of its output, in execution order.
-        dynopool_inputs: DynOPool2d module name -> node of its input.
+        dynopools: DynOPoolNd module name -> node of its output, in execution order.
+        dynopool_inputs: DynOPoolNd module name -> node of its input.
         layers: Cost of every MAC-bearing layer.
         const_gmacs: GMACs that do not depend on any size (after global pooling).
         reference_gmacs: fvcore's total at the reference state.
     """
 
-    input_size: tuple[int, int]
+    input_size: tuple[int, ...]
     nodes: list[ResNode] = field(default_factory=list)
     dynopools: dict[str, int] = field(default_factory=dict)
     dynopool_inputs: dict[str, int] = field(default_factory=dict)
@@ -104,15 +104,15 @@ class ResolutionGraph:
     def evaluate(
         self, input_size: Sequence[int] | None = None, relaxed: bool = False, dtype: torch.dtype = torch.float64
     ) -> list[torch.Tensor]:
-        """Size (h, w) of every node from the current alphas.
+        """Size (one value per axis) of every node from the current alphas.
 
         Args:
-            input_size: Input (H, W); default: the reference size.
+            input_size: Input spatial size; default: the reference size.
             relaxed: Drop every rounding (the continuous relaxation, for checks).
             dtype: Floating dtype of the sizes.
 
         Returns:
-            One (2,) tensor per node: integer values with a straight-through
+            One (ndim,) tensor per node: integer values with a straight-through
             gradient to every upstream alpha (or continuous values if ``relaxed``).
         """
         size_in = self.input_size if input_size is None else input_size
@@ -157,10 +157,10 @@ class ResolutionGraph:
                 return node.module.alpha.device
         return torch.device("cpu")
 
-    def int_sizes(self, input_size: Sequence[int] | None = None) -> list[tuple[int, int]]:
-        """Integer (h, w) of every node, no gradient."""
+    def int_sizes(self, input_size: Sequence[int] | None = None) -> list[tuple[int, ...]]:
+        """Integer size of every node (one value per axis), no gradient."""
         with torch.no_grad():
-            return [(int(s[0]), int(s[1])) for s in self.evaluate(input_size)]
+            return [tuple(int(v) for v in s) for s in self.evaluate(input_size)]
 
     def terms(self) -> tuple[list[int], torch.Tensor]:
         """Nodes that carry cost and their GMACs per pixel (summed over layers)."""
@@ -178,16 +178,16 @@ class ResolutionGraph:
         index, coef = self.terms()
         if not index:
             return torch.tensor(self.const_gmacs, dtype=torch.float64, device=self.device())
-        area = torch.stack([sizes[i][0] * sizes[i][1] for i in index])
+        area = torch.stack([sizes[i].prod() for i in index])
         return (coef.to(area.device) * area).sum() + self.const_gmacs
 
 
 # -- building from the resolution analysis -------------------------------------------------
 class _LeafDynOPoolTracer(fx.Tracer):
-    """Symbolic tracer keeping DynOPool2d whole (a call_module node)."""
+    """Symbolic tracer keeping DynOPoolNd whole (a call_module node)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, DynOPool2d) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, DynOPoolNd) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _graph_of(model: nn.Module) -> fx.Graph:
@@ -203,20 +203,19 @@ def _graph_of(model: nn.Module) -> fx.Graph:
         ) from exc
 
 
-def _analyse(gm: fx.GraphModule, model: nn.Module, size: tuple[int, int]) -> Resolution:
+def _analyse(gm: fx.GraphModule, model: nn.Module, size: tuple[int, ...]) -> Resolution:
     """Run the analysis with every DynOPool group moved on its own; a model tied to one size gets one world."""
-    leaders: dict[int, DynOPool2d] = {}
+    leaders: dict[int, DynOPoolNd] = {}
     for m in model.modules():
-        if isinstance(m, DynOPool2d):
+        if isinstance(m, DynOPoolNd):
             leaders.setdefault(id(m.leader), m.leader)
 
-    def alpha_of(name: str, module: DynOPool2d) -> tuple[tuple[float, float], Hashable]:
-        a_h, a_w = module.alpha.detach().cpu().tolist()
-        return (float(a_h), float(a_w)), id(module.leader)
+    def alpha_of(name: str, module: DynOPoolNd) -> tuple[tuple[float, ...], Hashable]:
+        return tuple(float(a) for a in module.alpha.detach().cpu().tolist()), id(module.leader)
 
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
-    chans = infer_in_chans(model)
+    chans = infer_in_chans(model, ndim=len(size))
     # Every group moved on its own; else (a model whose untied layers must agree) only the input size;
     # else (a model tied to one input size) the reference alone.
     for worlds in (make_worlds(size, list(leaders)), make_worlds(size, []), make_worlds(size, [])[:1]):
@@ -241,11 +240,11 @@ def _alphas_at_conversion(model: nn.Module) -> Iterator[None]:
     """
     recipe = getattr(model, "meta", {}).get("dynoswap") or {}
     init = {str(r["dynopool"]): r["init_scale"] for r in recipe.get("replacements") or [] if r.get("dynopool")}
-    saved: dict[int, tuple[DynOPool2d, torch.Tensor]] = {}
+    saved: dict[int, tuple[DynOPoolNd, torch.Tensor]] = {}
     for name, m in model.named_modules():
-        if isinstance(m, DynOPool2d) and id(m.leader) not in saved:
+        if isinstance(m, DynOPoolNd) and id(m.leader) not in saved:
             saved[id(m.leader)] = (m.leader, m.leader.alpha.detach().clone())
-            scale = init.get(name, (0.5, 0.5))
+            scale = init.get(name, (0.5,) * m.ndim)
             with torch.no_grad():
                 m.leader.alpha.copy_(torch.tensor([1.0 / float(v) for v in scale], dtype=m.leader.alpha.dtype))
     try:
@@ -257,9 +256,10 @@ def _alphas_at_conversion(model: nn.Module) -> Iterator[None]:
 
 
 class _Builder:
-    """Turn the analysis's expressions into resolution nodes (4-D feature maps, other ranks by two spatial axes)."""
+    """Turn the analysis's expressions into resolution nodes (feature maps, other ranks by their spatial axes)."""
 
-    def __init__(self, gm: fx.GraphModule, res: Resolution, size: tuple[int, int]) -> None:
+    def __init__(self, gm: fx.GraphModule, res: Resolution, size: tuple[int, ...]) -> None:
+        self.ndim = len(size)
         self.gm = gm
         self.res_ = res
         self.modules = dict(gm.named_modules())
@@ -267,20 +267,20 @@ class _Builder:
         self.res = ResolutionGraph(input_size=size, nodes=[ResNode(INPUT, size=size)])
         self._index: dict[tuple, int] = {("in",): 0}
         self.node_of: dict[fx.Node, int] = {}
-        self._pool_module: dict[tuple, DynOPool2d] = {}
+        self._pool_module: dict[tuple, DynOPoolNd] = {}
         for n in gm.graph.nodes:
-            if n.op == "call_module" and isinstance(self.modules[str(n.target)], DynOPool2d):
+            if n.op == "call_module" and isinstance(self.modules[str(n.target)], DynOPoolNd):
                 self._pool_module.setdefault(res.exprs[n], self.modules[str(n.target)])  # type: ignore[arg-type,unused-ignore]
         for n in gm.graph.nodes:
             shapes = res.shapes.get(n)
-            if shapes is None or len(shapes[0]) != 4 and not self._two(res.exprs[n]):
-                # A tensor of another rank joins only by two size-following axes: a lambda layer's
-                # (N, 1, H, W, V) input to its positional Conv3d costs per pixel of its (H, W).
+            if shapes is None or len(shapes[0]) != self.ndim + 2 and not self._two(res.exprs[n]):
+                # A tensor of another rank joins only by as many size-following axes as the input has:
+                # a lambda layer's (N, 1, H, W, V) input to its positional Conv3d costs per pixel of its (H, W).
                 continue
             index = self.index(res.exprs[n], shapes[0])
             if index is not None:
                 self.node_of[n] = index
-            if n.op == "call_module" and isinstance(self.modules[str(n.target)], DynOPool2d):
+            if n.op == "call_module" and isinstance(self.modules[str(n.target)], DynOPoolNd):
                 if index is None:  # its size did not move with its alpha: an axis sat at the 2-cell floor
                     raise _PinnedSize(str(n.target))
                 inputs = [a for a in tensor_inputs(n) if a in self.node_of]
@@ -289,7 +289,7 @@ class _Builder:
 
     def _two(self, expr: tuple) -> bool:
         sig = self.res_.signature.get(expr)
-        return sig is not None and len(sig[0]) == 2
+        return sig is not None and len(sig[0]) == self.ndim
 
     def index(self, expr: tuple, shape: tuple[int, ...]) -> int | None:
         """Resolution node of an expression (made on first use)."""
@@ -297,7 +297,7 @@ class _Builder:
             return self._index[expr]
         kind = expr[0]
         if kind == "const":
-            node = ResNode(CONST, size=(int(shape[-2]), int(shape[-1])))
+            node = ResNode(CONST, size=tuple(int(v) for v in shape[-self.ndim :]))
         elif not self._two(expr):
             return None
         else:
@@ -307,7 +307,7 @@ class _Builder:
             parent = self.index(parent_expr, shape)
             assert parent is not None
             sig = self.res_.signature[expr]
-            size = (int(sig[0][0]), int(sig[0][1]))
+            size = tuple(int(v) for v in sig[0])
             if kind == "pool":
                 node = ResNode(DYNOPOOL, parent, size, module=self._pool_module[expr])
             else:
@@ -327,10 +327,10 @@ class _Builder:
         return self.res_.signature[expr]
 
     @staticmethod
-    def _affine(out: tuple, inp: tuple) -> tuple[tuple[float, float], tuple[float, float]]:
+    def _affine(out: tuple, inp: tuple) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Fit ``out = a * in + b`` per axis from the worlds (``b = 0`` when the input never moved)."""
         ratio, offset = [], []
-        for axis in range(2):
+        for axis in range(len(out[0])):
             a = out[0][axis] / inp[0][axis]
             for k in range(1, len(out)):
                 if inp[k][axis] != inp[0][axis]:
@@ -338,10 +338,10 @@ class _Builder:
                     break
             ratio.append(a)
             offset.append(out[0][axis] - a * inp[0][axis])
-        return (ratio[0], ratio[1]), (offset[0], offset[1])
+        return tuple(ratio), tuple(offset)
 
     def spatial(self, n: fx.Node) -> int | None:
-        """Resolution node of ``n`` if it is a size-following 4-D tensor."""
+        """Resolution node of ``n`` if it is a size-following feature map."""
         node = self.node_of.get(n)
         return None if node is None or self.res.nodes[node].kind == CONST else node
 
@@ -373,14 +373,14 @@ def _attribute_costs(b: _Builder) -> None:
             const += gmacs
             continue
         # One module called at several places: the same cost per pixel at each.
-        pixels = sum(res.nodes[i].size[0] * res.nodes[i].size[1] for i in places)
+        pixels = sum(math.prod(res.nodes[i].size) for i in places)
         for i in places:
-            area = res.nodes[i].size[0] * res.nodes[i].size[1]
+            area = math.prod(res.nodes[i].size)
             res.layers.append(LayerCost(leaf, i, gmacs / pixels, gmacs * area / pixels))
     res.const_gmacs = const
 
 
-def _record(gm: fx.GraphModule, model: nn.Module, size: tuple[int, int]) -> _Builder:
+def _record(gm: fx.GraphModule, model: nn.Module, size: tuple[int, ...]) -> _Builder:
     with eval_mode(model), torch.no_grad():
         res = _analyse(gm, model, size)
     builder = _Builder(gm, res, size)
@@ -401,10 +401,10 @@ def _owner(name: str, targets: dict[str, list[int]]) -> str | None:
 _CACHE: weakref.WeakKeyDictionary[nn.Module, ResolutionGraph] = weakref.WeakKeyDictionary()
 
 
-def _size_pair(input_size: int | Sequence[int]) -> tuple[int, int]:
+def _size_tuple(input_size: int | Sequence[int]) -> tuple[int, ...]:
     if isinstance(input_size, int):
         return input_size, input_size
-    return int(input_size[0]), int(input_size[1])
+    return tuple(int(v) for v in input_size)
 
 
 def resolution_graph(
@@ -420,8 +420,9 @@ def resolution_graph(
 
     Args:
         model: A converted GraphModule, or any model torch.fx can trace
-            (DynOPool2d is kept as a leaf).
-        input_size: Reference (H, W) when recording; default: the one the model was converted at.
+            (DynOPoolNd is kept as a leaf).
+        input_size: Reference spatial size ((L,), (H, W) or (T, H, W)) when recording; default: the one
+            the model was converted at.
         refresh: Record again even if cached (after changing the model's structure).
 
     Returns:
@@ -438,7 +439,7 @@ def resolution_graph(
                 "(models from dynoswap.convert() carry theirs)"
             )
     else:
-        size = _size_pair(input_size)
+        size = _size_tuple(input_size)
     gm = instrumented(model, _graph_of(model))
     try:
         builder = _record(gm, model, size)

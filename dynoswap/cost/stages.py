@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import fx, nn
 
-from ..layers import DynOPool2d
+from ..layers import DynOPoolNd
 from .count import infer_in_chans
 from .reference import unwrap
 from .resolution import ResolutionGraph, resolution_graph
@@ -19,10 +19,10 @@ if TYPE_CHECKING:
 
 
 def _has_dynopools(model: nn.Module) -> bool:
-    return any(isinstance(m, DynOPool2d) for m in model.modules())
+    return any(isinstance(m, DynOPoolNd) for m in model.modules())
 
 
-def stage_sizes(model: nn.Module, input_size: int | Sequence[int] | None = None) -> list[tuple[int, int]]:
+def stage_sizes(model: nn.Module, input_size: int | Sequence[int] | None = None) -> list[tuple[int, ...]]:
     """Input size, then the output size of each resolution stage in execution order.
 
     A stage is the output of one (merged) resizer: one entry per DynOPool, or per
@@ -40,18 +40,19 @@ def stage_sizes(model: nn.Module, input_size: int | Sequence[int] | None = None)
 
     Args:
         model: A converted or plain model.
-        input_size: (H, W), or one int; default: the converted model's reference size.
+        input_size: (H, W), or one int; (L,) or (T, H, W) for a 1-D or 3-D model; default: the
+            converted model's reference size.
 
     Returns:
-        ``[(H, W), (h1, w1), ...]``.
+        ``[(H, W), (h1, w1), ...]`` (one value per axis in every dimension).
     """
     model = unwrap(model)
     if isinstance(input_size, int):
         input_size = (input_size, input_size)
     if not _has_dynopools(model):
         if input_size is None:
-            raise ValueError("stage_sizes of a model without DynOPool2d needs input_size=(H, W)")
-        return plain_stage_sizes(model, (int(input_size[0]), int(input_size[1])))
+            raise ValueError("stage_sizes of a model without DynOPoolNd needs input_size=(H, W)")
+        return plain_stage_sizes(model, tuple(int(v) for v in input_size))
     if input_size is None and not isinstance(model, fx.GraphModule):
         raise ValueError(f"stage_sizes of a {type(model).__name__} needs input_size=(H, W)")
     graph = resolution_graph(model, input_size)
@@ -59,7 +60,7 @@ def stage_sizes(model: nn.Module, input_size: int | Sequence[int] | None = None)
     return [sizes[0], *(sizes[node] for node in _stage_nodes(graph))]
 
 
-def plain_stage_sizes(model: nn.Module, input_size: tuple[int, int]) -> list[tuple[int, int]]:
+def plain_stage_sizes(model: nn.Module, input_size: tuple[int, ...]) -> list[tuple[int, ...]]:
     """Stages of a model without DynOPools, as its own resizers produce them at ``input_size``.
 
     Grouped like a converted model's (a copy is converted to find the tie groups). A model
@@ -79,14 +80,15 @@ def plain_stage_sizes(model: nn.Module, input_size: tuple[int, int]) -> list[tup
     stages = [input_size]
     try:
         gm = trace(model)
-        _reference_shapes(gm, input_size, infer_in_chans(model), _device(model))
+        _reference_shapes(gm, input_size, infer_in_chans(model, ndim=len(input_size)), _device(model))
     except ConversionError:
         return stages
-    resizers, _ = find_resizers(gm)
+    ndim = len(input_size)
+    resizers, _ = find_resizers(gm, ndim)
     for r in resizers:
         shape = r.node.meta.get(SHAPE_KEY)
-        if shape is not None and len(shape) == 4 and (int(shape[-2]), int(shape[-1])) != stages[-1]:
-            stages.append((int(shape[-2]), int(shape[-1])))
+        if shape is not None and len(shape) == ndim + 2 and tuple(int(v) for v in shape[2:]) != stages[-1]:
+            stages.append(tuple(int(v) for v in shape[2:]))
     return stages
 
 
@@ -95,7 +97,7 @@ def _device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def original_stage_sizes(converted: nn.Module, report: ConversionReport) -> list[tuple[int, int]]:
+def original_stage_sizes(converted: nn.Module, report: ConversionReport) -> list[tuple[int, ...]]:
     """Stages of the model *before* conversion, at the conversion's input size.
 
     The stages are those of ``converted`` (same grouping and order as
@@ -113,7 +115,7 @@ def original_stage_sizes(converted: nn.Module, report: ConversionReport) -> list
     graph = resolution_graph(unwrap(converted), report.input_size)
     sizes = graph.int_sizes(report.input_size)
     return [
-        (report.input_size[0], report.input_size[1]),
+        tuple(report.input_size),
         *(before[name] or sizes[node] for node, name in _stage_nodes(graph).items()),
     ]
 

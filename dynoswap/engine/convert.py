@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
@@ -19,50 +18,57 @@ from ..graph import NodeFailure, UnionFind, World, analyse, node_label, pool_siz
 from ..graph.modal import ModalGraphModule
 from ..graph.propagate import eval_mode
 from ..io.recipe import HEADS, RECIPE_KEY, Recipe, RecipeOptions
-from ..layers import DynOPool2d, DynOPoolNd
+from ..layers import DynOPool1d, DynOPool2d, DynOPool3d, DynOPoolNd
 from ..sources import ModelSource
-from ..validate import MAX_SCALE, check_convert_args
+from ..validate import check_convert_args, check_scale
 from ..version import __version__
-from .find import Resizer, Skip, find_resizers
+from .find import MODULE_NDIM, Resizer, Skip, find_resizers
 from .report import ConversionError, ConversionReport, Replacement, Skipped
 from .rewrite import Site, apply_sites, plan_sites, resize_to_partner, upsample_factor
 from .submodule import convert_part, with_part_hint
-from .tie import ALREADY, NOT_2D, TieError, TieFinder
+from .tie import ALREADY, OTHER_DIM, TieError, TieFinder
 from .trace import LeafSpec, TraceError, readable_cause, trace
 
 SHAPE_KEY = "dynoswap_shape"
-#: Layers of other dimensionalities: a model that resizes with them is not a 2-D CNN (one that only
-#: uses them at stride 1, as a lambda layer's positional Conv3d, is).
-NOT_2D_LAYERS: tuple[type, ...] = (
-    nn.Conv3d,
-    nn.ConvTranspose3d,
-    nn.MaxPool3d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool3d,
-)
-LAYERS_1D: tuple[type, ...] = (nn.Conv1d, nn.MaxPool1d, nn.AvgPool1d)
-LAYERS_2D: tuple[type, ...] = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
+#: The DynOPool that replaces a resizer of each dimension.
+DYNOPOOL_BY_NDIM: dict[int, type[DynOPoolNd]] = {1: DynOPool1d, 2: DynOPool2d, 3: DynOPool3d}
+#: Layers a model of each dimension resizes with, beside the ones the engine rewrites (``MODULE_NDIM``).
+OTHER_RESIZERS: dict[type, int] = {
+    nn.ConvTranspose1d: 1,
+    nn.ConvTranspose2d: 2,
+    nn.ConvTranspose3d: 3,
+    nn.AdaptiveAvgPool1d: 1,
+    nn.AdaptiveMaxPool1d: 1,
+    nn.AdaptiveAvgPool2d: 2,
+    nn.AdaptiveMaxPool2d: 2,
+    nn.AdaptiveAvgPool3d: 3,
+    nn.AdaptiveMaxPool3d: 3,
+}
+#: Adaptive average pool of each dimension (``head="adapt"``).
+ADAPTIVE_AVG: dict[int, type[nn.Module]] = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
+#: How the input size of each dimension is written.
+SIZE_NAMES = {1: "(L,)", 2: "(H, W)", 3: "(T, H, W)"}
 COST_NOTES = {
     "conv_post": "conv now runs at stride 1 before the DynOPool: its cost grows by stride_h * stride_w",
     "patchify_post": "patchify conv now runs at stride 1 ('same' padding): its cost grows by stride_h * stride_w",
 }
 
 
-def _pair(value: Any, what: str) -> tuple[float, float]:
+def _axes(value: Any, what: str, ndim: int) -> tuple[float, ...]:
+    """One number per axis from a number or a sequence of ``ndim`` numbers."""
     if isinstance(value, (int, float)):
-        return float(value), float(value)
+        return (float(value),) * ndim
     values = tuple(value)
-    if len(values) != 2:
-        raise OptionError(f"{what} must be a number or an (h, w) pair, got {value!r}")
-    return float(values[0]), float(values[1])
+    if len(values) != ndim:
+        raise OptionError(f"{what} must be a number or {ndim} numbers {SIZE_NAMES[ndim]}, got {value!r}")
+    return tuple(float(v) for v in values)
 
 
-def _check_scale(value: Any, what: str) -> tuple[float, float]:
-    pair = _pair(value, what)
-    if not all(math.isfinite(v) and 0 < v <= MAX_SCALE for v in pair):
-        raise OptionError(f"{what} must be finite, > 0 and at most {MAX_SCALE:g}, got {value!r}")
-    return pair
+def _check_scale(value: Any, what: str, ndim: int) -> tuple[float, ...]:
+    try:
+        return check_scale(value, what, ndim)
+    except TypeError as err:
+        raise OptionError(str(err)) from None
 
 
 def _leaf_to_json(spec: LeafSpec) -> str:
@@ -76,16 +82,17 @@ def _site_keys(site: Site) -> set[str]:
 def _resolve_scales(
     sites: list[Site],
     groups: list[list[int]],
-    defaults: dict[int, tuple[float, float]],
+    defaults: dict[int, tuple[float, ...]],
     init_scale: Any,
     overrides: Mapping[str, Any] | None,
-) -> dict[int, tuple[float, float]]:
-    """Pick the initial (r_h, r_w) per site: rule default, then global, then per-name overrides; one per group."""
+    ndim: int,
+) -> dict[int, tuple[float, ...]]:
+    """Pick the initial scale per site and axis: rule default, then global, then per-name overrides; one per group."""
     scales = dict(defaults)
     if init_scale is not None:
-        pair = _check_scale(init_scale, "init_scale")
+        pair = _check_scale(init_scale, "init_scale", ndim)
         scales = dict.fromkeys(scales, pair)
-    chosen: dict[int, tuple[float, float]] = {}
+    chosen: dict[int, tuple[float, ...]] = {}
     if overrides:
         by_key = {key: s for s in sites for key in _site_keys(s)}
         merged_into = {m.name: s.name for s in sites for m in s.merged}
@@ -101,8 +108,8 @@ def _resolve_scales(
                     f"override '{key}' names no replaced resizer; use a DynOPool name or the node it replaces "
                     f"(e.g. {names}{', ...' if len(sites) > 6 else ''})"
                 )
-            chosen[by_key[key].index] = _check_scale(value, f"override '{key}'")
-    out: dict[int, tuple[float, float]] = {}
+            chosen[by_key[key].index] = _check_scale(value, f"override '{key}'", ndim)
+    out: dict[int, tuple[float, ...]] = {}
     for group in groups:
         picked = {chosen[i] for i in group if i in chosen}
         if len(picked) > 1:
@@ -117,7 +124,7 @@ def _resolve_scales(
 @torch.no_grad()
 def _apply_sizes(
     gm: fx.GraphModule,
-    pools: dict[int, DynOPool2d],
+    pools: dict[int, DynOPoolNd],
     groups: list[list[int]],
     sizes: Sequence[Any],
     example: torch.Tensor,
@@ -125,9 +132,10 @@ def _apply_sizes(
     """Set each group's alpha to n_in / target, group by group in execution order."""
     if len(sizes) != len(groups):
         raise OptionError(f"sizes has {len(sizes)} entries but the model has {len(groups)} tie groups (one per alpha)")
+    ndim = example.dim() - 2
     targets = []
     for i, size in enumerate(sizes):
-        pair = _pair(size, f"sizes[{i}]")
+        pair = _axes(size, f"sizes[{i}]", ndim)
         if not all(v >= 1 and float(v).is_integer() for v in pair):
             raise OptionError(f"sizes[{i}] must be positive integers, got {size!r}")
         targets.append(pair)
@@ -140,9 +148,8 @@ def _apply_sizes(
             g = group_of[index]
             if g in done:
                 return
-            h, w = args[0].shape[-2:]
-            th, tw = targets[g]
-            pools[groups[g][0]].alpha.copy_(torch.tensor([h / th, w / tw]))
+            n_in = args[0].shape[-ndim:]
+            pools[groups[g][0]].alpha.copy_(torch.tensor([n / t for n, t in zip(n_in, targets[g], strict=True)]))
             done.add(g)
 
         handles.append(pool.register_forward_pre_hook(hook))
@@ -154,11 +161,12 @@ def _apply_sizes(
             handle.remove()
 
 
-def _original_out(site: Site) -> tuple[int, int] | None:
+def _original_out(site: Site) -> tuple[int, ...] | None:
     """Spatial size the site's resizers produced in the original model (its last merged op's output)."""
     last = site.merged[-1] if site.merged else site.primary
     shape = last.node.meta.get(SHAPE_KEY)
-    return (int(shape[-2]), int(shape[-1])) if shape and len(shape) == 4 else None
+    ndim = site.primary.ndim
+    return tuple(int(v) for v in shape[-ndim:]) if shape and len(shape) == ndim + 2 else None
 
 
 def _was(r: Resizer) -> dict[str, Any]:
@@ -172,40 +180,67 @@ def _was(r: Resizer) -> dict[str, Any]:
     }
 
 
-def _refuse_unsupported(model: nn.Module) -> None:
-    """Already converted models and models that are not 2-D CNNs, refused by name."""
+def _layer_ndim(m: nn.Module) -> int | None:
+    """Spatial axes of a conv or pool (1, 2 or 3), None for other modules."""
+    for cls in type(m).__mro__:
+        if cls in MODULE_NDIM:
+            return MODULE_NDIM[cls]
+        if cls in OTHER_RESIZERS:
+            return OTHER_RESIZERS[cls]
+    return None
+
+
+def _refuse_unsupported(model: nn.Module, ndim: int) -> None:
+    """Already converted models, and models with more resized axes than ``input_size`` has, refused by name.
+
+    A layer of another dimension that does not resize (a lambda layer's positional Conv3d in a 2-D
+    model) is no reason to refuse, nor is a lower-dimensional resizer (a strided Conv1d over a 2-D
+    model's tokens): the engine keeps it (see :func:`~dynoswap.engine.find.find_resizers`).
+    """
     meta = getattr(model, "meta", None)
     if isinstance(meta, dict) and RECIPE_KEY in meta or any(isinstance(m, DynOPoolNd) for m in model.modules()):
         raise TieError(
             "this model is already converted (it holds DynOPool layers): train it as it is, or convert the original",
             ALREADY,
         )
-    found_2d = False
+    found_own = False
     first_other = None
     for name, m in model.named_modules():
-        if isinstance(m, NOT_2D_LAYERS) and _resizes(m):
-            raise TieError(f"dynoswap converts 2-D CNNs; found {type(m).__name__} at {name}", NOT_2D, name)
-        found_2d = found_2d or isinstance(m, LAYERS_2D)
-        if first_other is None and isinstance(m, LAYERS_1D + NOT_2D_LAYERS):
-            first_other = (name, type(m).__name__)
-    if not found_2d and first_other is not None:
-        raise TieError(
-            f"dynoswap converts 2-D CNNs; found {first_other[1]} at {first_other[0]}", NOT_2D, first_other[0]
-        )
+        layer_ndim = _layer_ndim(m)
+        if layer_ndim is None:
+            continue
+        found_own = found_own or layer_ndim == ndim
+        other = layer_ndim != ndim
+        if layer_ndim > ndim and _resizes(m):
+            raise _other_dim(m, name, layer_ndim, ndim, "resizes")
+        if other and first_other is None:
+            first_other = (m, name, layer_ndim)
+    if not found_own and first_other is not None:
+        raise _other_dim(*first_other, ndim, "is")
+
+
+def _other_dim(m: nn.Module, name: str, layer_ndim: int, ndim: int, verb: str) -> TieError:
+    return TieError(
+        f"{type(m).__name__} at {name or 'the model'} {verb} {layer_ndim}-D but input_size has {ndim} "
+        f"{'side' if ndim == 1 else 'sides'}: give input_size as {SIZE_NAMES[layer_ndim]} "
+        f"(CLI: --input-size with {layer_ndim} {'number' if layer_ndim == 1 else 'numbers'})",
+        OTHER_DIM,
+        name,
+    )
 
 
 def _resizes(m: object) -> bool:
     """Whether a conv or pool changes its input's spatial size: an adaptive pool, or a stride above 1."""
-    if isinstance(m, (nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d)):
+    if "Adaptive" in type(m).__name__:
         return True
     stride = getattr(m, "stride", 1)
     return any(int(v) != 1 for v in (stride if isinstance(stride, (tuple, list)) else (stride,)))
 
 
-def _reference_shapes(gm: fx.GraphModule, size: tuple[int, int], in_chans: int, device: torch.device) -> None:
+def _reference_shapes(gm: fx.GraphModule, size: tuple[int, ...], in_chans: int, device: torch.device) -> None:
     """Record each tensor node's shape at the conversion input size in ``node.meta['dynoswap_shape']``."""
     try:
-        res = analyse(gm, [World(size)], lambda name, m: ((1.0, 1.0), name), in_chans, device)
+        res = analyse(gm, [World(size)], lambda name, m: ((1.0,) * m.ndim, name), in_chans, device)
     except NodeFailure as failure:
         cause = readable_cause(failure.cause)
         if failure.node.op == "call_function" and failure.node.target is torch._assert:
@@ -218,38 +253,43 @@ def _reference_shapes(gm: fx.GraphModule, size: tuple[int, int], in_chans: int, 
         node.meta[SHAPE_KEY] = shapes[0]
 
 
-def _spatial_in(site: Site) -> tuple[int, int] | None:
+def _spatial_in(site: Site) -> tuple[int, ...] | None:
     """Spatial size of the site's input in the original model."""
     arg = site.primary.node.args[0] if site.primary.node.args else None
     shape = arg.meta.get(SHAPE_KEY) if isinstance(arg, fx.Node) else None
-    return (int(shape[-2]), int(shape[-1])) if shape and len(shape) == 4 else None
+    ndim = site.primary.ndim
+    return tuple(int(v) for v in shape[-ndim:]) if shape and len(shape) == ndim + 2 else None
 
 
-def _exact_scale(site: Site, original: tuple[int, int] | None) -> tuple[tuple[float, float], str]:
-    """Return the (r_h, r_w) that reproduces the original output size, and a note when it is not 1/stride."""
+def _shown(size: Sequence[Any]) -> str:
+    return "x".join(str(v) for v in size)
+
+
+def _exact_scale(site: Site, original: tuple[int, ...] | None) -> tuple[tuple[float, ...], str]:
+    """Return the scale per axis that reproduces the original output size, and a note when it is not 1/stride."""
     scale = site.init_scale
     n_in = _spatial_in(site)
     if n_in is None or original is None:
         return scale, ""
-    if pool_size(n_in, (1 / scale[0], 1 / scale[1])) == original:
+    if pool_size(n_in, tuple(1 / r for r in scale)) == original:
         return scale, ""
     alphas = []
-    for axis in range(2):
+    for axis in range(len(n_in)):
         n, out = n_in[axis], original[axis]
         if out < 2:
-            return scale, f"the original gives {original[0]}x{original[1]}; a DynOPool gives at least 2 per axis"
+            return scale, f"the original gives {_shown(original)}; a DynOPool gives at least 2 per axis"
         default = 1 / scale[axis]
-        alphas.append(default if pool_size((n, n), (default, default))[0] == out else n / out)
+        alphas.append(default if pool_size((n,), (default,))[0] == out else n / out)
     if any(r.ceil_mode for r in site.resizers):
         why = "ceil_mode"
     elif any(r.padding not in ((0, 0), "valid") for r in site.resizers) or any(
         r.kernel != r.stride for r in site.resizers
     ):
-        why = f"padding/kernel on {n_in[0]}x{n_in[1]}"
+        why = f"padding/kernel on {_shown(n_in)}"
     else:
-        why = f"odd size {n_in[0]}x{n_in[1]}"
-    shown = f"{alphas[0]:.5g}" if alphas[0] == alphas[1] else f"{alphas[0]:.5g}x{alphas[1]:.5g}"
-    return (1 / alphas[0], 1 / alphas[1]), f"{why}: init alpha {shown} (original output {original[0]}x{original[1]})"
+        why = f"odd size {_shown(n_in)}"
+    shown = f"{alphas[0]:.5g}" if len(set(alphas)) == 1 else "x".join(f"{a:.5g}" for a in alphas)
+    return tuple(1 / a for a in alphas), f"{why}: init alpha {shown} (original output {_shown(original)})"
 
 
 @dataclass
@@ -259,8 +299,8 @@ class _Plan:
     sites: list[Site]
     kept: list[tuple[Resizer, str]]
     skips: list[Skip]
-    original_out: dict[str, tuple[int, int] | None]
-    exact: dict[str, tuple[tuple[float, float], str]]
+    original_out: dict[str, tuple[int, ...] | None]
+    exact: dict[str, tuple[tuple[float, ...], str]]
 
 
 @functools.cache
@@ -300,12 +340,12 @@ def _trace_modes(model: nn.Module, leaf_modules: Sequence[LeafSpec]) -> list[fx.
 
 def _prepare(
     view: fx.GraphModule,
-    size: tuple[int, int],
+    size: tuple[int, ...],
     in_chans: int,
     device: torch.device,
     placement: str,
     patchify: str,
-    pools: dict[str, DynOPool2d],
+    pools: dict[str, DynOPoolNd],
     mode: str | None = None,
 ) -> _Plan:
     """Find the resizers of one traced graph and plan their DynOPools (one module per name, shared by graphs)."""
@@ -316,13 +356,13 @@ def _prepare(
             if mode is None:
                 raise
             raise ConversionError(f"in {mode} mode, {err}") from err
-    resizers, skips = find_resizers(view)
+    resizers, skips = find_resizers(view, len(size))
     sites, kept = plan_sites(view, resizers, placement, patchify)
     original_out = {s.name: _original_out(s) for s in sites}  # read before the rewrite drops the nodes
     exact = {s.name: _exact_scale(s, original_out[s.name]) for s in sites}
     for s in sites:
         if s.name not in pools:
-            pools[s.name] = DynOPool2d(exact[s.name][0], aggregate=s.aggregate)
+            pools[s.name] = DYNOPOOL_BY_NDIM[s.primary.ndim](exact[s.name][0], aggregate=s.aggregate)
     return _Plan(sites, kept, skips, original_out, exact)
 
 
@@ -358,7 +398,7 @@ def _get_attr(root: nn.Module, target: str) -> Any:
 
 
 def _adapt_head(gm: fx.GraphModule) -> Any:
-    def adapt(source: fx.Node, child: fx.Node, size: tuple[int, int]) -> None:
+    def adapt(source: fx.Node, child: fx.Node, size: tuple[int, ...]) -> None:
         name = f"{node_label(source)}_adapt"
         while True:
             try:
@@ -366,7 +406,7 @@ def _adapt_head(gm: fx.GraphModule) -> Any:
             except AttributeError:
                 break
             name += "_"
-        pool = nn.AdaptiveAvgPool2d(size)
+        pool = ADAPTIVE_AVG[len(size)](size)
         pool.training = gm.training
         gm.add_submodule(name, pool)
         with gm.graph.inserting_after(source):
@@ -431,7 +471,7 @@ def convert(
     submodule: str | None = None,
     anchors: str | None = None,
 ) -> tuple[nn.Module, ConversionReport]:
-    """Replace every resizing op of ``model`` by a DynOPool2d (paper 4.4, supplement 1.1).
+    """Replace every resizing op of ``model`` by a DynOPool of its dimension (paper 4.4, supplement 1.1).
 
     The caller's model is not modified. Scales of DynOPools whose outputs must keep equal
     resolutions are tied: the converted graph runs on the meta device with every tie group's
@@ -442,17 +482,19 @@ def convert(
     device and dtype.
 
     Args:
-        model: A torchvision/timm/user 2-D CNN.
-        input_size: (H, W) the model is meant for; sizes and ``sizes=`` targets refer to it.
+        model: A torchvision/timm/user CNN: 2-D, or 1-D / 3-D (audio, video) with ``input_size`` of 1 or 3 sides.
+        input_size: (H, W) the model is meant for, (L,) for a 1-D model, (T, H, W) for a 3-D one; its
+            length is the dimension of the DynOPools; sizes and ``sizes=`` targets refer to it.
         placement: ``"post"`` (DynOPool after the conv's activation, supp. eq. 2) or ``"pre"``
             (before the conv, supp. eq. 3, for dense prediction).
         init_scale: One initial scale for every DynOPool, instead of 1/stride.
         overrides: Initial scale per DynOPool or per replaced node name.
-        sizes: Target output size (h, w) per tie group, in execution order at ``input_size``.
+        sizes: Target output size per tie group (one value per axis), in execution order at ``input_size``.
         leaf_modules: Modules to keep opaque (classes or qualified names), e.g. untraceable ones.
         patchify: ``"post"`` converts kernel == stride convs like other strided convs; ``"skip"`` keeps them.
         head: ``"none"`` refuses a flatten of a spatial map into a Linear (its size is fixed);
-            ``"adapt"`` inserts ``nn.AdaptiveAvgPool2d(original size)`` before the flatten.
+            ``"adapt"`` inserts an adaptive average pool (``nn.AdaptiveAvgPool2d(original size)`` in 2-D)
+            before the flatten.
         source: ``ModelSource`` (or its dict) the model was built from; needed by ``dynoswap.save``.
         check: With ``init_scale``/``overrides``/``sizes``, run the moved-scale check again at those scales.
         submodule: Convert only this part (a dotted path such as ``"backbone"``), at its own
@@ -469,7 +511,7 @@ def convert(
         TraceError: the model cannot be traced (names the module, the line and the fix).
         TieError: resolutions cannot be kept equal, or the result breaks when scales move; its
             ``category`` says why (fixed position embedding, fixed-size head, ...) and ``node`` where.
-        ConversionError: not a 2-D CNN, already converted, or fails at ``input_size``.
+        ConversionError: resizes more axes than ``input_size`` has, already converted, or fails at ``input_size``.
         OptionError: bad options (names, sizes, scales); a ``ValueError``.
     """
     if submodule is not None:
@@ -491,11 +533,12 @@ def convert(
     if anchors is not None:
         raise OptionError("anchors applies to a converted part (submodule=...): a whole-model conversion has none")
     # Misuse (a model name, input_size (64.5, 64) or (True, True), sizes below 2) fails here.
-    h, w = check_convert_args(model, input_size, sizes)
+    size = check_convert_args(model, input_size, sizes)
+    ndim = len(size)
     if head not in HEADS:
         raise OptionError(f"head must be one of {HEADS}, got {head!r}")
     leaf_modules = tuple(leaf_modules)
-    _refuse_unsupported(model)
+    _refuse_unsupported(model, len(size))
     model = copy.deepcopy(model)
     try:
         views = _trace_modes(model, leaf_modules)
@@ -503,11 +546,11 @@ def convert(
         raise with_part_hint(err, model) from err.__cause__
     first = next(iter(model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
-    in_chans = infer_in_chans(model)
-    pools: dict[str, DynOPool2d] = {}
+    in_chans = infer_in_chans(model, ndim=ndim)
+    pools: dict[str, DynOPoolNd] = {}
     modes = ["training", "eval"] if len(views) == 2 else [None]
     plans = [
-        _prepare(view, (h, w), in_chans, device, placement, patchify, pools, mode)
+        _prepare(view, size, in_chans, device, placement, patchify, pools, mode)
         for view, mode in zip(views, modes, strict=True)
     ]
     for view, plan in zip(views, plans, strict=True):  # after every graph's shapes: the rewrite changes modules
@@ -523,8 +566,8 @@ def convert(
         TieFinder(
             view,
             [s.name for s in plan.sites],
-            {s.name: (1 / exact[s.name][0][0], 1 / exact[s.name][0][1]) for s in sites},
-            (h, w),
+            {s.name: tuple(1 / r for r in exact[s.name][0]) for s in sites},
+            size,
             in_chans,
             device,
             lambda n, view=view: upsample_factor(n, dict(view.named_modules())),  # type: ignore[misc]
@@ -548,7 +591,7 @@ def convert(
         s.index = i
     groups = [[index[n] for n in g] for g in named_groups]
     defaults = {index[n]: exact[g[0]][0] for g in named_groups for n in g}
-    scales = _resolve_scales(sites, groups, defaults, init_scale, overrides)
+    scales = _resolve_scales(sites, groups, defaults, init_scale, overrides, ndim)
     for s in sites:
         pools[s.name].set_scale(scales[s.index])
     for g in named_groups:
@@ -562,16 +605,16 @@ def convert(
     if hasattr(model, "feature_info"):  # a timm features_only model: reductions that follow the learned sizes
         from .features import attach_feature_info
 
-        attach_feature_info(model, gm, (h, w))
+        attach_feature_info(model, gm, size)
     by_index = {s.index: pools[s.name] for s in sites}
     if sizes is not None:
-        example = torch.zeros(1, in_chans, h, w, device=device, dtype=first.dtype if first is not None else None)
+        example = torch.zeros(1, in_chans, *size, device=device, dtype=first.dtype if first is not None else None)
         _apply_sizes(gm, by_index, groups, sizes, example)
     if check and sites and (init_scale is not None or overrides or sizes is not None):
         moved = {s.name: pools[s.name].alpha.detach().cpu().tolist() for s in sites}
         with eval_mode(model):
             for finder in finders:
-                finder.check({name: (float(a[0]), float(a[1])) for name, a in moved.items()})
+                finder.check({name: tuple(float(v) for v in a) for name, a in moved.items()})
 
     for view in views:
         for node in view.graph.nodes:
@@ -581,7 +624,7 @@ def convert(
     group_of = {i: g for g, members in enumerate(groups) for i in members}
     src = source.to_dict() if hasattr(source, "to_dict") else (dict(source) if source is not None else None)
     name = f"{src['library']}:{src['name']}" if src else type(model).__name__
-    report = ConversionReport(name, (h, w), placement, resized_to_partner=[r for f in finders for r in f.resized])
+    report = ConversionReport(name, size, placement, resized_to_partner=[r for f in finders for r in f.resized])
     report.adapted_heads = [a for f in finders for a in f.adapted]
     report.limits = {k: v for f in finders for k, v in f.limits.items()}
     for s in sites:
@@ -592,9 +635,9 @@ def convert(
         if scales[s.index] != scale:
             note = ""
             if init_scale is None and not overrides and sizes is None and n_in:
-                got = pool_size(n_in, (1 / scales[s.index][0], 1 / scales[s.index][1]))
+                got = pool_size(n_in, tuple(1 / r for r in scales[s.index]))
                 if got != original_out[s.name]:
-                    note = f"tied to {leader.name}: init output {got[0]}x{got[1]}, original {original_out[s.name]}"
+                    note = f"tied to {leader.name}: init output {_shown(got)}, original {original_out[s.name]}"
         report.replacements.append(
             Replacement(
                 name=s.primary.name,
@@ -618,12 +661,12 @@ def convert(
     rows = report.to_dict()
     gm.meta[RECIPE_KEY] = Recipe(
         source=ModelSource.from_dict(src) if src else None,
-        input_size=(h, w),
+        input_size=size,
         options=RecipeOptions(
             placement=placement,
-            init_scale=_pair(init_scale, "init_scale") if init_scale is not None else None,
-            overrides={k: _pair(v, k) for k, v in (overrides or {}).items()},
-            sizes=[(int(a), int(b)) for a, b in (_pair(v, "sizes") for v in sizes)] if sizes is not None else None,
+            init_scale=_axes(init_scale, "init_scale", ndim) if init_scale is not None else None,
+            overrides={k: _axes(v, k, ndim) for k, v in (overrides or {}).items()},
+            sizes=[tuple(int(a) for a in _axes(v, "sizes", ndim)) for v in sizes] if sizes is not None else None,
             leaf_modules=[_leaf_to_json(s) for s in leaf_modules],
             patchify=patchify,
             head=head,

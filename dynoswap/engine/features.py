@@ -17,10 +17,10 @@ import torch
 from timm.models._features import FeatureInfo
 from torch import nn
 
-from ..layers import DynOPool2d
+from ..layers import DynOPoolNd
 
 
-def _feature_sizes(model: nn.Module, input_size: tuple[int, int]) -> list[tuple[int, int]] | None:
+def _feature_sizes(model: nn.Module, input_size: tuple[int, ...]) -> list[tuple[int, ...]] | None:
     """Spatial size of each output of ``model`` at ``input_size`` (a list or dict of maps); None otherwise."""
     from ..cost.count import eval_mode, example_input
 
@@ -32,7 +32,7 @@ def _feature_sizes(model: nn.Module, input_size: tuple[int, int]) -> list[tuple[
     return [(int(m.shape[-2]), int(m.shape[-1])) for m in maps]
 
 
-def attach_feature_info(original: nn.Module, converted: nn.Module, input_size: tuple[int, int]) -> None:
+def attach_feature_info(original: nn.Module, converted: nn.Module, input_size: tuple[int, ...]) -> None:
     """Give ``converted`` a :class:`LearnedFeatureInfo` when ``original`` is a timm feature extractor."""
     info = getattr(original, "feature_info", None)
     if isinstance(info, FeatureInfo):
@@ -41,14 +41,14 @@ def attach_feature_info(original: nn.Module, converted: nn.Module, input_size: t
 
 def _alphas(model: nn.Module) -> tuple[float, ...]:
     return tuple(
-        float(v) for m in model.modules() if isinstance(m, DynOPool2d) and m.leader is m for v in m.alpha.detach()
+        float(v) for m in model.modules() if isinstance(m, DynOPoolNd) and m.leader is m for v in m.alpha.detach()
     )
 
 
 class LearnedFeatureInfo(FeatureInfo):
     """timm ``FeatureInfo`` whose ``reduction`` is measured on the converted model at its current scales."""
 
-    def __init__(self, info: FeatureInfo, model: nn.Module, input_size: tuple[int, int]) -> None:
+    def __init__(self, info: FeatureInfo, model: nn.Module, input_size: tuple[int, ...]) -> None:
         super().__init__(copy.deepcopy(info.info), info.out_indices)
         self.model = model
         self.input_size = (int(input_size[0]), int(input_size[1]))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..graph import node_label
-from ..layers import DynOPool2d
+from ..layers import DynOPoolNd
 
 
 @dataclass
@@ -27,21 +27,26 @@ class Resizer:
         node: The fx node.
         kind: ``"pool"``, ``"conv"`` or ``"patchify"`` (a conv whose kernel equals its stride).
         op: What it was (module class or function name).
-        stride: (s_h, s_w).
-        kernel: (k_h, k_w).
+        stride: One per spatial axis, e.g. (s_h, s_w); its length is the op's dimension.
+        kernel: One per spatial axis.
         aggregate: DynOPool aggregate that matches the op (``"max"`` or ``"mean"``).
-        padding: (p_h, p_w), or a padding string (``"same"``).
+        padding: One per spatial axis, or a padding string (``"same"``).
         ceil_mode: A pool that rounds its output size up.
     """
 
     node: fx.Node
     kind: str
     op: str
-    stride: tuple[int, int]
-    kernel: tuple[int, int]
+    stride: tuple[int, ...]
+    kernel: tuple[int, ...]
     aggregate: str = "max"
-    padding: tuple[int, int] | str = (0, 0)
+    padding: tuple[int, ...] | str = (0, 0)
     ceil_mode: bool = False
+
+    @property
+    def ndim(self) -> int:
+        """Spatial axes the op resizes (1, 2 or 3)."""
+        return len(self.stride)
 
     @property
     def name(self) -> str:
@@ -92,51 +97,84 @@ def register_function(*targets: Any) -> Callable[[FunctionHandler], FunctionHand
     return deco
 
 
-def _pair(value: Any) -> tuple[int, int]:
+def _ntuple(value: Any, ndim: int) -> tuple[int, ...]:
+    """``value`` (a number, or one value per axis, or one value for all) as ``ndim`` ints."""
     if isinstance(value, int):
-        return value, value
-    values = tuple(value)
-    return (int(values[0]), int(values[0])) if len(values) == 1 else (int(values[0]), int(values[1]))
+        return (value,) * ndim
+    values = tuple(int(v) for v in value)
+    return values * ndim if len(values) == 1 else values
 
 
 def _pool_found(
-    node: fx.Node, op: str, kernel: Any, stride: Any, aggregate: str, padding: Any = 0, ceil_mode: Any = False
+    node: fx.Node,
+    op: str,
+    ndim: int,
+    kernel: Any,
+    stride: Any,
+    aggregate: str,
+    padding: Any = 0,
+    ceil_mode: Any = False,
 ) -> Found:
     if any(isinstance(v, fx.Node) for v in (kernel, stride, padding, ceil_mode)) or kernel is None:
         return Skip(node, op, "kernel or stride is computed at run time")
     stride = kernel if stride is None or stride == [] or stride == () else stride
-    s, k = _pair(stride), _pair(kernel)
-    if s == (1, 1):
+    s, k = _ntuple(stride, ndim), _ntuple(kernel, ndim)
+    if all(v == 1 for v in s):
         return None
-    return Resizer(node, "pool", op, s, k, aggregate, _pair(padding), bool(ceil_mode))
+    return Resizer(node, "pool", op, s, k, aggregate, _ntuple(padding, ndim), bool(ceil_mode))
 
 
-@register_module(nn.MaxPool2d)
+#: Spatial axes of each pool and conv module type the engine rewrites.
+MODULE_NDIM: dict[type, int] = {
+    **dict.fromkeys((nn.MaxPool1d, nn.AvgPool1d, nn.Conv1d), 1),
+    **dict.fromkeys((nn.MaxPool2d, nn.AvgPool2d, nn.Conv2d), 2),
+    **dict.fromkeys((nn.MaxPool3d, nn.AvgPool3d, nn.Conv3d), 3),
+}
+
+
+def _module_ndim(m: nn.Module) -> int:
+    return next(MODULE_NDIM[cls] for cls in type(m).__mro__ if cls in MODULE_NDIM)
+
+
 def _max_pool_module(node: fx.Node, m: nn.Module) -> Found:
-    return _pool_found(node, type(m).__name__, m.kernel_size, m.stride, "max", m.padding, m.ceil_mode)
+    return _pool_found(node, type(m).__name__, _module_ndim(m), m.kernel_size, m.stride, "max", m.padding, m.ceil_mode)
 
 
-@register_module(nn.AvgPool2d)
 def _avg_pool_module(node: fx.Node, m: nn.Module) -> Found:
-    return _pool_found(node, type(m).__name__, m.kernel_size, m.stride, "mean", m.padding, m.ceil_mode)
+    ndim = _module_ndim(m)
+    return _pool_found(node, type(m).__name__, ndim, m.kernel_size, m.stride, "mean", m.padding, m.ceil_mode)
 
 
 def _adaptive(node: fx.Node, m: nn.Module) -> Found:
     return Skip(node, type(m).__name__, "adaptive/global pool: fixed output size, kept")
 
 
-register_module(nn.AdaptiveAvgPool2d)(_adaptive)
-register_module(nn.AdaptiveMaxPool2d)(_adaptive)
-
-
-@register_module(nn.Conv2d)
 def _conv_module(node: fx.Node, m: nn.Module) -> Found:
-    s, k = _pair(m.stride), _pair(m.kernel_size)
-    if s == (1, 1):
+    ndim = _module_ndim(m)
+    s, k = _ntuple(m.stride, ndim), _ntuple(m.kernel_size, ndim)
+    if all(v == 1 for v in s):
         return None
-    padding = m.padding if isinstance(m.padding, str) else _pair(m.padding)
-    patchify = k == s and padding in ((0, 0), "valid")
+    padding = m.padding if isinstance(m.padding, str) else _ntuple(m.padding, ndim)
+    patchify = k == s and (padding == "valid" or padding == (0,) * ndim)
     return Resizer(node, "patchify" if patchify else "conv", type(m).__name__, s, k, "max", padding)
+
+
+_cls: type
+for _cls in (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d):
+    register_module(_cls)(_max_pool_module)
+for _cls in (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d):
+    register_module(_cls)(_avg_pool_module)
+for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    register_module(_cls)(_conv_module)
+for _cls in (
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+):
+    register_module(_cls)(_adaptive)
 
 
 def _arg(node: fx.Node, index: int, key: str, default: Any = None) -> Any:
@@ -145,38 +183,57 @@ def _arg(node: fx.Node, index: int, key: str, default: Any = None) -> Any:
     return node.kwargs.get(key, default)
 
 
-@register_function(F.max_pool2d, torch.max_pool2d)
-def _max_pool_fn(node: fx.Node) -> Found:
-    return _pool_found(
-        node,
-        "max_pool2d",
-        _arg(node, 1, "kernel_size"),
-        _arg(node, 2, "stride"),
-        "max",
-        _arg(node, 3, "padding", 0),
-        _arg(node, 5, "ceil_mode", False),
-    )
+def _max_pool_fn(ndim: int, name: str) -> FunctionHandler:
+    def handler(node: fx.Node) -> Found:
+        return _pool_found(
+            node,
+            name,
+            ndim,
+            _arg(node, 1, "kernel_size"),
+            _arg(node, 2, "stride"),
+            "max",
+            _arg(node, 3, "padding", 0),
+            _arg(node, 5, "ceil_mode", False),
+        )
+
+    return handler
 
 
-@register_function(F.avg_pool2d, torch._C._nn.avg_pool2d)
-def _avg_pool_fn(node: fx.Node) -> Found:
-    return _pool_found(
-        node,
-        "avg_pool2d",
-        _arg(node, 1, "kernel_size"),
-        _arg(node, 2, "stride"),
-        "mean",
-        _arg(node, 3, "padding", 0),
-        _arg(node, 4, "ceil_mode", False),
-    )
+def _avg_pool_fn(ndim: int, name: str) -> FunctionHandler:
+    def handler(node: fx.Node) -> Found:
+        return _pool_found(
+            node,
+            name,
+            ndim,
+            _arg(node, 1, "kernel_size"),
+            _arg(node, 2, "stride"),
+            "mean",
+            _arg(node, 3, "padding", 0),
+            _arg(node, 4, "ceil_mode", False),
+        )
+
+    return handler
 
 
-@register_function(F.conv2d, torch.conv2d)
-def _conv_fn(node: fx.Node) -> Found:
-    stride = _arg(node, 3, "stride", 1)
-    if isinstance(stride, fx.Node) or _pair(stride) != (1, 1):
-        return Skip(node, "conv2d", "functional strided conv2d: its weight is not a module the engine can rewrite")
-    return None
+def _conv_fn(ndim: int, name: str) -> FunctionHandler:
+    def handler(node: fx.Node) -> Found:
+        stride = _arg(node, 3, "stride", 1)
+        if isinstance(stride, fx.Node) or any(v != 1 for v in _ntuple(stride, ndim)):
+            return Skip(node, name, f"functional strided {name}: its weight is not a module the engine can rewrite")
+        return None
+
+    return handler
+
+
+register_function(F.max_pool1d, torch.max_pool1d)(_max_pool_fn(1, "max_pool1d"))
+register_function(F.max_pool2d, torch.max_pool2d)(_max_pool_fn(2, "max_pool2d"))
+register_function(F.max_pool3d, torch.max_pool3d)(_max_pool_fn(3, "max_pool3d"))
+register_function(F.avg_pool1d, torch.avg_pool1d)(_avg_pool_fn(1, "avg_pool1d"))
+register_function(F.avg_pool2d, torch._C._nn.avg_pool2d)(_avg_pool_fn(2, "avg_pool2d"))
+register_function(F.avg_pool3d, torch._C._nn.avg_pool3d)(_avg_pool_fn(3, "avg_pool3d"))
+register_function(F.conv1d, torch.conv1d)(_conv_fn(1, "conv1d"))
+register_function(F.conv2d, torch.conv2d)(_conv_fn(2, "conv2d"))
+register_function(F.conv3d, torch.conv3d)(_conv_fn(3, "conv3d"))
 
 
 def _module_handler(m: nn.Module) -> ModuleHandler | None:
@@ -186,10 +243,11 @@ def _module_handler(m: nn.Module) -> ModuleHandler | None:
     return None
 
 
-def find_resizers(gm: fx.GraphModule) -> tuple[list[Resizer], list[Skip]]:
+def find_resizers(gm: fx.GraphModule, ndim: int | None = None) -> tuple[list[Resizer], list[Skip]]:
     """Every resizer and every skipped resizing op of ``gm``, in graph order.
 
-    Resizers hidden inside leaf modules are reported as skipped.
+    Resizers hidden inside leaf modules are reported as skipped, and so are resizers of another
+    dimension than ``ndim`` (the input's spatial axes), e.g. a strided Conv1d over a 2-D model's tokens.
     """
     resizers: list[Resizer] = []
     skipped: list[Skip] = []
@@ -198,7 +256,7 @@ def find_resizers(gm: fx.GraphModule) -> tuple[list[Resizer], list[Skip]]:
         found: Found = None
         if node.op == "call_module":
             m = modules[node.target]
-            if isinstance(m, DynOPool2d):
+            if isinstance(m, DynOPoolNd):
                 continue
             handler = _module_handler(m)
             if handler is not None:
@@ -207,6 +265,8 @@ def find_resizers(gm: fx.GraphModule) -> tuple[list[Resizer], list[Skip]]:
                 found = Skip(node, type(m).__name__, "resizer inside a leaf module (not traced through)")
         elif node.op == "call_function" and node.target in FUNCTION_RESIZERS:
             found = FUNCTION_RESIZERS[node.target](node)
+        if isinstance(found, Resizer) and ndim is not None and found.ndim != ndim:
+            found = Skip(node, found.op, f"{found.ndim}-D resizer in a {ndim}-D model: kept")
         if isinstance(found, Resizer):
             resizers.append(found)
         elif isinstance(found, Skip):
@@ -216,4 +276,6 @@ def find_resizers(gm: fx.GraphModule) -> tuple[list[Resizer], list[Skip]]:
 
 def _is_strided(m: nn.Module) -> bool:
     stride = getattr(m, "stride", None)
-    return stride is not None and isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)) and _pair(stride) != (1, 1)
+    if stride is None or not isinstance(m, tuple(MODULE_NDIM)):
+        return False
+    return any(v != 1 for v in _ntuple(stride, _module_ndim(m)))

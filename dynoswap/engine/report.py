@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -37,11 +38,11 @@ class Replacement:
     was: dict[str, Any]
     rule: str
     dynopool: str
-    init_scale: tuple[float, float]
+    init_scale: tuple[float, ...]
     group: int
     merged: list[dict[str, Any]] = field(default_factory=list)
     cost_note: str = ""
-    original_out: tuple[int, int] | None = None
+    original_out: tuple[int, ...] | None = None
     note: str = ""
 
 
@@ -54,16 +55,19 @@ class Skipped:
     reason: str
 
 
+def _once(values: Sequence[Any]) -> str:
+    """One value when every axis has it, else one per axis: ``2``, ``1x2x2``."""
+    return str(values[0]) if len(set(values)) == 1 else "x".join(map(str, values))
+
+
 def _describe(was: dict[str, Any]) -> str:
     """``MaxPool2d 3x3/2 pad 1 ceil``: op, kernel, stride, then padding and ceil_mode where set."""
-    (kh, kw), (sh, sw) = was["kernel"], was["stride"]
-    stride = f"{sh}" if sh == sw else f"{sh}x{sw}"
-    text = f"{was['op']} {kh}x{kw}/{stride}"
+    text = f"{was['op']} {'x'.join(map(str, was['kernel']))}/{_once(was['stride'])}"
     padding = was.get("padding", [0, 0])
     if isinstance(padding, str):
         text += f" pad {padding}"
     elif any(padding):
-        text += f" pad {padding[0]}" if padding[0] == padding[1] else f" pad {padding[0]}x{padding[1]}"
+        text += f" pad {_once(padding)}"
     if was.get("ceil_mode"):
         text += " ceil"
     return text
@@ -75,7 +79,7 @@ class ConversionReport:
 
     Attributes:
         model: Name of the converted model.
-        input_size: The conversion's (H, W).
+        input_size: The conversion's input size: (L,), (H, W) or (T, H, W).
         placement: ``post`` or ``pre``.
         replacements: One row per DynOPool.
         skipped: Resizing ops left unchanged, with the reason.
@@ -88,7 +92,7 @@ class ConversionReport:
     """
 
     model: str
-    input_size: tuple[int, int]
+    input_size: tuple[int, ...]
     placement: str
     replacements: list[Replacement] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
@@ -137,7 +141,7 @@ class ConversionReport:
 
         from ..display import MIN_NAME_WIDTH, Name
 
-        part = f" {self.submodule} ({self.input_size[0]}x{self.input_size[1]} input)" if self.submodule else ""
+        part = f" {self.submodule} ({'x'.join(map(str, self.input_size))} input)" if self.submodule else ""
         title = f"{self.model}{part}: {self.num_dynopools} DynOPool, {self.num_alphas} alpha ({self.placement})"
         # A DynOPool is named after its node; the column appears only when some name says more.
         named = any(rep.dynopool != f"{rep.name}{DYNOPOOL_SUFFIX}" for rep in self.replacements)
@@ -161,11 +165,8 @@ class ConversionReport:
         for rep in self.replacements:
             notes_of = ["merged " + ", ".join(m["name"] for m in rep.merged)] if rep.merged else []
             note = "; ".join([*notes_of, *([rep.note] if rep.note else [])])
-            scale = (
-                f"{rep.init_scale[0]:.4g}"
-                if rep.init_scale[0] == rep.init_scale[1]
-                else "{:.4g}x{:.4g}".format(*rep.init_scale)
-            )
+            scales = [f"{r:.4g}" for r in rep.init_scale]
+            scale = scales[0] if len(set(scales)) == 1 else "x".join(scales)
             dynopool = [Name(rep.dynopool, suffix=DYNOPOOL_SUFFIX)] if named else []
             table.add_row(Name(rep.name), _describe(rep.was), rep.rule, *dynopool, scale, str(rep.group), Text(note))
         for skip in self.skipped:

@@ -1,4 +1,4 @@
-"""Rules that replace resizers by DynOPool2d, and merging of consecutive resizers.
+"""Rules that replace resizers by DynOPool (1-d, 2-d or 3-d, as the resizer), and merging of consecutive resizers.
 
 Rules (paper 4.4, supplement 1.1):
 
@@ -10,7 +10,9 @@ Rules (paper 4.4, supplement 1.1):
 * ``patchify_post``: a conv whose kernel equals its stride, handled like ``conv_post``.
 
 Pools reached from a site through size-preserving ops only are merged into it (init scale
-multiplied): ResNet's stem conv_s2 -> bn -> relu -> maxpool_s2 is one DynOPool at 0.25.
+multiplied): ResNet's stem conv_s2 -> bn -> relu -> maxpool_s2 is one DynOPool at 0.25. So is a
+strided conv that resizes only axes the site does not (a factorised conv: R(2+1)D's (1, 2, 2)
+spatial conv, then its (2, 1, 1) temporal one is one DynOPool at 0.5 per axis).
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ SIZE_PRESERVING_MODULES: tuple[type, ...] = (
     nn.GroupNorm,
     nn.modules.instancenorm._InstanceNorm,
     nn.Dropout,
+    nn.Dropout1d,
     nn.Dropout2d,
+    nn.Dropout3d,
     nn.Identity,
 )
 # Modules from these packages are elementwise activations or norm+act blocks.
@@ -83,37 +87,34 @@ def is_size_preserving(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
 
 
 # -- making a strided conv run at stride 1 with size-preserving padding ----------
-def _same_padding_ints(m: nn.Conv2d) -> tuple[int, int] | None:
-    totals = [d * (k - 1) for k, d in zip(m.kernel_size, m.dilation, strict=True)]
-    if any(t % 2 for t in totals):
-        return None
-    return totals[0] // 2, totals[1] // 2
-
-
-def _stride1_conv(m: nn.Conv2d) -> tuple[int, int, int, int] | None:
-    m.stride = (1, 1)
+def _stride1_conv(m: nn.modules.conv._ConvNd) -> tuple[int, ...] | None:
+    """Any-dimensional conv at stride 1 with 'same' padding; F.pad's (last axis first) padding when uneven."""
+    ndim = len(m.kernel_size)
+    m.stride = (1,) * ndim
     if getattr(m, "same_pad", False):  # timm Std/ScaledStdConv2dSame pad from stride at run time
         return None
-    pad = _same_padding_ints(m)
-    if pad is not None:
+    totals = [d * (k - 1) for k, d in zip(m.kernel_size, m.dilation, strict=True)]
+    if not any(t % 2 for t in totals):
+        pad = tuple(t // 2 for t in totals)
         m.padding = pad
         if m.padding_mode != "zeros":
-            m._reversed_padding_repeated_twice = [pad[1], pad[1], pad[0], pad[0]]
+            m._reversed_padding_repeated_twice = [p for p in reversed(pad) for _ in (0, 1)]
         return None
     # Even kernel: asymmetric padding (less on the left/top, like padding='same'), done by an F.pad node.
-    totals = [d * (k - 1) for k, d in zip(m.kernel_size, m.dilation, strict=True)]
-    m.padding = (0, 0)
+    m.padding = (0,) * ndim
     if m.padding_mode != "zeros":
-        m._reversed_padding_repeated_twice = [0, 0, 0, 0]
-    return totals[1] // 2, totals[1] - totals[1] // 2, totals[0] // 2, totals[0] - totals[0] // 2
+        m._reversed_padding_repeated_twice = [0] * (2 * ndim)
+    return tuple(v for t in reversed(totals) for v in (t // 2, t - t // 2))
 
 
 def _stride1_conv_dynamic_same(m: nn.Conv2d) -> None:
     m.stride = (1, 1)  # timm Conv2dSame computes 'same' padding from the stride in forward
 
 
-# Each rule returns explicit (left, right, top, bottom) input padding to insert, or None.
-STRIDE_ONE: dict[type, Callable[[Any], tuple[int, int, int, int] | None]] = {nn.Conv2d: _stride1_conv}
+# Each rule returns explicit F.pad input padding to insert (last axis first), or None.
+STRIDE_ONE: dict[type, Callable[[Any], tuple[int, ...] | None]] = dict.fromkeys(
+    (nn.Conv1d, nn.Conv2d, nn.Conv3d), _stride1_conv
+)
 
 
 @functools.cache
@@ -154,7 +155,7 @@ class Site:
         merged: Pools merged into the site (removed).
         anchor: For post/pool rules the DynOPool goes right after this node.
         name: Module path of the DynOPool.
-        init_scale: (r_h, r_w) before overrides.
+        init_scale: One scale per axis, e.g. (r_h, r_w), before overrides.
     """
 
     index: int
@@ -163,7 +164,7 @@ class Site:
     merged: list[Resizer] = field(default_factory=list)
     anchor: fx.Node | None = None
     name: str = ""
-    init_scale: tuple[float, float] = (0.5, 0.5)
+    init_scale: tuple[float, ...] = (0.5, 0.5)
     aggregate: str = "max"
 
     @property
@@ -179,11 +180,27 @@ def _single_user(node: fx.Node) -> fx.Node | None:
     return None
 
 
+def _strided_axes(resizers: list[Resizer]) -> set[int]:
+    return {axis for r in resizers for axis, s in enumerate(r.stride) if s != 1}
+
+
 def _walk(
-    start: fx.Node, pools: dict[fx.Node, Resizer], modules: dict[str, nn.Module], taken: set[fx.Node]
+    start: fx.Node,
+    pools: dict[fx.Node, Resizer],
+    modules: dict[str, nn.Module],
+    taken: set[fx.Node],
+    convs: dict[fx.Node, Resizer] | None = None,
+    first: Resizer | None = None,
 ) -> tuple[fx.Node, list[Resizer]]:
-    """From ``start``, follow single-user size-preserving ops; return (last op before a pool, pools met)."""
+    """From ``start``, follow single-user size-preserving ops; return (last op before a pool, pools met).
+
+    With ``convs``, a strided conv met on the way that resizes only axes the site does not yet resize
+    is merged too (a factorised conv, R(2+1)D's spatial then temporal stride): it runs at stride 1 and
+    the site's DynOPool goes after it and its activation, so a residual block keeps one DynOPool per
+    branch, which tying can equate with its shortcut's.
+    """
     node, anchor, merged = start, start, []
+    pool_met = False
     while True:
         nxt = _single_user(node)
         if nxt is None:
@@ -191,8 +208,19 @@ def _walk(
         if nxt in pools and nxt not in taken:
             merged.append(pools[nxt])
             taken.add(nxt)
+            pool_met = True
+        elif (
+            convs is not None
+            and first is not None
+            and nxt in convs
+            and nxt not in taken
+            and not _strided_axes([convs[nxt]]) & _strided_axes([first, *merged])
+        ):
+            merged.append(convs[nxt])
+            taken.add(nxt)
+            anchor, pool_met = nxt, False
         elif is_size_preserving(nxt, modules):
-            if not merged:
+            if not pool_met:
                 anchor = nxt
         else:
             break
@@ -200,10 +228,8 @@ def _walk(
     return anchor, merged
 
 
-def _scale(resizers: list[Resizer]) -> tuple[float, float]:
-    r_h = math.prod(1.0 / r.stride[0] for r in resizers)
-    r_w = math.prod(1.0 / r.stride[1] for r in resizers)
-    return r_h, r_w
+def _scale(resizers: list[Resizer]) -> tuple[float, ...]:
+    return tuple(math.prod(1.0 / r.stride[axis] for r in resizers) for axis in range(len(resizers[0].stride)))
 
 
 def plan_sites(
@@ -220,6 +246,7 @@ def plan_sites(
         raise OptionError(f"patchify must be one of {PATCHIFY}, got {patchify!r}")
     modules = dict(gm.named_modules())
     pools = {r.node: r for r in resizers if r.kind == "pool"}
+    convs = {r.node: r for r in resizers if r.kind == "conv"}
     taken: set[fx.Node] = set()
     sites: list[Site] = []
     kept: list[tuple[Resizer, str]] = []
@@ -237,7 +264,7 @@ def plan_sites(
             site.rule = "conv_pre" if r.kind == "conv" else "patchify_pre"
         else:
             site.rule = "conv_post" if r.kind == "conv" else "patchify_post"
-            site.anchor, site.merged = _walk(r.node, pools, modules, taken)
+            site.anchor, site.merged = _walk(r.node, pools, modules, taken, convs if r.kind == "conv" else None, r)
         site.init_scale = _scale(site.resizers)
         site.name = f"{node_label(r.node)}{DYNOPOOL_SUFFIX}"
         sites.append(site)
@@ -282,6 +309,9 @@ def apply_sites(gm: fx.GraphModule, sites: list[Site], modules_by_site: Mapping[
             anchor.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)  # type: ignore[misc]
         for merged in site.merged:
             node = merged.node
+            if merged.kind == "conv":  # a factorised conv's second stride: it runs at stride 1 too
+                make_stride_one(gm, node)
+                continue
             source = node.args[0]
             assert isinstance(source, fx.Node)
             node.replace_all_uses_with(source)
@@ -315,11 +345,11 @@ def upsample_factor(node: fx.Node, modules: dict[str, nn.Module]) -> dict[str, A
 
 
 def resize_to_partner(gm: fx.GraphModule, upsample: fx.Node, partner: fx.Node, options: dict[str, Any]) -> fx.Node:
-    """Replace ``upsample`` by ``F.interpolate(x, size=partner.shape[-2:], same mode)``."""
+    """Replace ``upsample`` by ``F.interpolate(x, size=partner.shape[2:], same mode)``."""
     graph = gm.graph
     with graph.inserting_before(upsample):
         shape = graph.call_function(getattr, (partner, "shape"))
-        size = graph.call_function(operator.getitem, (shape, slice(-2, None)))
+        size = graph.call_function(operator.getitem, (shape, slice(2, None)))
         kwargs = {"size": size, "mode": options["mode"]}
         if options.get("align_corners") is not None:
             kwargs["align_corners"] = options["align_corners"]

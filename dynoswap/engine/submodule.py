@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import ConversionError, OptionError
 from ..io.recipe import ANCHORS, RECIPE_KEY, Recipe, part_of, raw_recipe_of, walk_part
-from ..layers import DynOPool2d
+from ..layers import DynOPoolNd
 from ..sources import ModelSource
 from ..validate import check_submodule_path
 from .report import ConversionReport
@@ -104,7 +104,7 @@ def with_part_hint(err: TraceError, model: nn.Module) -> TraceError:
 
 def _refuse_converted(model: nn.Module) -> None:
     path = part_of(model)
-    if raw_recipe_of(model) is not None or any(isinstance(m, DynOPool2d) for m in model.modules()):
+    if raw_recipe_of(model) is not None or any(isinstance(m, DynOPoolNd) for m in model.modules()):
         where = f" (its part '{path}')" if path else ""
         raise TieError(f"this model is already converted{where}: train it as it is, or convert the original", ALREADY)
 

@@ -43,7 +43,7 @@ FIXED_HEAD = "fixed-size head"
 FIXED_INPUT = "fixed input size"
 UNTIEABLE = "untieable merge"
 BREAKS = "breaks when scales move"
-NOT_2D = "not a 2-D CNN"
+OTHER_DIM = "other dimension"
 ALREADY = "already converted"
 
 MAX_PASSES = 64
@@ -56,7 +56,7 @@ class TieError(ConversionError):
     Attributes:
         category: One of the refusal categories (``fixed position embedding``, ``fixed window
             partition``, ``fixed-size head``, ``fixed input size``, ``untieable merge``, ``breaks when
-            scales move``, ``not a 2-D CNN``, ``already converted``).
+            scales move``, ``other dimension``, ``already converted``).
         node: The node where the model breaks.
     """
 
@@ -70,11 +70,12 @@ class _Restart(Exception):
     """The graph was rewritten (an upsampling now follows its partner, a head was adapted): run again."""
 
 
-def _source_4d(res: Resolution, node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """Find the last NCHW map on the single-input chain that ends in ``node``, and the next node of the chain."""
+def _source_map(res: Resolution, node: fx.Node, ndim: int) -> tuple[fx.Node, fx.Node] | None:
+    """Find the last (N, C, *spatial) map on the single-input chain that ends in ``node``, and the chain's next node."""
     child, current = node, node
+    spatial = tuple(range(2, ndim + 2))
     for _ in range(16):
-        if current is not node and len(res.shapes[current][0]) == 4 and res.dims[current] == (2, 3):
+        if current is not node and len(res.shapes[current][0]) == ndim + 2 and res.dims[current] == spatial:
             return current, child
         inputs = [a for a in tensor_inputs(current) if a in res.shapes and not res.is_const(a)]
         if len(inputs) != 1:
@@ -96,12 +97,12 @@ class TieFinder:
         gm: The converted graph (every DynOPool a call_module node, untied).
         names: DynOPool module names in execution order (the sites).
         base_alpha: Initial alpha of each DynOPool.
-        input_size: The conversion's (H, W).
+        input_size: The conversion's input size ((L,), (H, W) or (T, H, W)).
         in_chans: Input channels.
         device: Where ops without a meta kernel run.
         upsample_of: Interpolation options of a fixed-factor upsampling node, else None.
         resize: Rewrite an upsampling to take a partner's size (returns the new node).
-        adapt_head: Called with (flatten source node, its original (h, w)) to insert an adaptive
+        adapt_head: Called with (flatten source node, its original spatial size) to insert an adaptive
             pool; None refuses fixed-size heads.
         uf: Tie groups over DynOPool names to extend (shared by the graphs of a two-mode model).
     """
@@ -110,13 +111,13 @@ class TieFinder:
         self,
         gm: fx.GraphModule,
         names: Sequence[str],
-        base_alpha: dict[str, tuple[float, float]],
-        input_size: tuple[int, int],
+        base_alpha: dict[str, tuple[float, ...]],
+        input_size: tuple[int, ...],
         in_chans: int,
         device: torch.device,
         upsample_of: Callable[[fx.Node], dict[str, Any] | None],
         resize: Callable[[fx.Node, fx.Node, dict[str, Any]], Any],
-        adapt_head: Callable[[fx.Node, fx.Node, tuple[int, int]], None] | None = None,
+        adapt_head: Callable[[fx.Node, fx.Node, tuple[int, ...]], None] | None = None,
         uf: UnionFind | None = None,
     ) -> None:
         self.gm = gm
@@ -139,7 +140,7 @@ class TieFinder:
         self.total_unions = 0
 
     # -- the run ---------------------------------------------------------------
-    def alpha_of(self, name: str, module: nn.Module) -> tuple[tuple[float, float], Hashable]:
+    def alpha_of(self, name: str, module: nn.Module) -> tuple[tuple[float, ...], Hashable]:
         """Return the base alpha and current group of a DynOPool."""
         return self.base_alpha[name], self.uf.find(name)
 
@@ -170,7 +171,7 @@ class TieFinder:
         """DynOPool names per group, in execution order."""
         return [[str(name) for name in g] for g in self.uf.groups()]
 
-    def check(self, alphas: dict[str, tuple[float, float]], seed: int = 1) -> Resolution:
+    def check(self, alphas: dict[str, tuple[float, ...]], seed: int = 1) -> Resolution:
         """Run every world at the given alphas without tying anything; fail with the node named."""
         saved = self.base_alpha
         self.base_alpha = alphas
@@ -289,13 +290,14 @@ class TieFinder:
         """Refuse (or adapt) a flatten into a Linear and a fixed position embedding."""
         modules = dict(self.gm.named_modules())
         if _is_linear(node, modules) and live:
-            chain = _source_4d(res, node)
+            chain = _source_map(res, node, len(self.input_size))
             if chain is not None:
                 source, child = chain
-                h, w = res.shapes[source][0][-2:]
+                size = tuple(int(v) for v in res.shapes[source][0][2:])
+                shown = "×".join(map(str, size))
                 if self.adapt_head is not None:
                     self.adapted.append(node_label(node))
-                    self.adapt_head(source, child, (h, w))
+                    self.adapt_head(source, child, size)
                     raise _Restart
                 layer = modules.get(str(node.target))
                 what = (
@@ -304,9 +306,9 @@ class TieFinder:
                     else "a matmul"
                 )
                 raise TieError(
-                    f"'{node_label(node)}' flattens a {h}×{w} map ('{node_label(source)}') into {what}: its input size "
+                    f"'{node_label(node)}' flattens a {shown} map ('{node_label(source)}') into {what}: its input size "
                     "is fixed once scales move; convert with head='adapt' to pool the map to "
-                    f"{h}×{w} before the flatten",
+                    f"{shown} before the flatten",
                     FIXED_HEAD,
                     node_label(node),
                 )

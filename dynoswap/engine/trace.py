@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..layers import DynOPool2d
+from ..layers import DynOPoolNd
 from .report import ConversionError
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -19,15 +19,29 @@ _ENGINE_DIR = os.path.dirname(__file__)
 
 # Always leaves: the layer itself and every kind the engine rewrites or reads by module type.
 ALWAYS_LEAF: tuple[type[nn.Module], ...] = (
-    DynOPool2d,
+    DynOPoolNd,
+    nn.Conv1d,
     nn.Conv2d,
+    nn.Conv3d,
+    nn.MaxPool1d,
     nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
     nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
     nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
     nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
 )
 
 LeafSpec = str | type
+#: Convs and pools of every dimension: what makes a timm leaf worth tracing through.
+RESIZER_TYPES: tuple[type[nn.Module], ...] = tuple(
+    t for t in ALWAYS_LEAF if t is not DynOPoolNd and not t.__name__.startswith("Adaptive")
+)
 
 
 class TraceError(ConversionError):
@@ -51,7 +65,11 @@ def _contains_resizer(module: nn.Module) -> bool:
     # A timm leaf that holds strided convs/pools is traced through, so they can be rewritten.
     for sub in module.modules():
         stride = getattr(sub, "stride", None)
-        if isinstance(sub, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)) and stride not in (None, 1, (1, 1)):
+        if (
+            isinstance(sub, RESIZER_TYPES)
+            and stride is not None
+            and any(v != 1 for v in (stride if isinstance(stride, (tuple, list)) else (stride,)))
+        ):
             return True
     return False
 

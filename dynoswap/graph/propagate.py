@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 
-from ..layers import DynOPool2d
+from ..layers import DynOPoolNd
 from ..layers.sizing import output_size
 
 #: Modules that keep their input's shape, answered without running them (their meta kernels are slow).
@@ -49,11 +50,12 @@ SHAPE_KEEPING: tuple[type, ...] = (
 #: a shortcut with the op's own semantics: a shape that does not broadcast raises, as the op would.
 BROADCASTING: set[Any] = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul}
 
-Alpha = tuple[float, float]
+Alpha = tuple[float, ...]
 #: Most input elements an op without a meta kernel may run on for real (zeros) during the analysis.
 REAL_LIMIT = 1 << 22
-#: Input-size multipliers (h, w) of the moved worlds: larger, so late maps do not collapse to the minimum.
-WORLD_INPUTS = ((2.0, 1.5), (1.5, 2.0), (2.5, 2.25))
+#: Input-size multipliers per axis of the moved worlds: larger, so late maps do not collapse to the minimum;
+#: axis ``i`` of world ``k`` uses ``WORLD_INPUTS[k][i % 3]`` (1-D takes the first column, 3-D all three).
+WORLD_INPUTS = ((2.0, 1.5, 1.75), (1.5, 2.0, 2.25), (2.5, 2.25, 1.5))
 #: Alpha multipliers: each group is moved up on one axis and down on the other, then both at random.
 UP, DOWN = (1.12, 1.75), (0.55, 0.9)
 
@@ -63,22 +65,23 @@ class World:
     """One input size and one multiplier per tie group on its alpha.
 
     Attributes:
-        input_size: (H, W) of the input.
-        factors: Group key -> (f_h, f_w) multiplying the group's alpha (absent: 1).
+        input_size: Spatial size of the input: (L,), (H, W) or (T, H, W).
+        factors: Group key -> one factor per axis multiplying the group's alpha (absent: 1).
     """
 
-    input_size: tuple[int, int]
+    input_size: tuple[int, ...]
     factors: dict[Any, Alpha] = field(default_factory=dict)
 
 
-def make_worlds(input_size: tuple[int, int], groups: Sequence[Hashable], seed: int = 0) -> list[World]:
+def make_worlds(input_size: tuple[int, ...], groups: Sequence[Hashable], seed: int = 0) -> list[World]:
     """World 0 at the reference, then worlds moving each group's alpha independently per axis.
 
-    Factors are spread evenly over their interval and shuffled, so no two groups share one.
+    Factors are spread evenly over their interval and shuffled, so no two groups share one; in the
+    first two worlds neighbouring axes move in opposite directions, in the third each at random.
     """
     rng = random.Random(seed)
-    h, w = input_size
-    worlds = [World((h, w))]
+    ndim = len(input_size)
+    worlds = [World(tuple(input_size))]
     n = max(len(groups), 1)
 
     def spread(lo: float, hi: float) -> list[float]:
@@ -86,15 +89,15 @@ def make_worlds(input_size: tuple[int, int], groups: Sequence[Hashable], seed: i
         rng.shuffle(values)
         return values
 
-    patterns = [(UP, DOWN), (DOWN, UP), (None, None)]
-    for (mh, mw), (ph, pw) in zip(WORLD_INPUTS, patterns, strict=True):
-        if ph is None or pw is None:
-            fh = [rng.choice((rng.uniform(*UP), rng.uniform(*DOWN))) for _ in groups]
-            fw = [rng.choice((rng.uniform(*UP), rng.uniform(*DOWN))) for _ in groups]
+    patterns = [(UP, DOWN), (DOWN, UP), None]
+    for multipliers, pattern in zip(WORLD_INPUTS, patterns, strict=True):
+        if pattern is None:
+            per_axis = [[rng.choice((rng.uniform(*UP), rng.uniform(*DOWN))) for _ in groups] for _ in range(ndim)]
         else:
-            fh, fw = spread(*ph), spread(*pw)
-        factors = {g: (fh[i], fw[i]) for i, g in enumerate(groups)}
-        worlds.append(World((round(h * mh), round(w * mw)), factors))
+            per_axis = [spread(*pattern[axis % 2]) for axis in range(ndim)]
+        factors = {g: tuple(per_axis[axis][i] for axis in range(ndim)) for i, g in enumerate(groups)}
+        size = tuple(round(input_size[axis] * multipliers[axis % 3]) for axis in range(ndim))
+        worlds.append(World(size, factors))
     return worlds
 
 
@@ -140,7 +143,7 @@ class MetaParams:
 
     def __enter__(self) -> MetaParams:
         for module in self.root.modules():
-            if isinstance(module, DynOPool2d):
+            if isinstance(module, DynOPoolNd):
                 continue  # sizes are computed from the alpha values
             entries = []
             stores: tuple[dict[str, Any], ...] = (module._parameters, module._buffers)
@@ -208,6 +211,17 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
+def _mutable(value: Any) -> Any:
+    """Fx's immutable lists and dicts as plain ones, as the model's own code passes them (callees may mutate)."""
+    if isinstance(value, immutable_list):
+        return [_mutable(v) for v in value]
+    if isinstance(value, immutable_dict):
+        return {k: _mutable(v) for k, v in value.items()}
+    if type(value) is tuple:
+        return tuple(_mutable(v) for v in value)
+    return value
+
+
 def _to_meta(value: Any) -> Any:
     if isinstance(value, torch.Tensor) and not value.is_meta:
         return value.detach().to("meta")
@@ -216,10 +230,9 @@ def _to_meta(value: Any) -> Any:
     return value
 
 
-def pool_size(n_in: tuple[int, int], alpha: Alpha) -> tuple[int, int]:
-    """DynOPool output size for ``alpha`` (the layer's own rule, in float32 like its forward)."""
-    h, w = output_size(n_in, torch.tensor(alpha, dtype=torch.float32))
-    return h, w
+def pool_size(n_in: tuple[int, ...], alpha: Alpha) -> tuple[int, ...]:
+    """DynOPool output size for ``alpha`` (the layer's own rule, in float32 like its forward), per axis."""
+    return tuple(output_size(tuple(n_in), torch.tensor(alpha, dtype=torch.float32)))
 
 
 class WorldRunner:
@@ -237,7 +250,7 @@ class WorldRunner:
         self,
         gm: fx.GraphModule,
         worlds: Sequence[World],
-        alpha_of: Callable[[str, DynOPool2d], tuple[Alpha, Any]],
+        alpha_of: Callable[[str, DynOPoolNd], tuple[Alpha, Any]],
         in_chans: int,
         device: torch.device,
         batch: int = 2,
@@ -263,14 +276,14 @@ class WorldRunner:
     def args_in(self, node: fx.Node, world: int) -> tuple[tuple, dict]:
         """Return the node's args and kwargs in one world."""
         env = self.envs[world]
-        args = fx.node.map_arg(node.args, lambda a: env[a])
-        kwargs = fx.node.map_arg(node.kwargs, lambda a: env[a])
+        args = _mutable(fx.node.map_arg(node.args, lambda a: env[a]))
+        kwargs = _mutable(fx.node.map_arg(node.kwargs, lambda a: env[a]))
         return args, kwargs
 
     def input_value(self, world: int) -> torch.Tensor:
         """Return the meta input of one world."""
-        h, w = self.worlds[world].input_size
-        return torch.empty(self.batch, self.in_chans, h, w, device="meta", dtype=self.dtype)
+        size = self.worlds[world].input_size
+        return torch.empty(self.batch, self.in_chans, *size, device="meta", dtype=self.dtype)
 
     def compute(self, node: fx.Node, world: int, args: tuple, kwargs: dict) -> Any:
         """Evaluate one node in one world from given args (meta first, then for real)."""
@@ -290,11 +303,13 @@ class WorldRunner:
         if node.op == "call_module":
             module = self.modules[str(node.target)]
             x = args[0] if args else None
-            if isinstance(module, DynOPool2d) and isinstance(x, torch.Tensor):
+            if isinstance(module, DynOPoolNd) and isinstance(x, torch.Tensor):
                 alpha, key = self.alpha_of(str(node.target), module)
-                f_h, f_w = self.worlds[world].factors.get(key, (1.0, 1.0))
-                size = pool_size((int(x.shape[-2]), int(x.shape[-1])), (alpha[0] * f_h, alpha[1] * f_w))
-                return x.new_empty((*x.shape[:-2], *size))
+                nd = module.ndim
+                factors = self.worlds[world].factors.get(key, (1.0,) * nd)
+                moved = tuple(a * f for a, f in zip(alpha, factors, strict=True))
+                size = pool_size(tuple(int(v) for v in x.shape[-nd:]), moved)
+                return x.new_empty((*x.shape[:-nd], *size))
             if isinstance(module, SHAPE_KEEPING) and isinstance(x, torch.Tensor) and len(args) == 1:
                 return x.new_empty(x.shape)
 

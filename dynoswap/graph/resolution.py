@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from ..layers import DynOPool2d
+from ..layers import DynOPoolNd
 from .propagate import Alpha, MetaParams, NodeFailure, World, WorldRunner, shape_of, spatial_dims
 
 Expr = tuple
@@ -149,7 +149,7 @@ class Resolution:
 def analyse(
     gm: fx.GraphModule,
     worlds: Sequence[World],
-    alpha_of: Callable[[str, DynOPool2d], tuple[Alpha, Hashable]],
+    alpha_of: Callable[[str, DynOPoolNd], tuple[Alpha, Hashable]],
     in_chans: int,
     device: torch.device,
     on_failure: FailureHandler | None = None,
@@ -178,10 +178,10 @@ def analyse(
     modules = runner.modules
 
     def pool_key(node: fx.Node) -> Hashable | None:
-        if node.op != "call_module" or not isinstance(modules.get(str(node.target)), DynOPool2d):
+        if node.op != "call_module" or not isinstance(modules.get(str(node.target)), DynOPoolNd):
             return None
         module = modules[str(node.target)]
-        assert isinstance(module, DynOPool2d)
+        assert isinstance(module, DynOPoolNd)
         return alpha_of(str(node.target), module)[1]
 
     with MetaParams(gm) as meta, torch.no_grad():

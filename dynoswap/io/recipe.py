@@ -147,6 +147,16 @@ class _Reader:
             raise self.fail(path, f"must be a pair [h, w], got {len(values)} values")
         return convert(values[0], f"{path}[0]"), convert(values[1], f"{path}[1]")
 
+    def axes(self, value: Any, path: str, convert: Callable[[Any, str], Any], ndim: int | None) -> tuple[Any, ...]:
+        """One value per spatial axis: ``ndim`` of them, or 1 to 3 when ``ndim`` is None (an input size)."""
+        if ndim == 2:
+            return self.pair(value, path, convert)
+        values = self.items(value, path)
+        if len(values) != ndim if ndim is not None else not 1 <= len(values) <= 3:
+            wanted = f"{ndim} values" if ndim is not None else "1 to 3 values ([L], [H, W] or [T, H, W])"
+            raise self.fail(path, f"must have {wanted}, got {len(values)} values")
+        return tuple(convert(v, f"{path}[{i}]") for i, v in enumerate(values))
+
 
 def _kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
@@ -174,13 +184,13 @@ class RecipeOptions:
     """
 
     placement: str = "post"
-    init_scale: tuple[float, float] | None = None
-    overrides: dict[str, tuple[float, float]] = field(default_factory=dict)
-    sizes: list[tuple[int, int]] | None = None
+    init_scale: tuple[float, ...] | None = None
+    overrides: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    sizes: list[tuple[int, ...]] | None = None
     leaf_modules: list[str] = field(default_factory=list)
     patchify: str = "post"
     head: str | None = None
-    init_alphas: dict[str, tuple[float, float]] | None = None
+    init_alphas: dict[str, tuple[float, ...]] | None = None
     submodule: str | None = None
     anchors: str | None = None
 
@@ -211,7 +221,7 @@ class RecipeOptions:
         return data
 
     @classmethod
-    def parse(cls, data: Any, read: _Reader, input_size: tuple[int, int]) -> RecipeOptions:
+    def parse(cls, data: Any, read: _Reader, input_size: tuple[int, ...]) -> RecipeOptions:
         """Validate the ``options`` mapping."""
         data = read.mapping(data, "recipe.options")
         known = {f for f in cls.__dataclass_fields__}
@@ -224,15 +234,16 @@ class RecipeOptions:
         p = "recipe.options."
         opts.placement = read.string(data.get("placement", "post"), p + "placement", PLACEMENTS)
         opts.patchify = read.string(data.get("patchify", "post"), p + "patchify", PATCHIFY)
+        ndim = len(input_size)
         if data.get("init_scale") is not None:
-            opts.init_scale = read.pair(data["init_scale"], p + "init_scale", read.number)
+            opts.init_scale = read.axes(data["init_scale"], p + "init_scale", read.number, ndim)
         overrides = read.mapping(data.get("overrides") or {}, p + "overrides")
-        opts.overrides = {str(k): read.pair(v, f"{p}overrides.{k}", read.number) for k, v in overrides.items()}
+        opts.overrides = {str(k): read.axes(v, f"{p}overrides.{k}", read.number, ndim) for k, v in overrides.items()}
         if data.get("sizes") is not None:
             limit = MAX_UPSAMPLE * max(input_size)
-            side = lambda v, path: read.whole(v, path, 2, limit)  # noqa: E731 - one bound for both axes
+            side = lambda v, path: read.whole(v, path, 2, limit)  # noqa: E731 - one bound for every axis
             opts.sizes = [
-                read.pair(s, f"{p}sizes[{i}]", side) for i, s in enumerate(read.items(data["sizes"], p + "sizes"))
+                read.axes(s, f"{p}sizes[{i}]", side, ndim) for i, s in enumerate(read.items(data["sizes"], p + "sizes"))
             ]
         leaves = read.items(data.get("leaf_modules") or [], p + "leaf_modules")
         opts.leaf_modules = [read.string(v, f"{p}leaf_modules[{i}]") for i, v in enumerate(leaves)]
@@ -240,7 +251,9 @@ class RecipeOptions:
             opts.head = read.string(data["head"], p + "head", HEADS)
         if data.get("init_alphas") is not None:
             alphas = read.mapping(data["init_alphas"], p + "init_alphas")
-            opts.init_alphas = {str(k): read.pair(v, f"{p}init_alphas.{k}", read.number) for k, v in alphas.items()}
+            opts.init_alphas = {
+                str(k): read.axes(v, f"{p}init_alphas.{k}", read.number, ndim) for k, v in alphas.items()
+            }
         if data.get("submodule") is not None:
             try:  # only its shape here: load resolves it child by child on the model it rebuilt
                 opts.submodule = check_submodule_path(data["submodule"], "it")
@@ -270,7 +283,7 @@ class Recipe:
     """
 
     source: ModelSource | None
-    input_size: tuple[int, int]
+    input_size: tuple[int, ...]
     options: RecipeOptions = field(default_factory=RecipeOptions)
     replacements: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
@@ -310,7 +323,7 @@ class Recipe:
             kwargs = read.mapping(src.get("kwargs") or {}, "recipe.source.kwargs")
             source = ModelSource(library, name, dict(kwargs))
         size = lambda v, path: read.integer(v, path, 1, MAX_INPUT_SIDE)  # noqa: E731
-        input_size = read.pair(read.get(data, "input_size", "recipe."), "recipe.input_size", size)
+        input_size = read.axes(read.get(data, "input_size", "recipe."), "recipe.input_size", size, None)
         try:
             check_input_budget(input_size, "is")
         except ValueError as exc:
@@ -426,7 +439,7 @@ SUMMARY_KEY = "summary"
 
 def _summary(data: Any) -> dict[str, Any]:
     """Check a recorded summary's shape; raises ValueError or TypeError on anything else."""
-    pair = lambda v, kind: [kind(x) for x in v] if isinstance(v, list) and len(v) == 2 else _bad(v)  # noqa: E731
+    pair = lambda v, kind: [kind(x) for x in v] if isinstance(v, list) and 1 <= len(v) <= 3 else _bad(v)  # noqa: E731
     if not isinstance(data, dict):
         raise TypeError("not an object")
     gmacs, params = data["gmacs"], data["params"]
@@ -498,11 +511,11 @@ def raw_recipe_of(model: Any) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def input_size_of(model: Any) -> tuple[int, int] | None:
-    """Return the input size a converted model was built for, or None."""
+def input_size_of(model: Any) -> tuple[int, ...] | None:
+    """Return the input size a converted model was built for ((L,), (H, W) or (T, H, W)), or None."""
     data = raw_recipe_of(model)
     size = data.get("input_size") if data else None
-    return (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) and len(size) == 2 else None
+    return tuple(int(v) for v in size) if isinstance(size, (list, tuple)) and 1 <= len(size) <= 3 else None
 
 
 def part_of(model: Any) -> str | None:

@@ -26,7 +26,7 @@ from ..errors import (
     RecipeError,
     SaveError,
 )
-from ..layers import DynOPool2d
+from ..layers import DynOPoolNd
 from ..sources import SAVED, ModelSource, build_model, check_source
 from ..validate import check_alpha
 from .checkpoint import report_nonfinite
@@ -163,7 +163,7 @@ def _example(model: nn.Module, recipe: Recipe) -> torch.Tensor:
     from ..cost.count import infer_in_chans
 
     gen = torch.Generator().manual_seed(0)
-    return torch.randn(1, infer_in_chans(model), *recipe.input_size, generator=gen)
+    return torch.randn(1, infer_in_chans(model, ndim=len(recipe.input_size)), *recipe.input_size, generator=gen)
 
 
 def _same_outputs(a: Any, b: Any) -> bool:
@@ -294,10 +294,10 @@ def check_values(state: dict[str, torch.Tensor], where: str, strict: bool = Fals
 def _check_alphas(state: dict[str, torch.Tensor], where: str, model: nn.Module) -> None:
     """DynOPool alphas must be finite and within the scale limit or the model cannot run: always an error.
 
-    Only the alphas of ``model``'s DynOPool2d layers are checked: a model's own parameter that happens
+    Only the alphas of ``model``'s DynOPoolNd layers are checked: a model's own parameter that happens
     to be called ``alpha`` (a layer scale, say) is not a scale.
     """
-    keys = {f"{name}.alpha" for name, m in model.named_modules() if isinstance(m, DynOPool2d) and m.leader is m}
+    keys = {f"{name}.alpha" for name, m in model.named_modules() if isinstance(m, DynOPoolNd) and m.leader is m}
     for key, value in state.items():
         if key in keys and value.dtype.is_floating_point:
             try:

@@ -126,45 +126,44 @@ def project(guard: ScaleGuard, target: float, cost: Cost, iterations: int = 40) 
 
 
 def _set_sizes(
-    guard: ScaleGuard, order: Sequence[int], sizes: Sequence[tuple[int, int]], in_sizes: Callable[[], list]
+    guard: ScaleGuard, order: Sequence[int], sizes: Sequence[tuple[int, ...]], in_sizes: Callable[[], list]
 ) -> None:
     """Give group ``order[k]`` the alpha that makes its output exactly ``sizes[k]``, group by group.
 
     A group's input size depends on the groups before it, so each is read after the previous is set.
     """
     for k, size in zip(order, sizes, strict=True):
-        n_h, n_w = in_sizes()[k]
+        n_in = in_sizes()[k]
         g = guard.groups[k]
-        exact = torch.tensor([n_h / size[0], n_w / size[1]], dtype=g.alpha.dtype)
+        exact = torch.tensor([n / s for n, s in zip(n_in, size, strict=True)], dtype=g.alpha.dtype)
         # An upstream choice can move this group's input: its bounds win over the exact size.
         g.alpha.copy_(torch.maximum(torch.minimum(exact, guard.high[k].to(exact)), guard.low[k].to(exact)))
 
 
-def _sizes_now(guard: ScaleGuard, order: Sequence[int], in_sizes: Callable[[], list]) -> list[tuple[int, int]]:
-    """Each group's output size (h, w) at the current alphas, in ``order``."""
+def _sizes_now(guard: ScaleGuard, order: Sequence[int], in_sizes: Callable[[], list]) -> list[tuple[int, ...]]:
+    """Each group's output size (one value per axis) at the current alphas, in ``order``."""
     inputs = in_sizes()
     out = []
     for k in order:
         alpha = guard.groups[k].alpha
-        h, w = (cells(int(n), float(a), alpha.dtype) for n, a in zip(inputs[k], alpha.tolist(), strict=True))
-        out.append((h, w))
+        out.append(tuple(cells(int(n), float(a), alpha.dtype) for n, a in zip(inputs[k], alpha.tolist(), strict=True)))
     return out
 
 
 @torch.no_grad()
 def land(
     guard: ScaleGuard,
-    in_sizes: Callable[[], list[tuple[int, int]]],
+    in_sizes: Callable[[], list[tuple[int, ...]]],
     order: Sequence[int],
     cost: Cost,
     target: float | None,
     score: Callable[[], float] | None = None,
-) -> list[tuple[int, int]]:
+) -> list[tuple[int, ...]]:
     """Fix integer sizes per tie group; return them in execution order.
 
     Args:
         guard: The alphas and their bounds.
-        in_sizes: Per group (guard order), its input size (h, w) at the current alphas.
+        in_sizes: Per group (guard order), its input size (one value per axis) at the current alphas.
         order: Group indices in execution order.
         cost: The real cost at the current alphas.
         target: The budget, or None (keep the nearest rounding of the learned sizes).
@@ -183,15 +182,17 @@ def land(
         for k in order
     ]
 
-    def near(value: float, bounds: tuple[int, int]) -> int:
+    def near(value: float, bounds: tuple[int, ...]) -> int:
         return max(min(round(value), bounds[1]), bounds[0], 2)
 
-    def within(size: int, bounds: tuple[int, int]) -> bool:
+    def within(size: int, bounds: tuple[int, ...]) -> bool:
         return size >= 2 and bounds[0] <= size <= bounds[1]
 
-    nearest = tuple((near(h, b[0]), near(w, b[1])) for (h, w), b in zip(continuous, allowed, strict=True))
+    nearest = tuple(
+        tuple(near(v, b) for v, b in zip(axes, bs, strict=True)) for axes, bs in zip(continuous, allowed, strict=True)
+    )
 
-    def apply(sizes: tuple[tuple[int, int], ...]) -> float:
+    def apply(sizes: tuple[tuple[int, ...], ...]) -> float:
         _set_sizes(guard, order, sizes, in_sizes)
         return cost()
 
@@ -199,12 +200,12 @@ def land(
         apply(nearest)
         return _sizes_now(guard, order, in_sizes)
 
-    def drift(sizes: tuple[tuple[int, int], ...]) -> float:
+    def drift(sizes: tuple[tuple[int, ...], ...]) -> float:
         return sum(
             abs(s - c) for size, cont in zip(sizes, continuous, strict=True) for s, c in zip(size, cont, strict=True)
         )
 
-    if 4 ** len(order) <= MAX_COMBINATIONS:
+    if 2 ** sum(len(axes) for axes in continuous) <= MAX_COMBINATIONS:
         options = [
             [
                 sorted({c for c in (math.floor(v), math.ceil(v)) if within(c, b)} or {near(v, b)})
@@ -213,7 +214,7 @@ def land(
             for axes, bs in zip(continuous, allowed, strict=True)
         ]
         candidates = [
-            tuple((int(h), int(w)) for h, w in choice)
+            tuple(tuple(int(v) for v in size) for size in choice)
             for choice in itertools.product(*[itertools.product(*axes) for axes in options])
         ]
     else:
@@ -236,9 +237,10 @@ def land(
     best_miss = _miss(costs[best], target)
     for _ in range(MAX_STEPS):
         steps = []
-        for k, (h, w) in enumerate(best):
-            for size in ((h - 1, w), (h + 1, w), (h, w - 1), (h, w + 1)):
-                if within(size[0], allowed[k][0]) and within(size[1], allowed[k][1]):
+        for k, current in enumerate(best):
+            for axis, delta in itertools.product(range(len(current)), (-1, 1)):
+                size = tuple(v + delta if i == axis else v for i, v in enumerate(current))
+                if all(within(v, b) for v, b in zip(size, allowed[k], strict=True)):
                     steps.append(best[:k] + (size,) + best[k + 1 :])
         miss, better = min(((_miss(apply(c), target), c) for c in steps), default=(best_miss, best))
         if miss >= best_miss - 1e-12:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import OptionError
-from ..layers import DynOPool2d
+from ..layers import DynOPoolNd
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def alpha_parameters(model: nn.Module) -> list[nn.Parameter]:
     seen: set[int] = set()
     params: list[nn.Parameter] = []
     for module in model.modules():
-        if isinstance(module, DynOPool2d):
+        if isinstance(module, DynOPoolNd):
             alpha = module.alpha
             if id(alpha) not in seen:
                 seen.add(id(alpha))

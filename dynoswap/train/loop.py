@@ -1,6 +1,6 @@
 """The training loop: task loss + lambda * GMACs loss (eq. 8), SGD with momentum, cosine annealing.
 
-``fit`` works on any model that contains DynOPool2d layers (a converted
+``fit`` works on any model that contains DynOPoolNd layers (a converted
 GraphModule or a hand-built one) with the caller's own data loaders. It runs
 under DDP when a process group is initialised (``torchrun``), keeps the alphas
 identical on every rank, checkpoints every epoch and can resume exactly.
@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..cost.count import infer_in_chans
 from ..errors import OptionError, TrainingError
-from ..layers import FLOOR_GRADIENTS, DynOPool2d
+from ..layers import FLOOR_GRADIENTS, DynOPoolNd
 from . import checkpointing
 from .budget import check_reachable, check_target, land, project
 from .distributed import DistContext, all_reduce_sums, barrier, current_context, pick_device, sync_alphas, wrap_ddp
@@ -59,13 +60,13 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def dynopools(model: nn.Module) -> list[tuple[str, DynOPool2d]]:
-    """Named DynOPool2d layers in module order."""
-    return [(name, m) for name, m in unwrap(model).named_modules() if isinstance(m, DynOPool2d)]
+def dynopools(model: nn.Module) -> list[tuple[str, DynOPoolNd]]:
+    """Named DynOPoolNd layers in module order."""
+    return [(name, m) for name, m in unwrap(model).named_modules() if isinstance(m, DynOPoolNd)]
 
 
 @torch.no_grad()
-def probe_pools(model: nn.Module, input_size: tuple[int, int], device: torch.device) -> list[dict[str, Any]]:
+def probe_pools(model: nn.Module, input_size: tuple[int, ...], device: torch.device) -> list[dict[str, Any]]:
     """Alpha, scale and integer in/out size of each DynOPool for one ``input_size`` image, in execution order.
 
     Runs a single zero image in eval mode (BatchNorm statistics and RNGs are untouched).
@@ -80,7 +81,7 @@ def probe_pools(model: nn.Module, input_size: tuple[int, int], device: torch.dev
     was_training = inner.training
     inner.eval()
     try:
-        inner(torch.zeros(1, _in_channels(inner), *input_size, device=device))
+        inner(torch.zeros(1, infer_in_chans(inner, ndim=len(input_size)), *input_size, device=device))
     finally:
         inner.train(was_training)
         for hook in hooks:
@@ -123,13 +124,6 @@ def group_sizes(pools: list[dict[str, Any]], key: str = "out") -> list[tuple[str
         if group not in seen:
             seen[group] = p.get(key)
     return list(seen.items())
-
-
-def _in_channels(model: nn.Module) -> int:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return m.in_channels
-    return 3
 
 
 def _autocast(device: torch.device, amp: bool):
@@ -199,7 +193,7 @@ def _evaluate(
 
 
 def _format_sizes(pools: list[dict[str, Any]]) -> str:
-    return " ".join(f"{size[0]}x{size[1]}" for _, size in group_sizes(pools) if size)
+    return " ".join("x".join(map(str, size)) for _, size in group_sizes(pools) if size)
 
 
 def _plain_every(enabled: bool, console: Any, steps_per_epoch: int) -> int:
@@ -239,21 +233,21 @@ def check_hyperparameters(**values: float | None) -> None:
         raise OptionError(f"warmup {warmup} ends after the search does ({search_end})")
 
 
-def _group_input_sizes(model: nn.Module, input_size: tuple[int, int], device: torch.device) -> list[tuple[int, int]]:
+def _group_input_sizes(model: nn.Module, input_size: tuple[int, ...], device: torch.device) -> list[tuple[int, ...]]:
     """Per tie group (in :func:`dynoswap.train.scales.leaders` order), its input size: the largest of its layers'."""
     rows = probe_pools(model, input_size, device)
     index = {id(m): k for k, m in enumerate(leaders(unwrap(model)))}
-    found: dict[int, tuple[int, int]] = {}
+    found: dict[int, tuple[int, ...]] = {}
     for name, pool in dynopools(model):
         row = next(r for r in rows if r["name"] == name)
         k = index[id(pool.leader)]
-        h, w = (int(v) for v in row["in"]) if row["in"] else (0, 0)
-        old = found.get(k, (0, 0))
-        found[k] = (max(old[0], h), max(old[1], w))
-    return [found.get(k, (0, 0)) for k in range(len(index))]
+        size = tuple(int(v) for v in row["in"]) if row["in"] else (0,) * pool.ndim
+        old = found.get(k, (0,) * pool.ndim)
+        found[k] = tuple(max(a, b) for a, b in zip(old, size, strict=True))
+    return [found.get(k, (0,) * m.ndim) for k, m in enumerate(leaders(unwrap(model)))]
 
 
-def _execution_order(model: nn.Module, input_size: tuple[int, int], device: torch.device) -> list[int]:
+def _execution_order(model: nn.Module, input_size: tuple[int, ...], device: torch.device) -> list[int]:
     """Return the indices of the tie groups (leaders order) in the order they first run."""
     inner = unwrap(model)
     index = {id(m): k for k, m in enumerate(leaders(inner))}
@@ -317,7 +311,7 @@ def fit(
     amp: bool = False,
     compile: bool = False,
     recompute: bool = False,
-    input_size: tuple[int, int] | None = None,
+    input_size: tuple[int, ...] | None = None,
     out: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -349,7 +343,7 @@ def fit(
     logs and saves.
 
     Args:
-        model: A model with DynOPool2d layers (e.g. from ``dynoswap.convert``).
+        model: A model with DynOPoolNd layers (e.g. from ``dynoswap.convert``).
         train_loader: Yields ``(images, labels)``; use a DistributedSampler under DDP.
         val_loader: Optional validation loader, evaluated after every epoch.
         epochs: Number of epochs.
@@ -429,7 +423,7 @@ def fit(
     alpha_lr = lr if alpha_lr is None else alpha_lr
     raw = unwrap(model).to(dev)
     if not dynopools(raw):
-        raise TrainingError("the model has no DynOPool2d layer: convert it first (dynoswap.convert)")
+        raise TrainingError("the model has no DynOPool layer: convert it first (dynoswap.convert)")
     for _, pool in dynopools(raw):
         pool.set_floor_gradient(floor_gradient)
 
@@ -439,7 +433,7 @@ def fit(
 
     guard: ScaleGuard | None = None
 
-    def make_guard(size: tuple[int, int]) -> ScaleGuard:
+    def make_guard(size: tuple[int, ...]) -> ScaleGuard:
         made = ScaleGuard.for_model(
             raw, lambda: _group_input_sizes(raw, size, dev), min_scale, max_scale, max_alpha_step
         )
@@ -519,7 +513,7 @@ def fit(
             project(guard, target, real_cost)
         sync_alphas(raw, ctx)
 
-    def land_now() -> list[tuple[int, int]]:
+    def land_now() -> list[tuple[int, ...]]:
         assert guard is not None and input_size is not None
         size = input_size
 
@@ -561,7 +555,7 @@ def fit(
                     break
                 images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
                 if input_size is None:
-                    input_size = (int(images.shape[-2]), int(images.shape[-1]))
+                    input_size = tuple(int(v) for v in images.shape[2:])
                 if initial is None and epoch == 0 and i == 0:
                     initial = probe_pools(raw, input_size, dev)
                 if guard is None:
@@ -706,6 +700,6 @@ def read_log(out: str | Path) -> list[dict[str, Any]]:
 
 
 def mean_log_aspect(pools: list[dict[str, Any]]) -> float:
-    """Mean of ``log(r_w / r_h)`` over untied DynOPools: > 0 when maps are wider than tall."""
-    values = [math.log(p["scale"][1] / p["scale"][0]) for p in pools if not p.get("tied")]
+    """Mean of ``log(r_w / r_h)`` over untied 2-D DynOPools: > 0 when maps are wider than tall."""
+    values = [math.log(p["scale"][-1] / p["scale"][-2]) for p in pools if not p.get("tied") and len(p["scale"]) == 2]
     return sum(values) / max(len(values), 1)

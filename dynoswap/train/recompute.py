@@ -29,7 +29,7 @@ from torch import fx, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConversionError
-from ..layers import DynOPool2d
+from ..layers import DynOPoolNd
 
 #: Rules whose DynOPool follows a conv that now runs at stride 1 (supplement eq. 2).
 POST_RULES = ("conv_post", "patchify_post")
@@ -143,7 +143,7 @@ def inflated_chains(model: fx.GraphModule) -> list[tuple[list[fx.Node], fx.Node]
         if rep.get("rule") not in POST_RULES:
             continue
         start, stop = by_target.get(rep["name"]), by_target.get(rep["dynopool"])
-        if start is None or stop is None or not isinstance(model.get_submodule(str(stop.target)), DynOPool2d):
+        if start is None or stop is None or not isinstance(model.get_submodule(str(stop.target)), DynOPoolNd):
             continue
         chain = _chain(start, stop)
         if chain is not None:

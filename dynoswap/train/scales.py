@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from ..errors import OptionError
-from ..layers import DynOPool2d
+from ..layers import DynOPoolNd
 from ..validate import MAX_SCALE as LARGEST_SCALE
 
 #: Per group (in :func:`leaders` order), its largest input length (h, w) at the current alphas.
-InputLengths = Callable[[], list[tuple[int, int]]]
+InputLengths = Callable[[], list[tuple[int, ...]]]
 
 #: Most an alpha may move in one step, in log space (2%).
 MAX_STEP = 0.02
@@ -36,17 +36,17 @@ MAX_STEP = 0.02
 MAX_SCALE = 1.0
 
 
-def leaders(model: nn.Module) -> list[DynOPool2d]:
+def leaders(model: nn.Module) -> list[DynOPoolNd]:
     """Return the DynOPools that own an alpha (one per tie group), in module order."""
-    found: dict[int, DynOPool2d] = {}
+    found: dict[int, DynOPoolNd] = {}
     for m in model.modules():
-        if isinstance(m, DynOPool2d):
+        if isinstance(m, DynOPoolNd):
             found.setdefault(id(m.leader), m.leader)
     return list(found.values())
 
 
 @contextmanager
-def alphas_set_to(groups: Sequence[DynOPool2d], values: Sequence[torch.Tensor]) -> Iterator[None]:
+def alphas_set_to(groups: Sequence[DynOPoolNd], values: Sequence[torch.Tensor]) -> Iterator[None]:
     """Give each group's alpha ``values[i]`` for the duration, then restore the old values."""
     saved = [g.alpha.detach().clone() for g in groups]
     try:
@@ -79,7 +79,7 @@ class ScaleGuard:
         max_step: Largest change of log(alpha) in one step.
     """
 
-    groups: list[DynOPool2d]
+    groups: list[DynOPoolNd]
     low: list[torch.Tensor]
     high: list[torch.Tensor]
     max_step: float = MAX_STEP
@@ -96,7 +96,7 @@ class ScaleGuard:
         """Bounds the model implies (see the module docstring), or the ones given.
 
         Args:
-            model: A model with DynOPool2d layers.
+            model: A model with DynOPoolNd layers.
             input_lengths: Each group's input length per axis at the current alphas.
             min_scale: Smallest scale r on every axis (replaces the model-implied high alpha).
             max_scale: Largest scale r on every axis (default :data:`MAX_SCALE`).
@@ -169,7 +169,7 @@ class AlphaStepper:
         beta2: Momentum of the second moment.
     """
 
-    def __init__(self, groups: Sequence[DynOPool2d], beta1: float = 0.9, beta2: float = 0.99) -> None:
+    def __init__(self, groups: Sequence[DynOPoolNd], beta1: float = 0.9, beta2: float = 0.99) -> None:
         self.groups = list(groups)
         self.beta1, self.beta2 = beta1, beta2
         self.mean: torch.Tensor | None = None

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..cost.handles import MACS_PER_OUTPUT
 
-Size = tuple[int, int]
+Size = tuple[int, ...]
 
 #: Relative difference within which a recomputed row agrees with the paper (the README states it: "within 1.5%").
 TOLERANCE = 0.015
