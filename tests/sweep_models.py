@@ -71,10 +71,10 @@ def torchvision_segmenters() -> list[str]:
 
 # -- moving scales: every tie group on its own -----------------------------------------------
 def owners(gm: nn.Module) -> dict[str, nn.Module]:
-    """The DynOPool2d layers that own an alpha (one per tie group), by name."""
-    from dynoswap.layers import DynOPool2d
+    """The DynOPool layers (any dimension) that own an alpha (one per tie group), by name."""
+    from dynoswap.layers import DynOPoolNd
 
-    return {n: m for n, m in gm.named_modules() if isinstance(m, DynOPool2d) and m.leader is m}
+    return {n: m for n, m in gm.named_modules() if isinstance(m, DynOPoolNd) and m.leader is m}
 
 
 def move_independently(gm: nn.Module, seed: int, low: float = 0.3, high: float = 0.8) -> None:

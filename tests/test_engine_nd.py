@@ -134,6 +134,7 @@ def test_each_tie_group_moves_on_its_own_on_every_axis_down_and_up(ndim: int) ->
     reference = count_gmacs(gm, size).total
     assert gmacs_loss(gm).item() == pytest.approx(reference, rel=1e-9)
     groups = owners(gm)
+    assert len(groups) == 3
     base = {name: m.alpha.detach().clone() for name, m in groups.items()}
     for leader in groups.values():
         for axis in range(ndim):
@@ -181,6 +182,7 @@ def test_every_alpha_gets_a_finite_gradient_from_the_task_and_the_cost(ndim: int
         m.set_scale(tuple((0.3 + 0.5 * torch.rand(ndim, generator=g)).tolist()))
     loss = gm(_input(ndim)).square().mean() + gmacs_loss(gm)
     loss.backward()
+    assert len(owners(gm)) == 3
     for name, m in owners(gm).items():
         assert m.alpha.grad is not None and torch.isfinite(m.alpha.grad).all(), name
         assert (m.alpha.grad != 0).any(), name
@@ -235,7 +237,7 @@ def test_torchvision_video_resnets_convert_and_train(name: str, dynopools: int, 
     torch.manual_seed(0)
     size = (4, 32, 32)
     gm, report = convert(getattr(torchvision.models.video, name)(num_classes=3), size)
-    assert (report.num_dynopools, len(report.groups)) == (dynopools, groups)
+    assert (report.num_dynopools, len(report.groups)) == (dynopools, groups) == (dynopools, len(owners(gm)))
     g = torch.Generator().manual_seed(0)
     for m in owners(gm).values():
         m.set_scale(tuple((0.4 + 0.6 * torch.rand(3, generator=g)).tolist()))
@@ -331,6 +333,7 @@ def test_save_load_freeze_and_export_read_back(ndim: int, tmp_path) -> None:  # 
     torch.manual_seed(4)
     size = SIZES[ndim]
     gm, _ = convert(resnet(ndim), size)
+    assert len(owners(gm)) == 3
     g = torch.Generator().manual_seed(5)
     for m in owners(gm).values():
         m.set_scale(tuple((0.3 + 0.6 * torch.rand(ndim, generator=g)).tolist()))

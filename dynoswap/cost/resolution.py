@@ -246,13 +246,15 @@ def _alphas_at_conversion(model: nn.Module) -> Iterator[None]:
             saved[id(m.leader)] = (m.leader, m.leader.alpha.detach().clone())
             scale = init.get(name, (0.5,) * m.ndim)
             with torch.no_grad():
-                m.leader.alpha.copy_(torch.tensor([1.0 / float(v) for v in scale], dtype=m.leader.alpha.dtype))
+                # Through .data: the values come back unchanged below, so a forward recorded before (whose
+                # backward saved alpha) stays valid; a copy_ on alpha itself would bump its version.
+                m.leader.alpha.data.copy_(torch.tensor([1.0 / float(v) for v in scale], dtype=m.leader.alpha.dtype))
     try:
         yield
     finally:
         with torch.no_grad():
             for leader, alpha in saved.values():
-                leader.alpha.copy_(alpha)
+                leader.alpha.data.copy_(alpha)
 
 
 class _Builder:
