@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from ..train.data import DATA_HANDLERS, PATH_KINDS
 from .common import DebugOption, ModelKwargsOption, TrustCodeOption, UsageError, handle_errors, parse_kwargs
 from .profile import load_table
 from .render import safe
@@ -246,8 +247,8 @@ def train_cmd(
         ...,
         "--data",
         metavar="DATA",
-        help="Built in: barcodes, barcodes-noisy, digits-stretch, digits-tile, digits-large. Local files: "
-        "imagefolder:PATH, cifar10:PATH, cifar100:PATH.",
+        help=f"Built in: {', '.join(k for k in DATA_HANDLERS if k not in PATH_KINDS)}. "
+        f"Local files: {', '.join(f'{k}:PATH' for k in PATH_KINDS)}.",
     ),
     preset: str | None = typer.Option(None, "--preset", help="Named preset (conversion + hyperparameters)."),
     epochs: int | None = typer.Option(None, "--epochs", help=f"Epochs (default {DEFAULTS.epochs} or the preset's)."),
