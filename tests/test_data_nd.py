@@ -172,8 +172,8 @@ def test_pulses_class_is_in_the_carrier_energy_at_two_samples_per_segment():
 def test_pulses_lose_the_carrier_when_the_input_shrinks_by_4():
     clean, _ = make_pulses(32, seed=2, noise=0.0, wander=0.0)
     power = clean.pow(2).mean()
-    assert resize_linear(clean, (2048,)).pow(2).mean() / power > 0.05  # by 2: attenuated, still there
-    assert resize_linear(clean, (1024,)).pow(2).mean() / power < 0.003  # by 4: gone
+    assert 0.08 < resize_linear(clean, (2048,)).pow(2).mean() / power < 0.2  # by 2: about an eighth is left
+    assert resize_linear(clean, (1024,)).pow(2).mean() / power < 0.001  # by 4: gone
 
 
 def test_moving_bars_class_is_in_every_frame_at_the_full_spatial_rate():

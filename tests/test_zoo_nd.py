@@ -8,6 +8,7 @@ from torch import nn
 
 from dynoswap import zoo
 from dynoswap.cli.common import exit_code_of
+from dynoswap.engine.trace import trace
 from dynoswap.errors import ModelError
 from dynoswap.models import resolve_source
 from dynoswap.sources import build_model
@@ -112,6 +113,7 @@ def test_fx_symbolic_trace_gives_the_same_outputs(name, shape):
     x = torch.randn(2, *shape)
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+        torch.testing.assert_close(trace(model)(x), model(x), rtol=0, atol=0)  # dynoswap's tracer too
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,9 @@ white noise (:func:`make_pulses`).
 - Can show: the class needs the input's full rate at the first layer, and little rate after it.
   A detector of the carrier's energy at the full rate, pooled to 2 samples per segment (1/32 of
   the rate), reads the class (an oracle: 99%); pooled to 1 per segment, 84%. Shrinking the input
-  first loses it: an antialiased linear resize by 2 keeps 13% of the carrier's power (aliased),
-  by 4 less than 0.1%, so a fixed design on a shrunk input falls to chance while a network that
-  keeps the input rate and pools hard after its first layer need not.
+  first loses it: an antialiased linear resize by 2 keeps about an eighth of the carrier's power
+  (aliased), by 4 less than 0.1%. So a fixed design on a shrunk input falls towards chance, while
+  a network that keeps the input rate and pools hard after its first layer need not.
 - Cannot show: which rate each later stage needs beyond about two samples per segment (any rate
   above that reads the code), or anything about real audio, whose information is spread over many
   bands and time scales.
