@@ -104,7 +104,9 @@ def run_point(dataset: str, design: str, factor: float, seed: int, args: argpars
     from .train.data import DataBundle
 
     bundle = load_data(dataset, seed=seed)
-    full = bundle.input_size
+    if len(bundle.input_size) != 2:
+        raise ValueError(f"the study compares 2-D image designs; {dataset} is {len(bundle.input_size)}-D")
+    full = (bundle.input_size[0], bundle.input_size[1])
     small = human_size(full, factor)
     human_original, human_gm = _convert(small, bundle.num_classes, seed)
     _check_same_as_maxpool(human_original, human_gm, small)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from ..train.data import DATA_HANDLERS, PATH_KINDS
 from .common import (
     INPUT_SIZE_METAVAR,
     DebugOption,
@@ -255,8 +256,8 @@ def train_cmd(
         ...,
         "--data",
         metavar="DATA",
-        help="Built in: barcodes, barcodes-noisy, digits-stretch, digits-tile, digits-large. Local files: "
-        "imagefolder:PATH, cifar10:PATH, cifar100:PATH.",
+        help=f"Built in: {', '.join(k for k in DATA_HANDLERS if k not in PATH_KINDS)}. "
+        f"Local files: {', '.join(f'{k}:PATH' for k in PATH_KINDS)}.",
     ),
     preset: str | None = typer.Option(None, "--preset", help="Named preset (conversion + hyperparameters)."),
     epochs: int | None = typer.Option(None, "--epochs", help=f"Epochs (default {DEFAULTS.epochs} or the preset's)."),
@@ -439,7 +440,7 @@ def train_cmd(
         torch.manual_seed(seed)
         # New sizes appear while alphas train; benchmark mode would re-tune for each of them.
         torch.backends.cudnn.benchmark = False
-        bundle = load_data(data, size, seed)  # type: ignore[arg-type]  # 1-D and video sizes: the data decides
+        bundle = load_data(data, size, seed)
         net = build_model(
             model,
             bundle.num_classes,

@@ -1,8 +1,9 @@
 """DATA specs for ``dynoswap train``: ``kind`` or ``kind:PATH``, one handler per kind.
 
 Built-in synthetic sets (``barcodes``, ``barcodes-noisy``, ``digits-stretch``, ``digits-tile``,
-``digits-large``) need no files. ``imagefolder:PATH`` and ``cifar10:PATH`` /
-``cifar100:PATH`` read local files only: nothing is ever downloaded.
+``digits-large``; the 1-D ``pulses`` and the video ``moving-bars``) need no files.
+``imagefolder:PATH`` and ``cifar10:PATH`` / ``cifar100:PATH`` read local files only: nothing is
+ever downloaded.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ class DataBundle:
     train: Dataset
     val: Dataset | None
     num_classes: int
-    input_size: tuple[int, int]  #: (H, W) of the images the loader yields
+    input_size: tuple[int, ...]  #: (H, W) of the images, (L,) of 1-D signals, (T, H, W) of clips
 
 
-Handler = Callable[[str, "tuple[int, int] | None", int], DataBundle]
+Handler = Callable[[str, "tuple[int, ...] | None", int], DataBundle]
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,7 +43,7 @@ _CIFAR_STATS = {
 
 
 def _barcodes_with(name: str, noisy: bool) -> Handler:
-    def handler(path: str, input_size: tuple[int, int] | None, seed: int) -> DataBundle:
+    def handler(path: str, input_size: tuple[int, ...] | None, seed: int) -> DataBundle:
         from . import datasets
 
         # Drawn at the input size (bars one pixel wide, the full height): nothing is resized.
@@ -56,14 +57,14 @@ def _barcodes_with(name: str, noisy: bool) -> Handler:
 
 
 def _digits(variant: str) -> Handler:
-    def handler(path: str, input_size: tuple[int, int] | None, seed: int) -> DataBundle:
+    def handler(path: str, input_size: tuple[int, ...] | None, seed: int) -> DataBundle:
         from . import datasets
 
         # Another input size resizes each sample (after its crop) from the variant's own size.
         size = tuple(input_size) if input_size else None
         train = datasets.digits(variant, True, seed=seed, resize=size)  # type: ignore[arg-type]
         val = datasets.digits(variant, False, seed=seed, resize=size)  # type: ignore[arg-type]
-        return DataBundle(f"digits-{variant}", train, val, 10, tuple(train[0][0].shape[-2:]))  # type: ignore[arg-type]
+        return DataBundle(f"digits-{variant}", train, val, 10, tuple(train[0][0].shape[-2:]))
 
     return handler
 
@@ -77,7 +78,7 @@ def _need_path(kind: str, path: str) -> Path:
     return root
 
 
-def _imagefolder(path: str, input_size: tuple[int, int] | None, seed: int) -> DataBundle:
+def _imagefolder(path: str, input_size: tuple[int, ...] | None, seed: int) -> DataBundle:
     from torchvision import datasets as tv_datasets
     from torchvision import transforms as T
 
@@ -91,11 +92,11 @@ def _imagefolder(path: str, input_size: tuple[int, int] | None, seed: int) -> Da
     val_tf = T.Compose([T.Resize(resize), T.CenterCrop(size), T.ToTensor(), normalise])
     train = tv_datasets.ImageFolder(str(root / "train"), transform=train_tf)
     val = tv_datasets.ImageFolder(str(root / "val"), transform=val_tf) if (root / "val").is_dir() else None
-    return DataBundle(f"imagefolder:{root}", train, val, len(train.classes), size)  # type: ignore[arg-type]
+    return DataBundle(f"imagefolder:{root}", train, val, len(train.classes), size)
 
 
 def _cifar(kind: str) -> Handler:
-    def handler(path: str, input_size: tuple[int, int] | None, seed: int) -> DataBundle:
+    def handler(path: str, input_size: tuple[int, ...] | None, seed: int) -> DataBundle:
         from torchvision import datasets as tv_datasets
         from torchvision import transforms as T
 
@@ -117,9 +118,29 @@ def _cifar(kind: str) -> Handler:
                 f"(e.g. {folder}.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html) so that "
                 f"{root}/{folder}/ exists. dynoswap never downloads data."
             ) from err
-        return DataBundle(f"{kind}:{root}", train, val, len(train.classes), size)  # type: ignore[arg-type]
+        return DataBundle(f"{kind}:{root}", train, val, len(train.classes), size)
 
     return handler
+
+
+def _pulses(path: str, input_size: tuple[int, ...] | None, seed: int) -> DataBundle:
+    from . import datasets
+
+    # Drawn at the default length; another input size resamples the same waveforms (antialiased).
+    size = (int(input_size[0]),) if input_size else (datasets.PULSES_LENGTH,)
+    train = datasets.pulses(True, seed=seed, resize=size)
+    val = datasets.pulses(False, seed=seed, resize=size)
+    return DataBundle("pulses", train, val, 10, size)
+
+
+def _moving_bars(path: str, input_size: tuple[int, ...] | None, seed: int) -> DataBundle:
+    from . import datasets
+
+    # Drawn at (16, 32, 32); another input size resizes each clip (antialiased, per axis).
+    size = tuple(int(v) for v in input_size) if input_size else datasets.MOVING_BARS_SIZE
+    train = datasets.moving_bars(True, seed=seed, resize=size)  # type: ignore[arg-type]
+    val = datasets.moving_bars(False, seed=seed, resize=size)  # type: ignore[arg-type]
+    return DataBundle("moving-bars", train, val, 10, size)
 
 
 #: kind -> handler(path, input_size, seed)
@@ -132,7 +153,14 @@ DATA_HANDLERS: dict[str, Handler] = {
     "imagefolder": _imagefolder,
     "cifar10": _cifar("cifar10"),
     "cifar100": _cifar("cifar100"),
+    "pulses": _pulses,
+    "moving-bars": _moving_bars,
 }
+
+#: kind -> how many numbers its input size has: 2 for images (H, W), 1 for signals (L,), 3 for clips (T, H, W).
+INPUT_DIMS: dict[str, int] = {kind: 2 for kind in DATA_HANDLERS} | {"pulses": 1, "moving-bars": 3}
+
+_AXES = {1: "L", 2: "H W", 3: "T H W"}
 
 
 #: Kinds that read local files: ``kind:PATH`` names their folder.
@@ -159,20 +187,39 @@ def check_data_spec(spec: str) -> tuple[str, str]:
     return kind, path
 
 
-def load_data(spec: str, input_size: tuple[int, int] | None = None, seed: int = 0) -> DataBundle:
+def check_input_size(kind: str, input_size: tuple[int, ...] | None) -> None:
+    """Refuse, without importing torch, an input size whose length does not fit the data kind.
+
+    Raises:
+        DataError: e.g. two numbers for ``pulses`` (it takes one, L), one for ``barcodes``, or a size < 1.
+    """
+    if input_size is None:
+        return
+    dims = INPUT_DIMS[kind]
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in input_size):
+        raise DataError(f"an input size must be whole numbers >= 1, got {input_size!r}")
+    if len(input_size) != dims:
+        given = " ".join(str(v) for v in input_size)
+        raise DataError(f"{kind} takes an input size of {dims} number{'s' * (dims > 1)} ({_AXES[dims]}), got {given}")
+
+
+def load_data(spec: str, input_size: tuple[int, ...] | None = None, seed: int = 0) -> DataBundle:
     """Build the train/val sets named by ``spec`` (``kind`` or ``kind:PATH``).
 
     Args:
-        spec: e.g. ``barcodes``, ``digits-tile``, ``imagefolder:/data/birds``, ``cifar100:~/data``.
-        input_size: (H, W) of the images (barcodes are drawn at it, the other kinds resized to it);
-            ``None`` keeps each kind's own size.
+        spec: e.g. ``barcodes``, ``pulses``, ``imagefolder:/data/birds``, ``cifar100:~/data``.
+        input_size: (H, W) of the images (barcodes are drawn at it, the other kinds resized to it),
+            (L,) for ``pulses``, (T, H, W) for ``moving-bars`` (both resized to it); ``None`` keeps
+            each kind's own size.
         seed: Seed of the synthetic sets and of the digits split.
 
     Raises:
-        DataError: Unknown kind, missing folder or missing files.
+        DataError: Unknown kind, missing folder or files, or an input size of the wrong length.
     """
     kind, path = check_data_spec(spec)
-    return DATA_HANDLERS[kind](path, tuple(input_size) if input_size else None, seed)  # type: ignore[arg-type]
+    size = tuple(input_size) if input_size else None
+    check_input_size(kind, size)
+    return DATA_HANDLERS[kind](path, size, seed)
 
 
 def make_loaders(

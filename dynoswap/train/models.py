@@ -10,11 +10,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-
-def _check_count(name: str, value: object) -> None:
-    """Refuse what is not a whole number >= 1 (a ValueError: the arguments' fault, not a bug)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+from ..zoo.checks import check_count
 
 
 def small_vgg(
@@ -32,11 +28,11 @@ def small_vgg(
         convs_per_stage: Convolutions per stage.
     """
     for name, value in (("num_classes", num_classes), ("in_chans", in_chans), ("convs_per_stage", convs_per_stage)):
-        _check_count(name, value)
+        check_count(name, value)
     if isinstance(widths, (str, bytes)) or not isinstance(widths, Sequence) or not widths:
         raise ValueError(f"widths must be a non-empty list of channel counts, got {widths!r}")
     for width in widths:
-        _check_count("a width", width)
+        check_count("a width", width)
     layers: list[nn.Module] = []
     channels = in_chans
     for i, width in enumerate(widths):

@@ -128,6 +128,24 @@ def _register_builtin() -> None:
         description="small CIFAR-style VGG of the built-in experiments (4 stages, 3 max pools)",
         arch_kwargs=("num_classes", "in_chans", "widths", "convs_per_stage"),
     )
+    register_model(
+        "m5",
+        "dynoswap.zoo.audio:m5",
+        description="M5 raw-waveform 1-D CNN (Dai et al. 2017): conv 80/4, 3 convs, 4 max pools of 4; L >= 1024",
+        arch_kwargs=("num_classes", "in_chans", "width"),
+    )
+    register_model(
+        "resnet1d",
+        "dynoswap.zoo.audio:resnet1d",
+        description="1-D ResNet of basic blocks for spectrograms and time series (ResNet-18 layout)",
+        arch_kwargs=("num_classes", "in_chans", "width", "layers"),
+    )
+    register_model(
+        "video-tiny",
+        "dynoswap.zoo.video:video_tiny",
+        description="small VGG-style 3-D CNN for clips (4 stages, 3 isotropic 2x2x2 max pools); T, H, W >= 8",
+        arch_kwargs=("num_classes", "in_chans", "width", "widths"),
+    )
     from .paper import register_paper_models
 
     register_paper_models()
