@@ -404,3 +404,42 @@ def test_cli_converts_a_video_model(tmp_path) -> None:  # noqa: ANN001
     bad = CliRunner().invoke(app, ["convert", "torchvision:r3d_18", "--input-size", "32", "32"])
     assert bad.exit_code != 0
     assert "give input_size as (T, H, W)" in bad.output
+
+
+def test_a_1d_or_3d_model_without_an_input_size_is_asked_for_one() -> None:
+    from typer.testing import CliRunner
+
+    from dynoswap.cli.app import app
+
+    for command in ("inspect", "convert"):
+        result = CliRunner().invoke(app, [command, "m5"])
+        assert result.exit_code == 2, result.output
+        assert "m5 is a 1-D model: give --input-size L" in result.output
+    result = CliRunner().invoke(app, ["inspect", "video-tiny", "--input-size", "8", "16", "16", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["stages"] == [[8, 16, 16], [4, 8, 8], [2, 4, 4], [1, 2, 2]]
+
+
+@pytest.mark.parametrize(
+    ("model", "data", "size", "sizes"),
+    [
+        ("m5", "pulses", ["1024"], 4),  # M5's stride-4 conv and its three pools: four groups
+        ("video-tiny", "moving-bars", ["8", "16", "16"], 3),
+    ],
+)
+def test_train_runs_on_the_built_in_1d_and_video_sets(model, data, size, sizes, tmp_path) -> None:  # noqa: ANN001
+    from typer.testing import CliRunner
+
+    from dynoswap.cli.app import app
+    from dynoswap.train import read_log
+
+    out = tmp_path / "run"
+    args = ["train", model, "--data", data, "--input-size", *size, "--epochs", "1", "--max-steps", "2"]
+    args += ["--batch-size", "8", "--model-kwargs", "width=0.25", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    record = read_log(out)[-1]
+    assert len(record["pools"]) == sizes and all(len(p["out"]) == len(size) for p in record["pools"])
+    loaded = dynoswap.load(out)
+    x = torch.randn(2, 1 if len(size) == 1 else 3, *map(int, size))
+    assert loaded(x).shape == (2, 10)

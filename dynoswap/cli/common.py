@@ -303,6 +303,21 @@ def join_size_arguments(args: list[str]) -> list[str]:
 
 
 # -- parsers ------------------------------------------------------------------
+def model_default_size(model: nn.Module, spec: str) -> tuple[int, ...]:
+    """Return the input size of a model given without ``--input-size``: 224 224 for a 2-D model.
+
+    A 1-D or 3-D model (its first conv or pool says) has no default: audio lengths and clip sizes
+    vary too much, so the user is asked for one (exit 2) instead of running it at a 2-D size.
+    """
+    from ..engine.find import MODULE_NDIM
+
+    ndim = next((MODULE_NDIM[c] for m in model.modules() for c in type(m).__mro__ if c in MODULE_NDIM), 2)
+    if ndim == 2:
+        return DEFAULT_INPUT_SIZE
+    form = "L (its length)" if ndim == 1 else "T H W (frames, height, width)"
+    raise UsageError(f"{spec} is a {ndim}-D model: give --input-size {form}; only 2-D models default to 224 224")
+
+
 def parse_input_size(value: str | None, default: tuple[int, ...] = DEFAULT_INPUT_SIZE) -> tuple[int, ...]:
     """Return a validated input size of 1 to 3 sides, or ``default`` when not given.
 

@@ -6,7 +6,7 @@ import contextlib
 import copy
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +30,7 @@ from .common import (
     err_console,
     handle_errors,
     load_model,
+    model_default_size,
     out_console,
     parse_input_size,
     parse_overrides,
@@ -226,6 +227,8 @@ def convert_cmd(
         if loaded.is_saved:
             raise UsageError(f"{model} is already a converted dynoswap model; use `dynoswap inspect {model}`")
         leaves = [resolve_leaf(name, trust_code=trust_code, where="--leaf-module") for name in leaf_module or ()]
+        if input_size is None and (preset is None and config is None) and not submodule:
+            plan = replace(plan, input_size=model_default_size(loaded.model, model))
         gm, report = run_conversion(loaded.model, plan, loaded.source, leaves, head, submodule)
         # With --submodule the facts are the part's (its input size); the whole model is what is saved.
         part, original = (

@@ -7,7 +7,6 @@ from pathlib import Path
 import typer
 
 from .common import (
-    DEFAULT_INPUT_SIZE,
     INPUT_SIZE_METAVAR,
     AllowMissingOption,
     DebugOption,
@@ -19,6 +18,7 @@ from .common import (
     check_weights,
     handle_errors,
     load_model,
+    model_default_size,
     out_console,
     parse_input_size,
     print_json,
@@ -67,9 +67,7 @@ def export_cmd(
     from ..export import default_input_size, export_model
 
     loaded = load_model(model, num_classes, model_kwargs, weights, allow_missing)
-    recorded = default_input_size(loaded.model)  # the CLI exports 2-D models: (H, W)
-    own = (recorded[0], recorded[1]) if recorded and len(recorded) == 2 else None
-    size = given_size or own or DEFAULT_INPUT_SIZE
+    size = given_size or default_input_size(loaded.model) or model_default_size(loaded.model, model)
     result = export_model(
         loaded.model,
         output,

@@ -9,7 +9,6 @@ import typer
 
 from ..errors import CheckpointError
 from .common import (
-    DEFAULT_INPUT_SIZE,
     AllowMissingOption,
     DebugOption,
     InputSizeOption,
@@ -25,6 +24,7 @@ from .common import (
     err_console,
     handle_errors,
     load_model,
+    model_default_size,
     out_console,
     parse_input_size,
     print_json,
@@ -164,7 +164,7 @@ def inspect_cmd(
     loaded = load_model(model, num_classes, model_kwargs, weights, allow_missing, trust_code, strict_values)
     from ..engine.submodule import resolve_part
 
-    size = given_size or input_size_of(loaded.model) or DEFAULT_INPUT_SIZE
+    size = given_size or input_size_of(loaded.model) or model_default_size(loaded.model, model)
     # A model with one converted part is shown by that part, at the part's input size.
     part = part_of(loaded.model)
     target = resolve_part(loaded.model, part) if part else loaded.model

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 import typer
 
 from .common import (
-    DEFAULT_INPUT_SIZE,
     AllowMissingOption,
     DebugOption,
     InputSizeOption,
@@ -21,6 +20,7 @@ from .common import (
     WeightsOption,
     handle_errors,
     load_model,
+    model_default_size,
     out_console,
     print_json,
 )
@@ -95,7 +95,7 @@ def profile_cmd(
     loaded = load_model(model, num_classes, model_kwargs, weights, allow_missing, trust_code, strict_values)
     if loaded.is_saved:
         converted = loaded.model
-        size = given_size or input_size_of(converted) or DEFAULT_INPUT_SIZE
+        size = given_size or input_size_of(converted) or model_default_size(converted, model)
     else:
         plan = make_plan(None, input_size, num_classes, placement, None, None, None)
         converted, _ = run_conversion(loaded.model, plan, loaded.source)
