@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 2
 JOBS ?= 2
 PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(JOBS)
 
-.PHONY: install demo test test-fast sweep bench lint experiment clean
+.PHONY: install demo test test-fast sweep bench lint experiment study-nd clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,12 +41,15 @@ bench: install
 	$(PY) -m bench
 
 lint: install
-	$(VENV)/bin/ruff check dynoswap tests bench
-	$(VENV)/bin/ruff format --check dynoswap tests bench
+	$(VENV)/bin/ruff check dynoswap tests bench studies
+	$(VENV)/bin/ruff format --check dynoswap tests bench studies
 	$(VENV)/bin/mypy
 
 experiment: install
 	$(PY) -m dynoswap.experiment --out docs/experiment
+
+study-nd: install
+	$(PY) -m studies.rates_nd --out docs/experiment
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache
