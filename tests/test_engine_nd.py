@@ -443,3 +443,31 @@ def test_train_runs_on_the_built_in_1d_and_video_sets(model, data, size, sizes, 
     loaded = dynoswap.load(out)
     x = torch.randn(2, 1 if len(size) == 1 else 3, *map(int, size))
     assert loaded(x).shape == (2, 10)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "size", "groups"),
+    [
+        ("m5", {"width": 0.25}, (2048,), 4),
+        ("resnet1d", {"width": 0.25}, (256,), 4),  # stem (conv + max pool), three stages tied to their shortcuts
+        ("video-tiny", {"width": 0.5}, (8, 16, 16), 3),
+    ],
+)
+def test_the_zoo_1d_and_video_models_convert_move_and_read_back(name, kwargs, size, groups, tmp_path) -> None:  # noqa: ANN001
+    from dynoswap.models import ModelSource
+
+    torch.manual_seed(0)
+    src = ModelSource("dynoswap", name, {"num_classes": 3, **kwargs})
+    gm, report = convert(src.build(), size, source=src)
+    assert len(report.groups) == len(owners(gm)) == groups
+    g = torch.Generator().manual_seed(1)
+    for m in owners(gm).values():
+        m.set_scale(tuple((0.3 + 0.6 * torch.rand(len(size), generator=g)).tolist()))
+    x = torch.randn(2, 1 if len(size) == 1 else 3, *size)
+    gm.train()
+    (gm(x).square().mean() + gmacs_loss(gm)).backward()
+    assert all(torch.isfinite(m.alpha.grad).all() and (m.alpha.grad != 0).any() for m in owners(gm).values())
+    assert gmacs_loss(gm).item() == pytest.approx(count_gmacs(gm, size).total, rel=1e-9)
+    gm.eval()
+    dynoswap.save(gm, tmp_path / "m")
+    assert torch.equal(dynoswap.load(tmp_path / "m").eval()(x), gm(x))
