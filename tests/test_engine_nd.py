@@ -81,43 +81,32 @@ def _input(ndim: int, batch: int = 2, size: tuple[int, ...] | None = None) -> to
     return torch.randn(batch, 1 if ndim == 1 else 3, *(size or SIZES[ndim]))
 
 
-def _outputs(gm: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, ...]]:
-    """Spatial output size of each DynOPool in one forward."""
+def _sizes_at(gm: nn.Module, x: torch.Tensor, inputs: bool = False) -> dict[str, tuple[int, ...]]:
+    """Spatial output (or input) size of each DynOPool in one forward."""
     sizes: dict[str, tuple[int, ...]] = {}
 
-    def record(name: str, shape: torch.Size) -> None:  # a hook that returns a value would replace the output
+    def record(name: str, shape: torch.Size) -> None:  # a hook that returns a value would replace a tensor
         sizes.setdefault(name, tuple(shape[2:]))
 
-    hooks = [
-        m.register_forward_hook(lambda mod, i, o, name=name: record(name, o.shape))
-        for name, m in gm.named_modules()
-        if isinstance(m, DynOPoolNd)
-    ]
+    pools = [(name, m) for name, m in gm.named_modules() if isinstance(m, DynOPoolNd)]
+    if inputs:
+        hooks = [m.register_forward_pre_hook(lambda mod, a, name=name: record(name, a[0].shape)) for name, m in pools]
+    else:
+        hooks = [m.register_forward_hook(lambda mod, i, o, name=name: record(name, o.shape)) for name, m in pools]
     try:
         gm(x)
     finally:
         for h in hooks:
             h.remove()
     return sizes
+
+
+def _outputs(gm: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    return _sizes_at(gm, x)
 
 
 def _inputs(gm: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, ...]]:
-    sizes: dict[str, tuple[int, ...]] = {}
-
-    def record(name: str, shape: torch.Size) -> None:  # a pre-hook that returns a value would replace the input
-        sizes.setdefault(name, tuple(shape[2:]))
-
-    hooks = [
-        m.register_forward_pre_hook(lambda mod, a, name=name: record(name, a[0].shape))
-        for name, m in gm.named_modules()
-        if isinstance(m, DynOPoolNd)
-    ]
-    try:
-        gm(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return sizes
+    return _sizes_at(gm, x, inputs=True)
 
 
 @pytest.mark.parametrize("ndim", [1, 3])

@@ -166,14 +166,16 @@ for _cls in (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d):
     register_module(_cls)(_avg_pool_module)
 for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
     register_module(_cls)(_conv_module)
-for _cls in (
+#: Adaptive (global) pools of every dimension: fixed output sizes, kept.
+ADAPTIVE_POOLS: tuple[type[nn.Module], ...] = (
     nn.AdaptiveAvgPool1d,
     nn.AdaptiveAvgPool2d,
     nn.AdaptiveAvgPool3d,
     nn.AdaptiveMaxPool1d,
     nn.AdaptiveMaxPool2d,
     nn.AdaptiveMaxPool3d,
-):
+)
+for _cls in ADAPTIVE_POOLS:
     register_module(_cls)(_adaptive)
 
 
@@ -183,7 +185,9 @@ def _arg(node: fx.Node, index: int, key: str, default: Any = None) -> Any:
     return node.kwargs.get(key, default)
 
 
-def _max_pool_fn(ndim: int, name: str) -> FunctionHandler:
+def _pool_fn(ndim: int, name: str, aggregate: str, ceil_index: int) -> FunctionHandler:
+    """Return the handler of a functional pool; ``ceil_mode`` is positional argument ``ceil_index``."""
+
     def handler(node: fx.Node) -> Found:
         return _pool_found(
             node,
@@ -191,25 +195,9 @@ def _max_pool_fn(ndim: int, name: str) -> FunctionHandler:
             ndim,
             _arg(node, 1, "kernel_size"),
             _arg(node, 2, "stride"),
-            "max",
+            aggregate,
             _arg(node, 3, "padding", 0),
-            _arg(node, 5, "ceil_mode", False),
-        )
-
-    return handler
-
-
-def _avg_pool_fn(ndim: int, name: str) -> FunctionHandler:
-    def handler(node: fx.Node) -> Found:
-        return _pool_found(
-            node,
-            name,
-            ndim,
-            _arg(node, 1, "kernel_size"),
-            _arg(node, 2, "stride"),
-            "mean",
-            _arg(node, 3, "padding", 0),
-            _arg(node, 4, "ceil_mode", False),
+            _arg(node, ceil_index, "ceil_mode", False),
         )
 
     return handler
@@ -225,12 +213,13 @@ def _conv_fn(ndim: int, name: str) -> FunctionHandler:
     return handler
 
 
-register_function(F.max_pool1d, torch.max_pool1d)(_max_pool_fn(1, "max_pool1d"))
-register_function(F.max_pool2d, torch.max_pool2d)(_max_pool_fn(2, "max_pool2d"))
-register_function(F.max_pool3d, torch.max_pool3d)(_max_pool_fn(3, "max_pool3d"))
-register_function(F.avg_pool1d, torch.avg_pool1d)(_avg_pool_fn(1, "avg_pool1d"))
-register_function(F.avg_pool2d, torch._C._nn.avg_pool2d)(_avg_pool_fn(2, "avg_pool2d"))
-register_function(F.avg_pool3d, torch._C._nn.avg_pool3d)(_avg_pool_fn(3, "avg_pool3d"))
+# max_poolNd(input, kernel, stride, padding, dilation, ceil_mode); avg_poolNd(input, kernel, stride, padding, ceil_mode)
+register_function(F.max_pool1d, torch.max_pool1d)(_pool_fn(1, "max_pool1d", "max", 5))
+register_function(F.max_pool2d, torch.max_pool2d)(_pool_fn(2, "max_pool2d", "max", 5))
+register_function(F.max_pool3d, torch.max_pool3d)(_pool_fn(3, "max_pool3d", "max", 5))
+register_function(F.avg_pool1d, torch.avg_pool1d)(_pool_fn(1, "avg_pool1d", "mean", 4))
+register_function(F.avg_pool2d, torch._C._nn.avg_pool2d)(_pool_fn(2, "avg_pool2d", "mean", 4))
+register_function(F.avg_pool3d, torch._C._nn.avg_pool3d)(_pool_fn(3, "avg_pool3d", "mean", 4))
 register_function(F.conv1d, torch.conv1d)(_conv_fn(1, "conv1d"))
 register_function(F.conv2d, torch.conv2d)(_conv_fn(2, "conv2d"))
 register_function(F.conv3d, torch.conv3d)(_conv_fn(3, "conv3d"))

@@ -12,36 +12,18 @@ import torch
 from torch import fx, nn
 
 from ..layers import DynOPoolNd
+from .find import ADAPTIVE_POOLS, MODULE_NDIM
 from .report import ConversionError
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _ENGINE_DIR = os.path.dirname(__file__)
 
 # Always leaves: the layer itself and every kind the engine rewrites or reads by module type.
-ALWAYS_LEAF: tuple[type[nn.Module], ...] = (
-    DynOPoolNd,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
-)
+ALWAYS_LEAF: tuple[type[nn.Module], ...] = (DynOPoolNd, *MODULE_NDIM, *ADAPTIVE_POOLS)
 
 LeafSpec = str | type
 #: Convs and pools of every dimension: what makes a timm leaf worth tracing through.
-RESIZER_TYPES: tuple[type[nn.Module], ...] = tuple(
-    t for t in ALWAYS_LEAF if t is not DynOPoolNd and not t.__name__.startswith("Adaptive")
-)
+RESIZER_TYPES: tuple[type[nn.Module], ...] = tuple(MODULE_NDIM)
 
 
 class TraceError(ConversionError):
