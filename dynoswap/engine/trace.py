@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import traceback
@@ -13,6 +14,7 @@ from torch import fx, nn
 
 from ..layers import DynOPool2d
 from .report import ConversionError
+from .timm_kinds import register_timm_kinds
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _ENGINE_DIR = os.path.dirname(__file__)
@@ -150,9 +152,9 @@ def trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = ()) -> fx.GraphMo
         if timm_types and isinstance(sub, timm_types) and not _contains_resizer(sub):  # type: ignore[arg-type,unused-ignore]
             opaque_timm.add(qualname)
     while True:
-        tracer = DynoTracer(ALWAYS_LEAF + user_types, user_names | opaque_timm, timm_functions)
+        tracer = DynoTracer(ALWAYS_LEAF + register_timm_kinds() + user_types, user_names | opaque_timm, timm_functions)
         try:
-            graph = tracer.trace(model)
+            graph = tracer.trace(model, concrete_args=optional_none_args(model))
             break
         except Exception as err:
             # A timm leaf traced through because it held a resizer: fall back to keeping it opaque.
@@ -172,3 +174,14 @@ def trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = ()) -> fx.GraphMo
     gm = fx.GraphModule(tracer.root, graph, name)
     gm.meta["dynoswap_leaves"] = sorted(user_names | opaque_timm)
     return gm
+
+
+def optional_none_args(model: nn.Module) -> dict[str, None]:
+    """Return the forward's parameters after the input that default to None, to trace as constants.
+
+    Traced as placeholders, ``if mask is not None:`` would take the branch the model takes with a
+    mask (timm Hiera's masked-autoencoder path); the converted model runs on one input, so these are
+    None.
+    """
+    params = list(inspect.signature(model.forward).parameters.values())[1:]
+    return {p.name: None for p in params if p.default is None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}

@@ -1,0 +1,125 @@
+"""timm families that needed their own rule or fix: each converts (random init, small input) or is refused precisely.
+
+Per converting family: it converts, moving each tie group's scale on its own changes the output, and
+``gmacs_loss == count_gmacs`` at moved scales. Per refusal: its category, and the message names the op.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from dynoswap import convert, count_gmacs, gmacs_loss
+from dynoswap.engine import ConversionError
+from dynoswap.engine.trace import optional_none_args, trace
+from dynoswap.layers import DynOPool2d
+from tests.sweep_models import move_independently, owners
+
+timm = pytest.importorskip("timm")
+from timm.layers import BlurPool2d  # noqa: E402
+
+
+def each_group_moves_the_output(gm: nn.Module, size: int) -> None:
+    """Move one tie group at a time: the output changes every time; the loss stays the count."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, size, size)
+    gm.eval()
+    with torch.no_grad():
+        base = gm(x)
+        for name, m in owners(gm).items():
+            before = m.scale
+            m.set_scale((0.7, 0.65))
+            assert not torch.equal(gm(x), base), f"moving {name}'s group left the output unchanged"
+            m.set_scale(before)
+    move_independently(gm, 0)
+    assert math.isclose(gmacs_loss(gm).item(), count_gmacs(gm, size).total, rel_tol=1e-9)
+
+
+# -- anti-aliased blur pools: conv_post (stride-1 blur, then a mean DynOPool) --------------------
+class Blurred(nn.Module):
+    """conv -> BlurPool2d(stride 2) -> conv -> BlurPool2d(even filter, constant padding) -> head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.blur1 = BlurPool2d(4, filt_size=3, stride=2)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.blur2 = BlurPool2d(4, filt_size=4, stride=2, pad_mode="constant")
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blur2(torch.relu(self.conv2(self.blur1(torch.relu(self.conv1(x))))))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("size", [32, 31])
+def test_blur_pool_runs_at_stride_one_then_mean_dynopool(size: int) -> None:
+    model = Blurred()
+    gm, report = convert(model, (size, size))
+    assert [(r.name, r.was["op"], r.rule) for r in report.replacements] == [
+        ("blur1", "BlurPool2d", "conv_post"),
+        ("blur2", "BlurPool2d", "conv_post"),
+    ]
+    blurs = [m for m in gm.modules() if isinstance(m, BlurPool2d)]
+    assert len(blurs) == 2 and all(b.stride == 1 for b in blurs)
+    assert blurs[1].padding == [1, 2, 1, 2]  # a 4-tap filter: size-preserving, more after (as padding='same')
+    pools = [m for m in gm.modules() if isinstance(m, DynOPool2d)]
+    assert [p.aggregate for p in pools] == ["mean", "mean"]
+    # At the default scales every map keeps the original's size.
+    x = torch.randn(1, 3, size, size)
+    gm(x)
+    want = []
+    h = size
+    for blur in (model.blur1, model.blur2):
+        h = blur(torch.zeros(1, 4, h, h)).shape[-1]
+        want.append((h, h))
+    assert [p.last_out_size for p in pools] == want
+    each_group_moves_the_output(gm, size)
+
+
+def test_blur_pool_before_the_conv_with_placement_pre() -> None:
+    gm, report = convert(Blurred(), (32, 32), placement="pre")
+    assert {r.rule for r in report.replacements} == {"conv_pre"}
+    assert all(b.stride == 1 for b in gm.modules() if isinstance(b, BlurPool2d))
+    each_group_moves_the_output(gm, 32)
+
+
+def test_resnetblur_keeps_no_fixed_stride_two_blur() -> None:
+    gm, report = convert(timm.create_model("resnetblur18", num_classes=10), (64, 64))
+    blurred = [r.name for r in report.replacements if r.was["op"] == "BlurPool2d"]
+    assert blurred == ["maxpool.1", "layer2.0.aa", "layer3.0.aa", "layer4.0.aa"]
+    assert {b.stride for b in gm.modules() if isinstance(b, BlurPool2d)} == {1}
+    assert report.num_alphas == 5
+    each_group_moves_the_output(gm, 64)
+
+
+# -- optional forward arguments: traced as None ---------------------------------------------------
+class Masked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, 2, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+        if mask is not None:
+            x = x * mask.view(x.shape[0], 1, *x.shape[-2:])
+        return self.conv(x).mean((2, 3)) * scale
+
+
+def test_optional_arguments_are_traced_as_none() -> None:
+    assert optional_none_args(Masked()) == {"mask": None}
+    gm = trace(Masked())
+    assert not any(n.op == "call_method" and n.target == "view" for n in gm.graph.nodes)
+    converted, _ = convert(Masked(), (16, 16))
+    x = torch.randn(2, 3, 16, 16)
+    assert converted(x).shape == (2, 4)
+
+
+def test_hiera_is_refused_for_its_fixed_position_embedding() -> None:
+    model = timm.create_model("hiera_tiny_224", num_classes=10)
+    with pytest.raises(ConversionError) as info:
+        convert(model, (224, 224))
+    assert info.value.category == "fixed position embedding"
+    assert "'pos_embed' of fixed shape (1, 3136, 96)" in str(info.value)
