@@ -6,6 +6,7 @@ Per converting family: it converts, moving each tie group's scale on its own cha
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -123,3 +124,71 @@ def test_hiera_is_refused_for_its_fixed_position_embedding() -> None:
         convert(model, (224, 224))
     assert info.value.category == "fixed position embedding"
     assert "'pos_embed' of fixed shape (1, 3136, 96)" in str(info.value)
+
+
+# -- a learned upsampling cropped back to the block's input size (LowFormer) ----------------------
+class CroppedAttention(nn.Module):
+    """Pool inside the block (strided depthwise conv), upsample back (ConvTranspose2d), crop, add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, 2, 1)
+        self.down = nn.Conv2d(4, 4, 3, 2, 1, groups=4)
+        self.up = nn.ConvTranspose2d(4, 4, 4, 2, 1, groups=4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        h, w = x.shape[-2:]
+        x = x + self.up(torch.relu(self.down(x)))[..., :h, :w]
+        return self.head(x.mean((2, 3)))
+
+
+def test_cropped_learned_upsampling_is_resized_to_the_crop() -> None:
+    gm, report = convert(CroppedAttention(), (32, 32))
+    assert report.resized_to_partner == ["getitem_3"]
+    assert report.num_alphas == 2
+    resized = [n for n in gm.graph.nodes if n.target is torch.nn.functional.interpolate]
+    assert len(resized) == 1 and resized[0].kwargs["mode"] == "bilinear"
+    # The identity at the conversion's scales: the same outputs with the resize taken out.
+    without = copy.deepcopy(gm)
+    node = next(n for n in without.graph.nodes if n.target is torch.nn.functional.interpolate)
+    node.replace_all_uses_with(node.args[0])
+    without.graph.erase_node(node)
+    without.recompile()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(gm(x), without(x))
+        owners(gm)["down_dynopool"].set_scale((0.3, 0.3))  # 16 -> 5, upsampled to 10, resized to 16
+        owners(without)["down_dynopool"].set_scale((0.3, 0.3))
+        assert gm(x).shape == (1, 2)
+        with pytest.raises(RuntimeError):  # what the crop alone gives: 10 rows against 16
+            without(x)
+        owners(gm)["down_dynopool"].set_scale((0.5, 0.5))
+    each_group_moves_the_output(gm, 32)
+
+
+def test_lowformer_converts_with_its_attention_resolutions_learned() -> None:
+    gm, report = convert(timm.create_model("lowformer_b0", num_classes=10), (96, 96))
+    assert report.num_alphas == 8
+    crops = [name.rsplit(".", 1) for name in report.resized_to_partner]  # scope, node name
+    assert [scope for scope, _ in crops] == [f"stages.2.{i}.attn.main.1" for i in (1, 2, 3)]
+    assert all(node.startswith("getitem") for _, node in crops)
+    each_group_moves_the_output(gm, 96)
+
+
+# -- precise refusals ------------------------------------------------------------------------------
+def test_sam2_hiera_window_embedding_tiled_is_a_fixed_position_embedding() -> None:
+    with pytest.raises(ConversionError) as info:
+        convert(timm.create_model("sam2_hiera_tiny", num_classes=10), (64, 64))
+    assert info.value.category == "fixed position embedding"
+    assert "('tile' repeats 'pos_embed_window' of fixed shape (1, 96, 8, 8) to a map's size" in str(info.value)
+
+
+def test_coatnet_relative_position_bias_is_a_fixed_position_embedding() -> None:
+    with pytest.raises(ConversionError) as info:
+        convert(timm.create_model("test_coatnet", num_classes=10), (160, 160))
+    assert info.value.category == "fixed position embedding"
+    message = str(info.value)
+    assert "'stages.2.blocks.0.attn.scaled_dot_product_attention' combines" in message
+    assert "of fixed shape (1, 2, 100, 100)" in message

@@ -25,7 +25,7 @@ from ..validate import MAX_SCALE, check_convert_args
 from ..version import __version__
 from .find import Resizer, Skip, find_resizers
 from .report import ConversionError, ConversionReport, Replacement, Skipped
-from .rewrite import Site, apply_sites, plan_sites, resize_to_partner, upsample_factor
+from .rewrite import RESIZED_CROPS, Site, apply_sites, plan_sites, resize_to_partner, upsample_factor
 from .submodule import convert_part, with_part_hint
 from .tie import ALREADY, NOT_2D, TieError, TieFinder
 from .trace import LeafSpec, TraceError, readable_cause, trace
@@ -581,7 +581,9 @@ def convert(
     group_of = {i: g for g, members in enumerate(groups) for i in members}
     src = source.to_dict() if hasattr(source, "to_dict") else (dict(source) if source is not None else None)
     name = f"{src['library']}:{src['name']}" if src else type(model).__name__
-    report = ConversionReport(name, (h, w), placement, resized_to_partner=[r for f in finders for r in f.resized])
+    crops = [view.meta.pop(RESIZED_CROPS, []) for view in views][0]  # the same crops in every mode's graph
+    resized = [*crops, *(r for f in finders for r in f.resized)]
+    report = ConversionReport(name, (h, w), placement, resized_to_partner=resized)
     report.adapted_heads = [a for f in finders for a in f.adapted]
     report.limits = {k: v for f in finders for k, v in f.limits.items()}
     for s in sites:
