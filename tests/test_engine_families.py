@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 
 import pytest
 import torch
@@ -192,3 +193,40 @@ def test_coatnet_relative_position_bias_is_a_fixed_position_embedding() -> None:
     message = str(info.value)
     assert "'stages.2.blocks.0.attn.scaled_dot_product_attention' combines" in message
     assert "of fixed shape (1, 2, 100, 100)" in message
+
+
+# -- a size computed from a resizer's input as side // stride (Twins' patch embedding) -------------
+class PatchGrid(nn.Module):
+    """A patch embedding that returns its grid as (H // p, W // p); tokens reshaped to that grid after."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, 4, 4, 4)
+        self.mix = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, _, h, w = x.shape
+        tokens = self.proj(x).flatten(2).transpose(1, 2)
+        grid = tokens.transpose(1, 2).reshape(x.shape[0], 4, h // 4, w // 4)
+        return self.head(self.mix(grid).mean((2, 3)))
+
+
+def test_size_computed_as_input_over_stride_follows_the_dynopool() -> None:
+    gm, report = convert(PatchGrid(), (32, 32))
+    assert report.num_alphas == 1
+    assert not any(n.target is operator.floordiv for n in gm.graph.nodes)
+    reads = [n for n in gm.graph.nodes if n.target is getattr and n.args[0].target == "proj_dynopool"]
+    assert len(reads) == 2  # one per axis
+    owners(gm)["proj_dynopool"].set_scale((0.1, 0.3))  # 3 x 10 tokens, not 8 x 8
+    assert gm(torch.randn(2, 3, 32, 32)).shape == (2, 2)
+    each_group_moves_the_output(gm, 32)
+
+
+def test_twins_converts_its_patch_embeddings_and_subsampled_attention() -> None:
+    gm, report = convert(timm.create_model("twins_svt_small", num_classes=10), (64, 64))
+    assert report.num_alphas == 11
+    assert [r.name for r in report.replacements if r.name.startswith("patch_embeds")] == [
+        f"patch_embeds.{i}.proj" for i in range(4)
+    ]
+    each_group_moves_the_output(gm, 64)

@@ -258,6 +258,7 @@ def _dedupe_names(sites: list[Site]) -> None:
 def apply_sites(gm: fx.GraphModule, sites: list[Site], modules_by_site: Mapping[int, nn.Module]) -> None:
     """Insert each site's DynOPool module into ``gm`` and remove the replaced pools."""
     graph = gm.graph
+    computed = computed_sizes(gm, sites)
     for site in sites:
         gm.add_submodule(site.name, modules_by_site[site.index])
         primary = site.primary.node
@@ -287,6 +288,7 @@ def apply_sites(gm: fx.GraphModule, sites: list[Site], modules_by_site: Mapping[
             node.replace_all_uses_with(source)
             graph.erase_node(node)
     gm.meta[RESIZED_CROPS] = resize_cropped_upsamplings(gm, {s.name for s in sites})
+    follow_computed_sizes(gm, computed)
     graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
@@ -403,3 +405,65 @@ def resize_cropped_upsamplings(gm: fx.GraphModule, pools: set[str]) -> list[str]
         node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
         done.append(node_label(node))
     return done
+
+
+# -- a size the model computes as input // stride -> the DynOPool's output size ------------------
+#: The ways a traced model reads a map's shape: ``x.shape`` and ``x.size()``.
+_SHAPE_READS = (("call_function", getattr), ("call_method", "size"))
+
+
+def _input_side(node: fx.Node, source: fx.Node, ndim: int) -> int | None:
+    """Return the spatial axis (counted from the end) of ``source``'s shape that ``node`` reads, else None.
+
+    ``source.shape[2]`` and ``source.size()[-2]`` read axis -2 of a 2-D map (``ndim`` spatial axes after N, C).
+    """
+    if node.op != "call_function" or node.target is not operator.getitem or len(node.args) != 2:
+        return None
+    shape, index = node.args
+    if not isinstance(shape, fx.Node) or not isinstance(index, int) or shape.args[:1] != (source,):
+        return None
+    if (shape.op, shape.target) == ("call_function", getattr) and shape.args[1:] != ("shape",):
+        return None
+    if (shape.op, shape.target) not in _SHAPE_READS or len(shape.args) != (2 if shape.op == "call_function" else 1):
+        return None
+    side = index - (ndim + 2) if index >= 0 else index
+    return side if -ndim <= side <= -1 else None
+
+
+def computed_sizes(gm: fx.GraphModule, sites: list[Site]) -> list[tuple[str, fx.Node, int]]:
+    """Sizes a model computes from a resizer's input as ``side // stride``: what the resizer's output had.
+
+    timm's Twins patch embedding returns ``(H // p, W // p)`` beside its conv's output, and its attention
+    reshapes the tokens to that grid. Found before the rewrite (a pool's node goes away); sites that merged
+    pools are left out (their DynOPool stands for several strides).
+
+    Returns:
+        (DynOPool name, the ``floordiv`` node, axis) per computed size.
+    """
+    found = []
+    for site in sites:
+        if site.merged or not site.primary.node.args or not isinstance(site.primary.node.args[0], fx.Node):
+            continue
+        source = site.primary.node.args[0]
+        for read in [u for shape in source.users for u in shape.users]:
+            side = _input_side(read, source, len(site.primary.stride))
+            if side is None:
+                continue
+            stride = site.primary.stride[side]
+            for user in read.users:
+                if user.op == "call_function" and user.target is operator.floordiv and user.args == (read, stride):
+                    found.append((site.name, user, side))
+    return found
+
+
+def follow_computed_sizes(gm: fx.GraphModule, computed: list[tuple[str, fx.Node, int]]) -> None:
+    """Make each computed size read its DynOPool's output size instead (the same number at the default scales)."""
+    pools = {str(n.target): n for n in gm.graph.nodes if n.op == "call_module"}
+    for name, node, side in computed:
+        pool = pools[name]
+        with gm.graph.inserting_after(pool):
+            shape = gm.graph.call_function(getattr, (pool, "shape"))
+        with gm.graph.inserting_after(shape):
+            size = gm.graph.call_function(operator.getitem, (shape, side))
+        node.replace_all_uses_with(size)
+        gm.graph.erase_node(node)
