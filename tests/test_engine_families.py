@@ -16,7 +16,7 @@ from torch import nn
 
 from dynoswap import convert, count_gmacs, gmacs_loss
 from dynoswap.engine import ConversionError
-from dynoswap.engine.trace import optional_none_args, trace
+from dynoswap.engine.trace import default_args, trace
 from dynoswap.layers import DynOPool2d
 from tests.sweep_models import move_independently, owners
 
@@ -104,14 +104,14 @@ class Masked(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, 2, 1)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
-        if mask is not None:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        if mask is not None or causal:  # timm's ViT forward: untraceable with placeholders
             x = x * mask.view(x.shape[0], 1, *x.shape[-2:])
-        return self.conv(x).mean((2, 3)) * scale
+        return self.conv(x).mean((2, 3))
 
 
-def test_optional_arguments_are_traced_as_none() -> None:
-    assert optional_none_args(Masked()) == {"mask": None}
+def test_optional_arguments_are_traced_with_their_defaults() -> None:
+    assert default_args(Masked()) == {"mask": None, "causal": False}
     gm = trace(Masked())
     assert not any(n.op == "call_method" and n.target == "view" for n in gm.graph.nodes)
     converted, _ = convert(Masked(), (16, 16))
@@ -230,3 +230,18 @@ def test_twins_converts_its_patch_embeddings_and_subsampled_attention() -> None:
         f"patch_embeds.{i}.proj" for i in range(4)
     ]
     each_group_moves_the_output(gm, 64)
+
+
+# -- ViTs whose forward takes (x, attn_mask=None, is_causal=False) ----------------------------------
+@pytest.mark.slow
+def test_dinov3_vit_converts_with_its_rope_following_the_map() -> None:
+    gm, report = convert(timm.create_model("vit_tiny_patch16_dinov3_qkvb", num_classes=10), (64, 64))
+    assert [(r.name, r.rule) for r in report.replacements] == [("patch_embed.proj", "patchify_post")]
+    each_group_moves_the_output(gm, 64)
+
+
+def test_vit_with_a_fixed_input_size_traces_and_is_refused_for_it() -> None:
+    with pytest.raises(ConversionError) as info:
+        convert(timm.create_model("test_vit", num_classes=10), (160, 160))
+    assert info.value.category == "fixed input size"
+    assert "at 'patch_embed._assert" in str(info.value)

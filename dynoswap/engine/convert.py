@@ -503,7 +503,7 @@ def convert(
         raise with_part_hint(err, model) from err.__cause__
     first = next(iter(model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
-    in_chans = infer_in_chans(model)
+    in_chans = infer_in_chans(views[0])  # the first conv it runs, as for the converted model's cost
     pools: dict[str, DynOPool2d] = {}
     modes = ["training", "eval"] if len(views) == 2 else [None]
     plans = [

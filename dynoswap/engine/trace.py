@@ -154,7 +154,7 @@ def trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = ()) -> fx.GraphMo
     while True:
         tracer = DynoTracer(ALWAYS_LEAF + register_timm_kinds() + user_types, user_names | opaque_timm, timm_functions)
         try:
-            graph = tracer.trace(model, concrete_args=optional_none_args(model))
+            graph = tracer.trace(model, concrete_args=default_args(model))
             break
         except Exception as err:
             # A timm leaf traced through because it held a resizer: fall back to keeping it opaque.
@@ -176,12 +176,16 @@ def trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = ()) -> fx.GraphMo
     return gm
 
 
-def optional_none_args(model: nn.Module) -> dict[str, None]:
-    """Return the forward's parameters after the input that default to None, to trace as constants.
+def default_args(model: nn.Module) -> dict[str, Any]:
+    """Return the forward's parameters after the input that have a default, with it, to trace as constants.
 
-    Traced as placeholders, ``if mask is not None:`` would take the branch the model takes with a
-    mask (timm Hiera's masked-autoencoder path); the converted model runs on one input, so these are
-    None.
+    The converted model runs on one input, so these take their defaults. Traced as placeholders,
+    ``if mask is not None:`` would take the branch the model takes with a mask (timm Hiera's
+    masked-autoencoder path), and ``if attn_mask is not None or is_causal:`` could not be traced at all.
     """
     params = list(inspect.signature(model.forward).parameters.values())[1:]
-    return {p.name: None for p in params if p.default is None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {
+        p.name: p.default
+        for p in params
+        if p.default is not p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
