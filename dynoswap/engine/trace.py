@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import re
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -151,10 +152,12 @@ def trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = ()) -> fx.GraphMo
     for qualname, sub in model.named_modules():
         if timm_types and isinstance(sub, timm_types) and not _contains_resizer(sub):  # type: ignore[arg-type,unused-ignore]
             opaque_timm.add(qualname)
+    leaf_types = ALWAYS_LEAF + register_timm_kinds() + user_types
     while True:
-        tracer = DynoTracer(ALWAYS_LEAF + register_timm_kinds() + user_types, user_names | opaque_timm, timm_functions)
         try:
-            graph = tracer.trace(model, concrete_args=default_args(model))
+            tracer, graph = _trace_with_defaults(
+                model, functools.partial(DynoTracer, leaf_types, user_names | opaque_timm, timm_functions)
+            )
             break
         except Exception as err:
             # A timm leaf traced through because it held a resizer: fall back to keeping it opaque.
@@ -189,3 +192,23 @@ def default_args(model: nn.Module) -> dict[str, Any]:
         for p in params
         if p.default is not p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     }
+
+
+def _trace_with_defaults(model: nn.Module, make_tracer: Callable[[], DynoTracer]) -> tuple[DynoTracer, fx.Graph]:
+    """Trace with the forward's defaults as constants (:func:`default_args`); where that fails, as placeholders.
+
+    A model that traces neither way (a torchvision detector, whose ``targets=None`` fails its own training
+    check) raises the error of the placeholder trace, the one that says what torch.fx cannot follow.
+
+    Returns:
+        The tracer that traced and its graph.
+    """
+    defaults = default_args(model)
+    if defaults:
+        tracer = make_tracer()
+        try:
+            return tracer, tracer.trace(model, concrete_args=defaults)
+        except Exception:  # noqa: BLE001, S110 - the placeholder trace below reports what fails
+            pass
+    tracer = make_tracer()
+    return tracer, tracer.trace(model)
