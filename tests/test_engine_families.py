@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+import dynoswap
 from dynoswap import convert, count_gmacs, gmacs_loss
 from dynoswap.engine import ConversionError
 from dynoswap.engine.trace import default_args, trace
@@ -96,6 +97,11 @@ def test_resnetblur_keeps_no_fixed_stride_two_blur() -> None:
     assert {b.stride for b in gm.modules() if isinstance(b, BlurPool2d)} == {1}
     assert report.num_alphas == 5
     each_group_moves_the_output(gm, 64)
+    frozen = dynoswap.freeze(gm.eval(), (64, 64))  # at the moved scales: interpolate + pool, the blur kept
+    assert not any(isinstance(m, DynOPool2d) for m in frozen.modules())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(frozen(x), gm(x))
 
 
 # -- optional forward arguments: traced as None ---------------------------------------------------
