@@ -24,7 +24,7 @@ from ..validate import check_convert_args, check_scale
 from ..version import __version__
 from .find import MODULE_NDIM, Resizer, Skip, find_resizers
 from .report import ConversionError, ConversionReport, Replacement, Skipped
-from .rewrite import Site, apply_sites, plan_sites, resize_to_partner, upsample_factor
+from .rewrite import RESIZED_CROPS, Site, apply_sites, plan_sites, resize_to_partner, upsample_factor
 from .submodule import convert_part, with_part_hint
 from .tie import ALREADY, OTHER_DIM, TieError, TieFinder
 from .trace import LeafSpec, TraceError, readable_cause, trace
@@ -546,7 +546,7 @@ def convert(
         raise with_part_hint(err, model) from err.__cause__
     first = next(iter(model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
-    in_chans = infer_in_chans(model, ndim=ndim)
+    in_chans = infer_in_chans(views[0], ndim=ndim)  # the first conv it runs, as for the converted model's cost
     pools: dict[str, DynOPoolNd] = {}
     modes = ["training", "eval"] if len(views) == 2 else [None]
     plans = [
@@ -624,7 +624,9 @@ def convert(
     group_of = {i: g for g, members in enumerate(groups) for i in members}
     src = source.to_dict() if hasattr(source, "to_dict") else (dict(source) if source is not None else None)
     name = f"{src['library']}:{src['name']}" if src else type(model).__name__
-    report = ConversionReport(name, size, placement, resized_to_partner=[r for f in finders for r in f.resized])
+    crops = [view.meta.pop(RESIZED_CROPS, []) for view in views][0]  # the same crops in every mode's graph
+    resized = [*crops, *(r for f in finders for r in f.resized)]
+    report = ConversionReport(name, size, placement, resized_to_partner=resized)
     report.adapted_heads = [a for f in finders for a in f.adapted]
     report.limits = {k: v for f in finders for k, v in f.limits.items()}
     for s in sites:

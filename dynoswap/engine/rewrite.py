@@ -285,6 +285,7 @@ def _dedupe_names(sites: list[Site]) -> None:
 def apply_sites(gm: fx.GraphModule, sites: list[Site], modules_by_site: Mapping[int, nn.Module]) -> None:
     """Insert each site's DynOPool module into ``gm`` and remove the replaced pools."""
     graph = gm.graph
+    computed = computed_sizes(gm, sites)
     for site in sites:
         gm.add_submodule(site.name, modules_by_site[site.index])
         primary = site.primary.node
@@ -316,6 +317,8 @@ def apply_sites(gm: fx.GraphModule, sites: list[Site], modules_by_site: Mapping[
             assert isinstance(source, fx.Node)
             node.replace_all_uses_with(source)
             graph.erase_node(node)
+    gm.meta[RESIZED_CROPS] = resize_cropped_upsamplings(gm, {s.name for s in sites})
+    follow_computed_sizes(gm, computed)
     graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
@@ -359,3 +362,138 @@ def resize_to_partner(gm: fx.GraphModule, upsample: fx.Node, partner: fx.Node, o
     upsample.replace_all_uses_with(new)
     graph.erase_node(upsample)
     return new
+
+
+# -- a learned upsampling cropped to a size computed at run time -> resized to that size ----------
+#: Learned upsamplings whose output a block crops back to its input's size (timm LowFormer's attention).
+TRANSPOSED_CONVS: tuple[type[nn.modules.conv._ConvTransposeNd], ...] = (
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+#: ``gm.meta`` key: crops rewritten by :func:`resize_cropped_upsamplings`, by node label.
+RESIZED_CROPS = "dynoswap_resized_crops"
+#: The (multi)linear interpolation mode of each number of spatial axes.
+LINEAR = {1: "linear", 2: "bilinear", 3: "trilinear"}
+
+
+def _crop_stops(node: fx.Node, modules: dict[str, nn.Module]) -> list[Any] | None:
+    """Return the stops of ``up(x)[..., :H, :W]`` (a strided transposed conv's output cropped), else None."""
+    if node.op != "call_function" or node.target is not operator.getitem or len(node.args) != 2:
+        return None
+    source, index = node.args
+    if not isinstance(source, fx.Node) or source.op != "call_module":
+        return None
+    up = modules.get(str(source.target))
+    if not isinstance(up, TRANSPOSED_CONVS):
+        return None
+    stride: tuple[int, ...] = tuple(up.stride)
+    items: list[Any] = list(index) if isinstance(index, tuple) else [index]
+    if all(s == 1 for s in stride) or not items or items[0] is not Ellipsis or len(items) != 1 + len(stride):
+        return None
+    if not all(isinstance(i, slice) and i.start is None and i.step is None for i in items[1:]):
+        return None
+    stops = [i.stop for i in items[1:]]
+    return stops if any(isinstance(v, fx.Node) for v in stops) else None
+
+
+def _after_pool(node: fx.Node, pools: set[str]) -> bool:
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_module" and str(n.target) in pools:
+            return True
+        todo.extend(n.all_input_nodes)
+    return False
+
+
+def resize_cropped_upsamplings(gm: fx.GraphModule, pools: set[str]) -> list[str]:
+    """Follow each crop of a learned upsampling after a DynOPool by a resize to the crop's own size.
+
+    A block that pools inside (a strided conv, now a DynOPool), upsamples back with a strided transposed
+    conv and crops to its input's size, ``up(x)[..., :H, :W]``, only gets (H, W) back while the pooled map
+    keeps its conversion-time size. ``F.interpolate(crop, size=(H, W))`` ((bi/tri)linear) gets it back at
+    any scale and is the identity at the conversion's scales, where the crop already is (H, W).
+
+    Returns:
+        The labels of the crops resized.
+    """
+    modules = dict(gm.named_modules())
+    done = []
+    for node in list(gm.graph.nodes):
+        stops = _crop_stops(node, modules)
+        if stops is None or not _after_pool(node, pools):
+            continue
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_function(
+                F.interpolate, (node,), {"size": tuple(stops), "mode": LINEAR[len(stops)], "align_corners": False}
+            )
+        _copy_meta(node, new)
+        node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
+        done.append(node_label(node))
+    return done
+
+
+# -- a size the model computes as input // stride -> the DynOPool's output size ------------------
+#: The ways a traced model reads a map's shape: ``x.shape`` and ``x.size()``.
+_SHAPE_READS = (("call_function", getattr), ("call_method", "size"))
+
+
+def _input_side(node: fx.Node, source: fx.Node, ndim: int) -> int | None:
+    """Return the spatial axis (counted from the end) of ``source``'s shape that ``node`` reads, else None.
+
+    ``source.shape[2]`` and ``source.size()[-2]`` read axis -2 of a 2-D map (``ndim`` spatial axes after N, C).
+    """
+    if node.op != "call_function" or node.target is not operator.getitem or len(node.args) != 2:
+        return None
+    shape, index = node.args
+    if not isinstance(shape, fx.Node) or not isinstance(index, int) or shape.args[:1] != (source,):
+        return None
+    if (shape.op, shape.target) == ("call_function", getattr) and shape.args[1:] != ("shape",):
+        return None
+    if (shape.op, shape.target) not in _SHAPE_READS or len(shape.args) != (2 if shape.op == "call_function" else 1):
+        return None
+    side = index - (ndim + 2) if index >= 0 else index
+    return side if -ndim <= side <= -1 else None
+
+
+def computed_sizes(gm: fx.GraphModule, sites: list[Site]) -> list[tuple[str, fx.Node, int]]:
+    """Sizes a model computes from a resizer's input as ``side // stride``: what the resizer's output had.
+
+    timm's Twins patch embedding returns ``(H // p, W // p)`` beside its conv's output, and its attention
+    reshapes the tokens to that grid. Found before the rewrite (a pool's node goes away); sites that merged
+    pools are left out (their DynOPool stands for several strides).
+
+    Returns:
+        (DynOPool name, the ``floordiv`` node, axis) per computed size.
+    """
+    found = []
+    for site in sites:
+        if site.merged or not site.primary.node.args or not isinstance(site.primary.node.args[0], fx.Node):
+            continue
+        source = site.primary.node.args[0]
+        for read in [u for shape in source.users for u in shape.users]:
+            side = _input_side(read, source, len(site.primary.stride))
+            if side is None:
+                continue
+            stride = site.primary.stride[side]
+            for user in read.users:
+                if user.op == "call_function" and user.target is operator.floordiv and user.args == (read, stride):
+                    found.append((site.name, user, side))
+    return found
+
+
+def follow_computed_sizes(gm: fx.GraphModule, computed: list[tuple[str, fx.Node, int]]) -> None:
+    """Make each computed size read its DynOPool's output size instead (the same number at the default scales)."""
+    pools = {str(n.target): n for n in gm.graph.nodes if n.op == "call_module"}
+    for name, node, side in computed:
+        pool = pools[name]
+        with gm.graph.inserting_after(pool):
+            shape = gm.graph.call_function(getattr, (pool, "shape"))
+        with gm.graph.inserting_after(shape):
+            size = gm.graph.call_function(operator.getitem, (shape, side))
+        node.replace_all_uses_with(size)
+        gm.graph.erase_node(node)

@@ -48,6 +48,8 @@ ALREADY = "already converted"
 
 MAX_PASSES = 64
 RESHAPES = {"view", "reshape", "unflatten", "flatten", "unfold"}
+#: Ops that repeat a tensor a whole number of times (a fixed-size one can only match multiples of its size).
+REPEATS = {"tile", "repeat", "repeat_interleave"}
 
 
 class TieError(ConversionError):
@@ -210,6 +212,7 @@ class TieFinder:
                 self._unions += 1
                 self.total_unions += 1
         if self._unions == 0:
+            self._fixed_size(res, node, live)  # a fixed-shape operand among them (a relative position bias)
             raise self._error(res, failure)  # equal resolutions already, and still failing: not a tying matter
         value = self._patched(res, runner, node, world, first, live[1:])
         if value is None:
@@ -327,10 +330,13 @@ class TieFinder:
     def _untieable(self, res: Resolution, node: fx.Node, first: fx.Node, other: fx.Node) -> TieError:
         a, b = res.exprs[first], res.exprs[other]
         category = FIXED_POSITION if "const" in (a[0], b[0]) else UNTIEABLE
+        repeated = next((r for r in (repeated_constant(res, n) for n in (first, other)) if r is not None), "")
+        if repeated:
+            category = FIXED_POSITION
         return TieError(
             f"'{node_label(node)}' combines '{node_label(first)}' (resolution {describe(a, self._name)}) with "
-            f"'{node_label(other)}' (resolution {describe(b, self._name)}): no tying of DynOPool scales keeps them "
-            "equal once alpha moves",
+            f"'{node_label(other)}' (resolution {describe(b, self._name)}){repeated}: no tying of DynOPool scales "
+            "keeps them equal once alpha moves",
             category,
             node_label(node),
         )
@@ -361,3 +367,18 @@ class TieFinder:
             category,
             node_label(node),
         )
+
+
+def repeated_constant(res: Resolution, node: fx.Node) -> str | None:
+    """Say how a fixed-size tensor is repeated to a map's size at ``node`` (None when it is not).
+
+    A repeat (``tile``, ``repeat``) whose tensor inputs are all of fixed size, but whose output follows
+    the input (counts computed from a map's size, as SAM2 Hiera's window position embedding), can
+    only match maps whose size is a multiple of the fixed one: a fixed position embedding.
+    """
+    op = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    inputs = [a for a in tensor_inputs(node) if a in res.exprs]
+    if op not in REPEATS or res.is_const(node) or not inputs or not all(res.is_const(a) for a in inputs):
+        return None
+    shapes = ", ".join(f"'{node_label(a)}' of fixed shape {tuple(res.shapes[a][0])}" for a in inputs)
+    return f" ('{node_label(node)}' repeats {shapes} to a map's size: a fixed position embedding)"

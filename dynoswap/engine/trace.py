@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import re
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -14,6 +16,7 @@ from torch import fx, nn
 from ..layers import DynOPoolNd
 from .find import ADAPTIVE_POOLS, MODULE_NDIM
 from .report import ConversionError
+from .timm_kinds import register_timm_kinds
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _ENGINE_DIR = os.path.dirname(__file__)
@@ -149,10 +152,12 @@ def trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = ()) -> fx.GraphMo
     for qualname, sub in model.named_modules():
         if timm_types and isinstance(sub, timm_types) and not _contains_resizer(sub):  # type: ignore[arg-type,unused-ignore]
             opaque_timm.add(qualname)
+    leaf_types = ALWAYS_LEAF + register_timm_kinds() + user_types
     while True:
-        tracer = DynoTracer(ALWAYS_LEAF + user_types, user_names | opaque_timm, timm_functions)
         try:
-            graph = tracer.trace(model)
+            tracer, graph = _trace_with_defaults(
+                model, functools.partial(DynoTracer, leaf_types, user_names | opaque_timm, timm_functions)
+            )
             break
         except Exception as err:
             # A timm leaf traced through because it held a resizer: fall back to keeping it opaque.
@@ -172,3 +177,38 @@ def trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = ()) -> fx.GraphMo
     gm = fx.GraphModule(tracer.root, graph, name)
     gm.meta["dynoswap_leaves"] = sorted(user_names | opaque_timm)
     return gm
+
+
+def default_args(model: nn.Module) -> dict[str, Any]:
+    """Return the forward's parameters after the input that have a default, with it, to trace as constants.
+
+    The converted model runs on one input, so these take their defaults. Traced as placeholders,
+    ``if mask is not None:`` would take the branch the model takes with a mask (timm Hiera's
+    masked-autoencoder path), and ``if attn_mask is not None or is_causal:`` could not be traced at all.
+    """
+    params = list(inspect.signature(model.forward).parameters.values())[1:]
+    return {
+        p.name: p.default
+        for p in params
+        if p.default is not p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
+def _trace_with_defaults(model: nn.Module, make_tracer: Callable[[], DynoTracer]) -> tuple[DynoTracer, fx.Graph]:
+    """Trace with the forward's defaults as constants (:func:`default_args`); where that fails, as placeholders.
+
+    A model that traces neither way (a torchvision detector, whose ``targets=None`` fails its own training
+    check) raises the error of the placeholder trace, the one that says what torch.fx cannot follow.
+
+    Returns:
+        The tracer that traced and its graph.
+    """
+    defaults = default_args(model)
+    if defaults:
+        tracer = make_tracer()
+        try:
+            return tracer, tracer.trace(model, concrete_args=defaults)
+        except Exception:  # noqa: BLE001, S110 - the placeholder trace below reports what fails
+            pass
+    tracer = make_tracer()
+    return tracer, tracer.trace(model)
