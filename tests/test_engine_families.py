@@ -251,3 +251,24 @@ def test_vit_with_a_fixed_input_size_traces_and_is_refused_for_it() -> None:
         convert(timm.create_model("test_vit", num_classes=10), (160, 160))
     assert info.value.category == "fixed input size"
     assert "at 'patch_embed._assert" in str(info.value)
+
+
+# -- stems that change the input's channels before the first conv ---------------------------------
+def test_tresnet_space_to_depth_stem_takes_three_channels() -> None:
+    from dynoswap.cost.count import infer_in_chans
+
+    gm, report = convert(timm.create_model("tresnet_m", num_classes=10), (64, 64))
+    assert infer_in_chans(gm) == 3  # its first conv takes 48: the space-to-depth stem's 4 x 4 x 3
+    assert [r.was["op"] for r in report.replacements].count("BlurPool2d") == 3
+    assert {b.stride for b in gm.modules() if isinstance(b, BlurPool2d)} == {1}
+    each_group_moves_the_output(gm, 64)
+
+
+@pytest.mark.slow
+def test_csatv2_dct_stem_takes_three_channels() -> None:
+    from dynoswap.cost.count import infer_in_chans
+
+    gm, report = convert(timm.create_model("csatv2", num_classes=10), (128, 128))
+    assert infer_in_chans(gm) == 3  # its first conv takes 64: the DCT stem's coefficients
+    assert report.num_alphas == 3
+    each_group_moves_the_output(gm, 128)  # at 64 the last stages sit at the 2-pixel minimum

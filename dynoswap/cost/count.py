@@ -7,6 +7,7 @@ import logging
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -95,6 +96,8 @@ def infer_in_chans(model: nn.Module, default: int = 3, ndim: int = 2) -> int:
         for node in graph.nodes:
             m = modules.get(str(node.target)) if node.op == "call_module" else None
             if isinstance(m, conv_type):
+                if m.in_channels != default and _reaches_with(model, graph, node, default, ndim) == m.in_channels:
+                    return default  # a stem turns the default channels into the conv's (space-to-depth, a DCT)
                 return m.in_channels
             if m is not None and not isinstance(m, DynOPoolNd):
                 conv = next((c for c in m.modules() if isinstance(c, conv_type)), None)
@@ -102,6 +105,41 @@ def infer_in_chans(model: nn.Module, default: int = 3, ndim: int = 2) -> int:
                     return conv.in_channels
     first = next((m for m in model.modules() if isinstance(m, conv_type)), None)
     return first.in_channels if first is not None else default
+
+
+#: The probe input of :func:`_reaches_with` per number of spatial axes (a multiple of common strides).
+_PROBE: dict[int, tuple[int, ...]] = {1: (256,), 2: (64, 64), 3: (8, 64, 64)}
+
+
+def _reaches_with(model: nn.Module, graph: torch.fx.Graph, conv: torch.fx.Node, chans: int, ndim: int) -> int | None:
+    """Return the channels that reach ``conv`` from a ``chans``-channel probe input, run on the meta device.
+
+    None when the probe fails before it (an op that refuses the probe's size) or the conv is the first op.
+    """
+    from ..graph.propagate import MetaParams, NodeFailure, World, WorldRunner
+
+    source = conv.args[0] if conv.args else None
+    if (
+        not isinstance(model, torch.fx.GraphModule)
+        or not isinstance(source, torch.fx.Node)
+        or source.op == "placeholder"
+    ):
+        return None
+    probe: Any = _PROBE[ndim]
+    unmoved: Any = lambda name, m: ((1.0,) * ndim, name)  # noqa: E731
+    runner = WorldRunner(model, [World(probe)], unmoved, chans, torch.device("cpu"))
+    runner.first_input = next(n for n in graph.nodes if n.op == "placeholder")  # this mode's graph
+    try:
+        with MetaParams(model) as meta, torch.no_grad():
+            runner.meta = meta
+            for node in graph.nodes:
+                if node is conv:
+                    value = runner.envs[0][source]
+                    return int(value.shape[1]) if isinstance(value, torch.Tensor) else None
+                runner.run_node(node, 0)
+    except NodeFailure:
+        return None
+    return None
 
 
 def example_input(
