@@ -28,10 +28,12 @@ test: install
 	$(PYTEST) -m "not slow" $(addprefix --ignore=,$(SWEEPS))
 
 # The broad model sweep (every torchvision classifier/segmenter, one timm model per family), the
-# training robustness sweep (10 CNN families trained briefly with a lambda and with a budget) and every
-# other test marked slow (the README's long blocks, the ResNet-50 detectors, long layer properties).
+# training robustness sweep (10 CNN families trained briefly with a lambda and with a budget), the
+# 1-D and video models (torchvision's video models, the zoo's m5, resnet1d and video-tiny; also in
+# make test) and every other test marked slow (the README's long blocks, the ResNet-50 detectors,
+# long layer properties).
 sweep: install
-	$(PYTEST) $(SWEEPS)
+	$(PYTEST) $(SWEEPS) tests/test_engine_nd.py
 	$(PYTEST) -m slow $(addprefix --ignore=,$(SWEEPS))
 
 test-fast: install
