@@ -233,7 +233,7 @@ def test_a_fixed_input_size_is_refused_in_dynoswaps_words():
 def test_a_vit_is_refused_without_torch_fx_internals():
     result = runner.invoke(app, ["convert", "timm:vit_tiny_patch16_224"], env=ENV)
     assert result.exit_code == EXIT_FAILURE
-    assert "the model asserts a fixed input size at 'patch_embed._assert'" in result.stderr
+    assert "the model asserts a fixed input size at 'patch_embed._assert" in result.stderr  # _assert or _assert_1
     assert "Proxy" not in result.stderr
 
 

@@ -264,8 +264,9 @@ StrictValuesOption = typer.Option(
 
 
 DEFAULT_INPUT_SIZE: tuple[int, ...] = (224, 224)
-#: What ``--input-size`` takes: 1, 2 or 3 numbers (``L``, ``H W``, ``T H W``), or them joined by ``x``.
-INPUT_SIZE_METAVAR = "H W | L | T H W"
+#: ``--input-size`` takes 1, 2 or 3 numbers (``L``, ``H W``, ``T H W``) or them joined by ``x``; shown as the 2-D
+#: form so every help text fits 80 columns (the help says the rest).
+INPUT_SIZE_METAVAR = "H W"
 InputSizeOption = typer.Option(
     None,
     "--input-size",
