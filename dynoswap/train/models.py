@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from ..zoo.checks import check_count
+from ..zoo.checks import check_count, check_widths
 
 
 def small_vgg(
@@ -29,10 +29,7 @@ def small_vgg(
     """
     for name, value in (("num_classes", num_classes), ("in_chans", in_chans), ("convs_per_stage", convs_per_stage)):
         check_count(name, value)
-    if isinstance(widths, (str, bytes)) or not isinstance(widths, Sequence) or not widths:
-        raise ValueError(f"widths must be a non-empty list of channel counts, got {widths!r}")
-    for width in widths:
-        check_count("a width", width)
+    check_widths(widths)
     layers: list[nn.Module] = []
     channels = in_chans
     for i, width in enumerate(widths):

@@ -13,6 +13,15 @@ def check_count(name: str, value: object) -> int:
     return value
 
 
+def check_widths(widths: object) -> Sequence[int]:
+    """Return ``widths`` when it is a non-empty sequence of whole numbers >= 1, else raise ValueError."""
+    if isinstance(widths, (str, bytes)) or not isinstance(widths, Sequence) or not widths:
+        raise ValueError(f"widths must be a non-empty list of channel counts, got {widths!r}")
+    for c in widths:
+        check_count("a width", c)
+    return widths
+
+
 def scaled(widths: Sequence[int], width: object) -> list[int]:
     """Channels ``round(c * width)``, at least 1 each, for a positive finite ``width``; ValueError otherwise."""
     if isinstance(width, bool) or not isinstance(width, (int, float)) or not math.isfinite(width) or width <= 0:

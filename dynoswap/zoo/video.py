@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .checks import check_count, scaled
+from .checks import check_count, check_widths, scaled
 
 #: Channels of the four stages at ``width=1``.
 VIDEO_TINY_WIDTHS = (8, 16, 32, 64)
@@ -43,10 +43,7 @@ class VideoTiny(nn.Module):
         super().__init__()
         check_count("num_classes", num_classes)
         check_count("in_chans", in_chans)
-        if isinstance(widths, (str, bytes)) or not isinstance(widths, Sequence) or not widths:
-            raise ValueError(f"widths must be a non-empty list of channel counts, got {widths!r}")
-        for c in widths:
-            check_count("a width", c)
+        check_widths(widths)
         layers: list[nn.Module] = []
         cin = in_chans
         for i, cout in enumerate(scaled(widths, width)):
