@@ -80,6 +80,17 @@ def test_recipe_round_trips_through_the_dict_and_the_document(saved):
         (lambda d: d["recipe"]["options"].update(init_scale=[math.nan, 1]), "must be finite and > 0"),
         (lambda d: d["recipe"]["options"].update(surprise=1), "'recipe.options.surprise' is not a known option"),
         (lambda d: d["recipe"]["options"].update(leaf_modules="x"), "'recipe.options.leaf_modules' must be a list"),
+        (lambda d: d["recipe"].update(input_size=[4, 32, 32, 32]), "'recipe.input_size' must have 1 to 3 values"),
+        (
+            lambda d: d["recipe"].update(input_size=[]),
+            "'recipe.input_size' must have 1 to 3 values ([L], [H, W] or [T, H, W]), got 0",
+        ),
+        # a 3-D size with the 2-D options of the saved model: each option must have one value per axis
+        (lambda d: d["recipe"].update(input_size=[4, 32, 32]), "must have 3 values, got 2 values"),
+        (
+            lambda d: d["recipe"].update(input_size=[32, 32, 32]) or d["recipe"]["options"].update(overrides={}),
+            "cannot be replayed: Conv2d at 0 is 2-D but input_size has 3 sides",
+        ),
     ],
 )
 def test_each_bad_field_is_one_line_naming_file_and_field(saved, tmp_path, edit, message):
