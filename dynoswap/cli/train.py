@@ -49,6 +49,9 @@ class Hyper:
     amp: bool
 
 
+#: What one sample of a data set is called, by its number of spatial axes (2: images).
+SAMPLES = {1: "signals", 3: "clips"}
+
 #: Defaults without a preset: short CPU-friendly runs of the built-in sets.
 DEFAULTS = Hyper(epochs=10, batch_size=64, lr=0.05, alpha_lr=0.005, weight_decay=5e-4, momentum=0.9, lam=0.0, amp=False)
 
@@ -239,7 +242,8 @@ def _announce(
     else:
         cost = f"lambda {hyper.lam:g}"
     console.print(
-        f"training {model_spec} on {data.name} ({len(data.train)} images, {data.num_classes} classes, "
+        f"training {model_spec} on {data.name} ({len(data.train)} {SAMPLES.get(len(data.input_size), 'images')}, "
+        f"{data.num_classes} classes, "
         f"{'x'.join(map(str, data.input_size))}) on {ctx.device}{world}: {hyper.epochs} epochs, "
         f"batch {hyper.batch_size}, lr {hyper.lr:g}, alpha lr {hyper.alpha_lr:g}, {cost} -> {safe(out)}",
         soft_wrap=True,  # one record, one line, whatever the width
