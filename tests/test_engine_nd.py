@@ -237,12 +237,56 @@ def test_torchvision_video_resnets_convert_and_train(name: str, dynopools: int, 
     assert gmacs_loss(gm).item() == pytest.approx(count_gmacs(gm, size).total, rel=1e-9)
 
 
-def test_s3d_converts_and_records_its_fixed_final_pool() -> None:
+def test_s3d_converts_and_its_whole_map_average_pool_follows_the_scales() -> None:
     import torchvision
 
-    gm, report = convert(torchvision.models.video.s3d(num_classes=3), (16, 224, 224))
+    torch.manual_seed(0)
+    model = torchvision.models.video.s3d(num_classes=3).eval()
+    gm, report = convert(model, (16, 224, 224))
     assert report.num_dynopools == 4  # each separable conv's (1, 2, 2) and (2, 1, 1) strides: one DynOPool
-    assert "2x7x7" in report.limits["avgpool"]  # a fixed 2x7x7 average pool: its input may not shrink below it
+    # its 2x7x7 average pool covered the whole final map at 16x224x224: made adaptive, no limit left
+    assert report.global_pools == ["avgpool"] and not report.limits
+    assert isinstance(gm.get_submodule("avgpool"), nn.AdaptiveAvgPool3d)
+    g = torch.Generator().manual_seed(0)
+    for m in owners(gm).values():
+        m.set_scale(tuple((0.4 + 0.4 * torch.rand(3, generator=g)).tolist()))
+    gm.train()
+    size = (4, 48, 48)  # smaller than the fixed pool's kernel allowed the original model
+    loss = nn.functional.cross_entropy(gm(torch.randn(2, 3, *size)), torch.tensor([0, 2])) + gmacs_loss(gm, size)
+    loss.backward()
+    assert all(torch.isfinite(m.alpha.grad).all() for m in owners(gm).values())
+    assert gmacs_loss(gm, size).item() == pytest.approx(count_gmacs(gm, size).total, rel=1e-9)
+
+
+def test_an_average_pool_over_the_whole_map_is_made_adaptive_and_computes_the_same() -> None:
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.down = nn.MaxPool2d(2)  # a DynOPool at r = 0.5 on even sizes computes exactly this
+            self.pool = nn.AvgPool2d((5, 4), stride=1)  # the whole 5x4 map at 10x8 (not a resizer: stride 1)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.pool(self.down(self.conv(x))).flatten(1))
+
+    torch.manual_seed(0)
+    model = Head().eval()
+    gm, report = convert(model, (10, 8))
+    assert report.global_pools == ["pool"]
+    x = torch.randn(2, 3, 10, 8)
+    assert torch.allclose(gm.eval()(x), model(x), atol=1e-6)
+    gm.get_submodule("down_dynopool").set_scale((0.3, 0.7))
+    assert gm(x).shape == (2, 2)
+
+
+def test_a_pool_to_one_cell_before_a_linear_is_refused_in_words() -> None:
+    """A resizing pool whose original output is 1x1: its DynOPool gives 2x2 and the Linear after it breaks."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AvgPool2d((5, 4)), nn.Flatten(), nn.Linear(4, 2))
+    expected = "the converted model fails at its input size 5x4 at '3' (mat1 and mat2 shapes cannot be multiplied"
+    with pytest.raises(ConversionError, match=re.escape(expected)) as info:
+        convert(model, (5, 4))
+    assert "1_dynopool (the original gives 1x1; a DynOPool gives at least 2 per axis)" in str(info.value)
 
 
 def test_swin3d_converts_its_patch_embedding() -> None:

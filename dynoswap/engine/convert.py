@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
 
@@ -290,6 +291,24 @@ def _exact_scale(site: Site, original: tuple[int, ...] | None) -> tuple[tuple[fl
         why = f"odd size {_shown(n_in)}"
     shown = f"{alphas[0]:.5g}" if len(set(alphas)) == 1 else "x".join(f"{a:.5g}" for a in alphas)
     return tuple(1 / a for a in alphas), f"{why}: init alpha {shown} (original output {_shown(original)})"
+
+
+@contextlib.contextmanager
+def _at_reference(size: tuple[int, ...], exact: Mapping[str, tuple[Any, str]]) -> Iterator[None]:
+    """Turn a failure of the converted model at its own input size (not a moved world) into a ConversionError.
+
+    The usual cause is a resizer whose original output was below the 2-cell floor (a pool to 1x1 before a
+    flatten into a Linear): its DynOPool gives 2 per axis, and the layers after it were built for 1.
+    """
+    try:
+        yield
+    except NodeFailure as failure:
+        below = [f"{name} ({note})" for name, (_, note) in exact.items() if "at least 2 per axis" in note]
+        why = f"; {', '.join(below)}: convert at a larger input size" if below else ""
+        when = f"at its input size {_shown(size)}" if failure.world == 0 else "once DynOPool scales move"
+        raise ConversionError(
+            f"the converted model fails {when} at '{node_label(failure.node)}' ({readable_cause(failure.cause)}){why}"
+        ) from failure.cause
 
 
 @dataclass
@@ -577,7 +596,7 @@ def convert(
         )
         for view, plan in zip(views, plans, strict=True)
     ]
-    with eval_mode(model):
+    with eval_mode(model), _at_reference(size, exact):
         pending = list(finders)
         while pending:
             finder = pending.pop(0)
@@ -612,7 +631,7 @@ def convert(
         _apply_sizes(gm, by_index, groups, sizes, example)
     if check and sites and (init_scale is not None or overrides or sizes is not None):
         moved = {s.name: pools[s.name].alpha.detach().cpu().tolist() for s in sites}
-        with eval_mode(model):
+        with eval_mode(model), _at_reference(size, exact):
             for finder in finders:
                 finder.check({name: tuple(float(v) for v in a) for name, a in moved.items()})
 
@@ -628,6 +647,7 @@ def convert(
     resized = [*crops, *(r for f in finders for r in f.resized)]
     report = ConversionReport(name, size, placement, resized_to_partner=resized)
     report.adapted_heads = [a for f in finders for a in f.adapted]
+    report.global_pools = [a for f in finders for a in f.globalised]
     report.limits = {k: v for f in finders for k, v in f.limits.items()}
     for s in sites:
         was = _was(s.primary)

@@ -86,6 +86,8 @@ class ConversionReport:
         groups: DynOPool names per tie group (one alpha each).
         resized_to_partner: Fixed-factor upsamplings that now take their partner's size.
         adapted_heads: Layers behind which ``head="adapt"`` inserted an adaptive pool.
+        global_pools: Fixed-kernel average pools that covered their whole input at conversion (S3D's 2x7x7),
+            made adaptive so they keep averaging the whole map when sizes change.
         limits: Ops that need their input at least as large as at conversion, and what that means.
         submodule: Path of the converted part when one submodule was converted in place (its input
             size is ``input_size``); None for a whole model.
@@ -99,6 +101,7 @@ class ConversionReport:
     groups: list[list[str]] = field(default_factory=list)
     resized_to_partner: list[str] = field(default_factory=list)
     adapted_heads: list[str] = field(default_factory=list)
+    global_pools: list[str] = field(default_factory=list)
     limits: dict[str, str] = field(default_factory=dict)
     submodule: str | None = None
 

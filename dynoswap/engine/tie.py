@@ -46,6 +46,12 @@ BREAKS = "breaks when scales move"
 OTHER_DIM = "other dimension"
 ALREADY = "already converted"
 
+#: Average pools and the adaptive pool that computes what they do when their kernel is their whole input.
+GLOBAL_AVG: dict[type[nn.Module], type[nn.Module]] = {
+    nn.AvgPool1d: nn.AdaptiveAvgPool1d,
+    nn.AvgPool2d: nn.AdaptiveAvgPool2d,
+    nn.AvgPool3d: nn.AdaptiveAvgPool3d,
+}
 MAX_PASSES = 64
 RESHAPES = {"view", "reshape", "unflatten", "flatten", "unfold"}
 #: Ops that repeat a tensor a whole number of times (a fixed-size one can only match multiples of its size).
@@ -136,6 +142,7 @@ class TieFinder:
             self.uf.find(name)
         self.resized: list[str] = []
         self.adapted: list[str] = []
+        self.globalised: list[str] = []
         self.limits: dict[str, str] = {}
         self.passes = 0
         self._unions = 0
@@ -197,6 +204,8 @@ class TieFinder:
         node, world = failure.node, failure.world
         inputs = [a for a in tensor_inputs(node) if a in res.exprs]
         live = [a for a in inputs if not res.is_const(a)]
+        if len(live) == 1 and self._globalise(res, node, live[0]):
+            raise _Restart
         if len(live) < 2:
             self._fixed_size(res, node, live)
             if len(live) == 1 and self._minimum_size(res, runner, failure, live[0]):
@@ -218,6 +227,31 @@ class TieFinder:
         if value is None:
             raise _Restart  # the groups are joined: the next pass runs the tied model
         runner.envs[world][node] = value
+
+    def _globalise(self, res: Resolution, node: fx.Node, x: fx.Node) -> bool:
+        """Make adaptive an average pool whose kernel covered its whole input at conversion (a global pool).
+
+        The pool is the failing op (S3D's 2x7x7 on a map that shrank) or on the single-input chain into
+        it (a flatten into a Linear behind it). At the conversion size it averaged the whole map into one
+        cell per axis; ``AdaptiveAvgPoolNd(1)`` computes exactly that there and keeps doing it when the
+        map shrinks or grows with the scales.
+        """
+        for _ in range(4):
+            m: Any = self.gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+            if type(m) in GLOBAL_AVG and not getattr(m, "divisor_override", None):
+                reference = tuple(res.shapes[x][0][2:])
+                nd = len(reference)
+                as_axes = lambda v, nd=nd: tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd  # noqa: E731
+                if as_axes(m.kernel_size) != reference or any(as_axes(m.padding)):
+                    return False
+                self.gm.add_submodule(str(node.target), GLOBAL_AVG[type(m)](1))
+                self.globalised.append(node_label(node))
+                return True
+            inputs = [a for a in tensor_inputs(x) if a in res.shapes and not res.is_const(a)]
+            if len(inputs) != 1:
+                return False
+            node, x = x, inputs[0]
+        return False
 
     def _minimum_size(self, res: Resolution, runner: WorldRunner, failure: NodeFailure, x: fx.Node) -> bool:
         """Let an op that needs its input as large as at conversion (a valid 5x5 conv on a 5x5 map) go on.
