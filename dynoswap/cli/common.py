@@ -310,9 +310,9 @@ def model_default_size(model: nn.Module, spec: str) -> tuple[int, ...]:
     A 1-D or 3-D model (its first conv or pool says) has no default: audio lengths and clip sizes
     vary too much, so the user is asked for one (exit 2) instead of running it at a 2-D size.
     """
-    from ..engine.find import MODULE_NDIM
+    from ..engine.find import module_ndim
 
-    ndim = next((MODULE_NDIM[c] for m in model.modules() for c in type(m).__mro__ if c in MODULE_NDIM), 2)
+    ndim = next((n for m in model.modules() if (n := module_ndim(m)) is not None), 2)
     if ndim == 2:
         return DEFAULT_INPUT_SIZE
     form = "L (its length)" if ndim == 1 else "T H W (frames, height, width)"

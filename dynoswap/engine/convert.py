@@ -23,7 +23,7 @@ from ..layers import DynOPool1d, DynOPool2d, DynOPool3d, DynOPoolNd
 from ..sources import ModelSource
 from ..validate import check_convert_args, check_scale
 from ..version import __version__
-from .find import MODULE_NDIM, Resizer, Skip, find_resizers
+from .find import ADAPTIVE_POOLS, MODULE_NDIM, Resizer, Skip, find_resizers
 from .report import ConversionError, ConversionReport, Replacement, Skipped
 from .rewrite import RESIZED_CROPS, Site, apply_sites, plan_sites, resize_to_partner, upsample_factor
 from .submodule import convert_part, with_part_hint
@@ -232,7 +232,7 @@ def _other_dim(m: nn.Module, name: str, layer_ndim: int, ndim: int, verb: str) -
 
 def _resizes(m: object) -> bool:
     """Whether a conv or pool changes its input's spatial size: an adaptive pool, or a stride above 1."""
-    if "Adaptive" in type(m).__name__:
+    if isinstance(m, ADAPTIVE_POOLS):
         return True
     stride = getattr(m, "stride", 1)
     return any(int(v) != 1 for v in (stride if isinstance(stride, (tuple, list)) else (stride,)))

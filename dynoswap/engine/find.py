@@ -97,7 +97,7 @@ def register_function(*targets: Any) -> Callable[[FunctionHandler], FunctionHand
     return deco
 
 
-def _ntuple(value: Any, ndim: int) -> tuple[int, ...]:
+def per_axis(value: Any, ndim: int) -> tuple[int, ...]:
     """``value`` (a number, or one value per axis, or one value for all) as ``ndim`` ints."""
     if isinstance(value, int):
         return (value,) * ndim
@@ -118,10 +118,10 @@ def _pool_found(
     if any(isinstance(v, fx.Node) for v in (kernel, stride, padding, ceil_mode)) or kernel is None:
         return Skip(node, op, "kernel or stride is computed at run time")
     stride = kernel if stride is None or stride == [] or stride == () else stride
-    s, k = _ntuple(stride, ndim), _ntuple(kernel, ndim)
+    s, k = per_axis(stride, ndim), per_axis(kernel, ndim)
     if all(v == 1 for v in s):
         return None
-    return Resizer(node, "pool", op, s, k, aggregate, _ntuple(padding, ndim), bool(ceil_mode))
+    return Resizer(node, "pool", op, s, k, aggregate, per_axis(padding, ndim), bool(ceil_mode))
 
 
 #: Spatial axes of each pool and conv module type the engine rewrites.
@@ -132,8 +132,15 @@ MODULE_NDIM: dict[type, int] = {
 }
 
 
+def module_ndim(m: nn.Module) -> int | None:
+    """Spatial axes of a pool or conv the engine rewrites (its class or a base in ``MODULE_NDIM``), else None."""
+    return next((MODULE_NDIM[cls] for cls in type(m).__mro__ if cls in MODULE_NDIM), None)
+
+
 def _module_ndim(m: nn.Module) -> int:
-    return next(MODULE_NDIM[cls] for cls in type(m).__mro__ if cls in MODULE_NDIM)
+    ndim = module_ndim(m)
+    assert ndim is not None, type(m)  # handlers are registered for these types only
+    return ndim
 
 
 def _max_pool_module(node: fx.Node, m: nn.Module) -> Found:
@@ -151,10 +158,10 @@ def _adaptive(node: fx.Node, m: nn.Module) -> Found:
 
 def _conv_module(node: fx.Node, m: nn.Module) -> Found:
     ndim = _module_ndim(m)
-    s, k = _ntuple(m.stride, ndim), _ntuple(m.kernel_size, ndim)
+    s, k = per_axis(m.stride, ndim), per_axis(m.kernel_size, ndim)
     if all(v == 1 for v in s):
         return None
-    padding = m.padding if isinstance(m.padding, str) else _ntuple(m.padding, ndim)
+    padding = m.padding if isinstance(m.padding, str) else per_axis(m.padding, ndim)
     patchify = k == s and (padding == "valid" or padding == (0,) * ndim)
     return Resizer(node, "patchify" if patchify else "conv", type(m).__name__, s, k, "max", padding)
 
@@ -206,7 +213,7 @@ def _pool_fn(ndim: int, name: str, aggregate: str, ceil_index: int) -> FunctionH
 def _conv_fn(ndim: int, name: str) -> FunctionHandler:
     def handler(node: fx.Node) -> Found:
         stride = _arg(node, 3, "stride", 1)
-        if isinstance(stride, fx.Node) or any(v != 1 for v in _ntuple(stride, ndim)):
+        if isinstance(stride, fx.Node) or any(v != 1 for v in per_axis(stride, ndim)):
             return Skip(node, name, f"functional strided {name}: its weight is not a module the engine can rewrite")
         return None
 
@@ -267,4 +274,4 @@ def _is_strided(m: nn.Module) -> bool:
     stride = getattr(m, "stride", None)
     if stride is None or not isinstance(m, tuple(MODULE_NDIM)):
         return False
-    return any(v != 1 for v in _ntuple(stride, _module_ndim(m)))
+    return any(v != 1 for v in per_axis(stride, _module_ndim(m)))

@@ -34,6 +34,7 @@ from ..graph import (
     unify,
 )
 from ..graph.resolution import tensor_inputs
+from .find import per_axis
 from .trace import readable_cause
 
 #: Refusal categories (ConversionError.category) of models whose sizes cannot move.
@@ -240,9 +241,7 @@ class TieFinder:
             m: Any = self.gm.get_submodule(str(node.target)) if node.op == "call_module" else None
             if type(m) in GLOBAL_AVG and not getattr(m, "divisor_override", None):
                 reference = tuple(res.shapes[x][0][2:])
-                nd = len(reference)
-                as_axes = lambda v, nd=nd: tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd  # noqa: E731
-                if as_axes(m.kernel_size) != reference or any(as_axes(m.padding)):
+                if per_axis(m.kernel_size, len(reference)) != reference or any(per_axis(m.padding, len(reference))):
                     return False
                 self.gm.add_submodule(str(node.target), GLOBAL_AVG[type(m)](1))
                 self.globalised.append(node_label(node))
