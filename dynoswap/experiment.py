@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from .train.loop import BUDGET_ANNEAL
+
 MODEL = "vgg-tiny"  # the zoo entry: saved runs name no code
 DESIGNS = ("human", "symmetric", "dynopool")
 LABELS = {
@@ -137,6 +139,7 @@ def run_point(dataset: str, design: str, factor: float, seed: int, args: argpars
         progress=False,
         target_gmacs=None if design == "human" else budget,
         retrain=retrain,
+        budget_anneal=args.budget_anneal,
     )
     gmacs = count_gmacs(gm, used.input_size).total
     return {
@@ -228,7 +231,9 @@ def write_markdown(summary: list[dict[str, Any]], args: argparse.Namespace) -> s
         f"{args.batch_size}, SGD momentum 0.9, cosine annealing, lr {args.lr}, alpha lr {args.alpha_lr} (the "
         f"typical relative change of an alpha per step), seeds {seeds}; mean +- std over seeds. Training "
         "protocol (`dynoswap.fit` defaults): alphas held for the first 10% of the steps, learned on the budget "
-        "until 50%, then landed on integer sizes that the weights train on for the rest."
+        "until 50%, then landed on integer sizes that the weights train on for the rest. The budget moves "
+        f"log-linearly from the converted model's own cost to the target over the first {args.budget_anneal:.0%} "
+        "of the steps (budget annealing), so cells are taken away while the weights use them."
         + (
             f" With --retrain, DynOPool runs {2 * args.epochs} epochs: the landing at half-way restores its "
             f"starting weights, which then train {args.epochs} epochs at the learned sizes."
@@ -300,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--alpha-lr", type=float, default=0.005)
+    parser.add_argument("--alpha-lr", type=float, default=0.015)
+    parser.add_argument("--budget-anneal", type=float, default=BUDGET_ANNEAL)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(

@@ -18,7 +18,7 @@ def test_human_input_sizes_keep_every_pooling_on_even_sizes():
 
 @pytest.mark.parametrize("design", ["human", "symmetric"])
 def test_each_design_is_costed_as_the_model_it_runs_at_the_human_models_budget(design):
-    args = argparse.Namespace(epochs=1, batch_size=64, lr=0.05, alpha_lr=0.02, seeds=[0])
+    args = argparse.Namespace(epochs=1, batch_size=64, lr=0.05, alpha_lr=0.02, seeds=[0], budget_anneal=0.3)
     row = experiment.run_point("barcodes-noisy", design, 0.5, 0, args)
     _, human = experiment._convert((16, 16), 10, 0)
     assert row["target_gmacs"] == pytest.approx(count_gmacs(human, (16, 16)).total)

@@ -72,6 +72,8 @@ def test_train_builtin_model_writes_log_checkpoint_plot_then_resumes(tmp_path):
         (["--data", "barcodes", "--max-alpha-step", "inf"], "--max-alpha-step must be a finite number > 0"),
         (["--data", "barcodes", "--warmup", "0.6"], "--warmup 0.6 ends after --search-end 0.5"),
         (["--data", "barcodes", "--search-end", "2"], "--search-end is a fraction"),
+        (["--data", "barcodes", "--budget-anneal", "nan"], "--budget-anneal is a fraction"),
+        (["--data", "barcodes", "--budget-anneal", "-0.2"], "--budget-anneal is a fraction"),
         (["--data", "barcodes", "--floor-gradient", "maybe"], "--floor-gradient must be pass or stop"),
     ],
 )

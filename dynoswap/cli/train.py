@@ -53,7 +53,7 @@ class Hyper:
 SAMPLES = {1: "signals", 3: "clips"}
 
 #: Defaults without a preset: short CPU-friendly runs of the built-in sets.
-DEFAULTS = Hyper(epochs=10, batch_size=64, lr=0.05, alpha_lr=0.005, weight_decay=5e-4, momentum=0.9, lam=0.0, amp=False)
+DEFAULTS = Hyper(epochs=10, batch_size=64, lr=0.05, alpha_lr=0.015, weight_decay=5e-4, momentum=0.9, lam=0.0, amp=False)
 
 
 def merge_hyper(preset: Preset | None, flags: dict[str, Any]) -> Hyper:
@@ -94,6 +94,7 @@ def check_training_flags(
     max_alpha_step: float,
     warmup: float,
     search_end: float,
+    budget_anneal: float = 0.0,
 ) -> None:
     """Refuse NaN, inf and out-of-range training flags before any import or work (one line, exit 2)."""
     for flag, value in (("--target-gmacs", target_gmacs), ("--min-scale", min_scale), ("--max-scale", max_scale)):
@@ -103,7 +104,7 @@ def check_training_flags(
         raise UsageError(f"--min-scale {min_scale} is larger than --max-scale {max_scale}")
     if not (math.isfinite(max_alpha_step) and max_alpha_step > 0):
         raise UsageError(f"--max-alpha-step must be a finite number > 0, got {max_alpha_step}")
-    for flag, value in (("--warmup", warmup), ("--search-end", search_end)):
+    for flag, value in (("--warmup", warmup), ("--search-end", search_end), ("--budget-anneal", budget_anneal)):
         if not (math.isfinite(value) and 0 <= value <= 1):
             raise UsageError(f"{flag} is a fraction of the run's steps: between 0 and 1, got {value}")
     if warmup > search_end:
@@ -331,6 +332,15 @@ def train_cmd(
         metavar="F",
         help="Fraction of the steps after which the sizes land and stay fixed (1: learn to the end).",
     ),
+    budget_anneal: float = typer.Option(
+        0.3,
+        "--budget-anneal",
+        metavar="F",
+        help=(
+            "With a budget: fraction of the steps over which it moves from the model's own cost to the target "
+            "(0: the target from the first step; reached by --search-end at the latest)."
+        ),
+    ),
     retrain: bool = typer.Option(
         False,
         "--retrain",
@@ -400,7 +410,7 @@ def train_cmd(
     from .convert import _load_preset
 
     # Every argument that needs no torch is checked before the slow imports.
-    check_training_flags(target_gmacs, min_scale, max_scale, max_alpha_step, warmup, search_end)
+    check_training_flags(target_gmacs, min_scale, max_scale, max_alpha_step, warmup, search_end, budget_anneal)
     target, cost_unit = check_cost_flags(cost, latency_table, target_gmacs, target_latency)
     check_file(latency_table, "--latency-table")
     if floor_gradient not in ("pass", "stop"):
@@ -503,6 +513,7 @@ def train_cmd(
             max_alpha_step=max_alpha_step,
             warmup=warmup,
             search_end=search_end,
+            budget_anneal=budget_anneal,
             floor_gradient=floor_gradient,
             retrain=retrain,
         )

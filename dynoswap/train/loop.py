@@ -207,6 +207,9 @@ def _plain_every(enabled: bool, console: Any, steps_per_epoch: int) -> int:
 #: (the search), then fixed at integer sizes while the weights train on (see the README's protocol).
 WARMUP = 0.1
 SEARCH_END = 0.5
+#: Fraction of the run over which a budget moves from the model's own cost to the target (log-linear):
+#: the search shrinks (or grows) the model gradually, so the axes whose cells the weights use keep them.
+BUDGET_ANNEAL = 0.3
 #: Training batches kept to choose among roundings on budget by their task loss.
 HELD_BATCHES = 2
 
@@ -215,7 +218,8 @@ def check_hyperparameters(**values: float | None) -> None:
     """Refuse NaN, inf and out-of-range hyperparameters before any work (``OptionError``).
 
     Learning rates, weight decay and lambda must be finite and >= 0; momentum in [0, 1);
-    ``warmup`` and ``search_end`` fractions in [0, 1], warm-up not after the search's end.
+    ``warmup``, ``search_end`` and ``budget_anneal`` fractions in [0, 1], warm-up not after the
+    search's end.
     """
     for name, value in values.items():
         if value is None:
@@ -226,7 +230,7 @@ def check_hyperparameters(**values: float | None) -> None:
             raise OptionError(f"{name} must be >= 0, got {value}")
         if name == "momentum" and value >= 1:
             raise OptionError(f"momentum must be < 1, got {value}")
-        if name in ("warmup", "search_end") and value > 1:
+        if name in ("warmup", "search_end", "budget_anneal") and value > 1:
             raise OptionError(f"{name} is a fraction of the run: between 0 and 1, got {value}")
     warmup, search_end = values.get("warmup"), values.get("search_end")
     if warmup is not None and search_end is not None and warmup > search_end:
@@ -329,6 +333,7 @@ def fit(
     cost_unit: str = "GMACs",
     retrain: bool = False,
     loss_fn: LossFn | None = None,
+    budget_anneal: float = BUDGET_ANNEAL,
 ) -> list[dict[str, Any]]:
     """Train ``model`` with the loss of eq. 8: ``task + lam * GMACs loss``.
 
@@ -383,6 +388,11 @@ def fit(
         warmup: Fraction of the steps during which the alphas are held.
         search_end: Fraction of the steps after which the sizes land and stay (1: learned to the
             end, then landed).
+        budget_anneal: With ``target_gmacs``: fraction of the steps over which the budget moves
+            log-linearly from the model's own cost at the start to the target (0: the target from
+            the first step; reached by ``search_end`` at the latest). Cells are then taken away (or
+            added) gradually while the weights use them, and the real cost is on the target from
+            this fraction of the run on.
         floor_gradient: ``"pass"``: the size's gradient passes below the 2-cell floor (paper
             section 5), ``"stop"``: the literal ``max(n / alpha, 1.5)``.
         cost_unit: What ``cost_fn`` measures, for messages and the epoch line (``"GMACs"``; ``"ms"``
@@ -409,7 +419,7 @@ def fit(
         raise OptionError(f"epochs must be an integer >= 1, got {epochs!r}")
     check_hyperparameters(
         lr=lr, alpha_lr=alpha_lr, lam=lam, weight_decay=weight_decay, momentum=momentum,
-        warmup=warmup, search_end=search_end,
+        warmup=warmup, search_end=search_end, budget_anneal=budget_anneal,
     )  # fmt: skip
     if floor_gradient not in FLOOR_GRADIENTS:
         raise OptionError(f"floor_gradient must be one of {FLOOR_GRADIENTS}, got {floor_gradient!r}")
@@ -457,6 +467,7 @@ def fit(
     cost_fn(raw)
     start_epoch = step = 0
     saved_start: dict[str, torch.Tensor] | None = None
+    saved_budget_start: float | None = None
     if resume:
         folder = checkpointing.find_checkpoint(out)  # type: ignore[arg-type]
         if folder is None:
@@ -469,6 +480,11 @@ def fit(
         start_epoch, step = int(state["epoch"]), int(state["step"])
         checkpointing.set_rng_state(state["rng"])
         saved_start = state.get("starting_weights")
+        saved_budget_start = state.get("budget_start")
+        if saved_budget_start is not None and not (
+            isinstance(saved_budget_start, float) and math.isfinite(saved_budget_start) and saved_budget_start > 0
+        ):
+            raise TrainingError(f"the checkpoint in {out} holds a budget start of {saved_budget_start!r}: start over")
 
     start_step_of_call = step
     land_step = math.ceil(search_end * total_steps)
@@ -507,10 +523,24 @@ def fit(
     held: list[tuple[torch.Tensor, torch.Tensor]] = []  # the latest training batches, to score roundings
     lam_now = 0.0 if target is not None and lam == 0 else float(lam)
 
+    # Reached by the landing at the latest: the sizes land on the target itself.
+    anneal_steps = math.ceil(min(budget_anneal, search_end) * total_steps) if target is not None else 0
+    # The model's own cost when the run started: where an annealed budget starts (kept across a resume).
+    budget_start = saved_budget_start
+
+    def budget_now() -> float | None:
+        if target is None or budget_start is None or step >= anneal_steps:
+            return target
+        t = step / anneal_steps
+        return budget_start ** (1 - t) * target**t
+
     def on_budget() -> None:
+        nonlocal budget_start
         assert guard is not None
         if target is not None and not landed:
-            project(guard, target, real_cost)
+            if anneal_steps and budget_start is None and step == 0:
+                budget_start = real_cost()
+            project(guard, cast(float, budget_now()), real_cost)
         sync_alphas(raw, ctx)
 
     def land_now() -> list[tuple[int, ...]]:
@@ -644,6 +674,7 @@ def fit(
                 record["train_acc"] = correct / counted
             if target is not None:
                 record["target_gmacs"] = target
+                record["budget"] = budget_now()  # the annealed budget the epoch ended on
             if epoch == 0 and initial is not None:
                 record["initial_pools"] = initial
             if val_loader is not None:
@@ -665,6 +696,8 @@ def fit(
                 }
                 if starting_weights is not None:
                     state["starting_weights"] = starting_weights  # until the landing restarts from them
+                if budget_start is not None:
+                    state["budget_start"] = budget_start
                 checkpointing.save_checkpoint(out, raw, state, log_record=record)
             if main and console is not None:
                 console.print(epoch_line(record, epochs), soft_wrap=True)  # one record, one line
