@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .train.loop import BUDGET_ANNEAL
+from .train.protocol import ALPHA_LR, BUDGET_ANNEAL
 
 MODEL = "vgg-tiny"  # the zoo entry: saved runs name no code
 DESIGNS = ("human", "symmetric", "dynopool")
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--alpha-lr", type=float, default=0.015)
+    parser.add_argument("--alpha-lr", type=float, default=ALPHA_LR)
     parser.add_argument("--budget-anneal", type=float, default=BUDGET_ANNEAL)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=None)

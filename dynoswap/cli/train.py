@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from ..train.data import DATA_HANDLERS, PATH_KINDS
+from ..train.protocol import ALPHA_LR, BUDGET_ANNEAL, MAX_STEP, SEARCH_END, WARMUP
 from .common import (
     INPUT_SIZE_METAVAR,
     DebugOption,
@@ -53,7 +54,9 @@ class Hyper:
 SAMPLES = {1: "signals", 3: "clips"}
 
 #: Defaults without a preset: short CPU-friendly runs of the built-in sets.
-DEFAULTS = Hyper(epochs=10, batch_size=64, lr=0.05, alpha_lr=0.015, weight_decay=5e-4, momentum=0.9, lam=0.0, amp=False)
+DEFAULTS = Hyper(
+    epochs=10, batch_size=64, lr=0.05, alpha_lr=ALPHA_LR, weight_decay=5e-4, momentum=0.9, lam=0.0, amp=False
+)
 
 
 def merge_hyper(preset: Preset | None, flags: dict[str, Any]) -> Hyper:
@@ -94,7 +97,7 @@ def check_training_flags(
     max_alpha_step: float,
     warmup: float,
     search_end: float,
-    budget_anneal: float = 0.0,
+    budget_anneal: float,
 ) -> None:
     """Refuse NaN, inf and out-of-range training flags before any import or work (one line, exit 2)."""
     for flag, value in (("--target-gmacs", target_gmacs), ("--min-scale", min_scale), ("--max-scale", max_scale)):
@@ -323,17 +326,17 @@ def train_cmd(
         None, "--max-scale", metavar="R", help="Upper bound on every scale r (default 1: no upsampling)."
     ),
     max_alpha_step: float = typer.Option(
-        0.02, "--max-alpha-step", metavar="F", help="Most an alpha moves in one step, relative (0.02 = 2%)."
+        MAX_STEP, "--max-alpha-step", metavar="F", help="Most an alpha moves in one step, relative (0.02 = 2%)."
     ),
-    warmup: float = typer.Option(0.1, "--warmup", metavar="F", help="Fraction of the steps with the scales held."),
+    warmup: float = typer.Option(WARMUP, "--warmup", metavar="F", help="Fraction of the steps with the scales held."),
     search_end: float = typer.Option(
-        0.5,
+        SEARCH_END,
         "--search-end",
         metavar="F",
         help="Fraction of the steps after which the sizes land and stay fixed (1: learn to the end).",
     ),
     budget_anneal: float = typer.Option(
-        0.3,
+        BUDGET_ANNEAL,
         "--budget-anneal",
         metavar="F",
         help=(

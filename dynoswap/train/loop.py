@@ -26,8 +26,9 @@ from ..layers import FLOOR_GRADIENTS, DynOPoolNd
 from . import checkpointing
 from .budget import check_reachable, check_target, land, project
 from .distributed import DistContext, all_reduce_sums, barrier, current_context, pick_device, sync_alphas, wrap_ddp
+from .protocol import BUDGET_ANNEAL, MAX_STEP, SEARCH_END, WARMUP
 from .recompute import recompute_view
-from .scales import MAX_STEP, AlphaStepper, ScaleGuard, leaders
+from .scales import AlphaStepper, ScaleGuard, leaders
 
 LOG_FILE = "log.jsonl"
 
@@ -203,13 +204,6 @@ def _plain_every(enabled: bool, console: Any, steps_per_epoch: int) -> int:
     return max(1, steps_per_epoch // 4)
 
 
-#: Default phases, as fractions of the run's steps: alphas held while the weights warm up, then learned
-#: (the search), then fixed at integer sizes while the weights train on (see the README's protocol).
-WARMUP = 0.1
-SEARCH_END = 0.5
-#: Fraction of the run over which a budget moves from the model's own cost to the target (log-linear):
-#: the search shrinks (or grows) the model gradually, so the axes whose cells the weights use keep them.
-BUDGET_ANNEAL = 0.3
 #: Training batches kept to choose among roundings on budget by their task loss.
 HELD_BATCHES = 2
 
@@ -467,7 +461,8 @@ def fit(
     cost_fn(raw)
     start_epoch = step = 0
     saved_start: dict[str, torch.Tensor] | None = None
-    saved_budget_start: float | None = None
+    # The model's own cost when the run started: where an annealed budget starts (kept across a resume).
+    budget_start: float | None = None
     if resume:
         folder = checkpointing.find_checkpoint(out)  # type: ignore[arg-type]
         if folder is None:
@@ -480,11 +475,11 @@ def fit(
         start_epoch, step = int(state["epoch"]), int(state["step"])
         checkpointing.set_rng_state(state["rng"])
         saved_start = state.get("starting_weights")
-        saved_budget_start = state.get("budget_start")
-        if saved_budget_start is not None and not (
-            isinstance(saved_budget_start, float) and math.isfinite(saved_budget_start) and saved_budget_start > 0
+        budget_start = state.get("budget_start")
+        if budget_start is not None and not (
+            isinstance(budget_start, float) and math.isfinite(budget_start) and budget_start > 0
         ):
-            raise TrainingError(f"the checkpoint in {out} holds a budget start of {saved_budget_start!r}: start over")
+            raise TrainingError(f"the checkpoint in {out} holds a budget start of {budget_start!r}: start over")
 
     start_step_of_call = step
     land_step = math.ceil(search_end * total_steps)
@@ -525,8 +520,6 @@ def fit(
 
     # Reached by the landing at the latest: the sizes land on the target itself.
     anneal_steps = math.ceil(min(budget_anneal, search_end) * total_steps) if target is not None else 0
-    # The model's own cost when the run started: where an annealed budget starts (kept across a resume).
-    budget_start = saved_budget_start
 
     def budget_now() -> float | None:
         if target is None or budget_start is None or step >= anneal_steps:

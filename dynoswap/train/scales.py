@@ -26,12 +26,11 @@ from torch import nn
 from ..errors import OptionError
 from ..layers import DynOPoolNd
 from ..validate import MAX_SCALE as LARGEST_SCALE
+from .protocol import MAX_STEP
 
 #: Per group (in :func:`leaders` order), its largest input length (h, w) at the current alphas.
 InputLengths = Callable[[], list[tuple[int, ...]]]
 
-#: Most an alpha may move in one step, in log space (2%).
-MAX_STEP = 0.02
 #: Default upper bound on every scale: a DynOPool does not upsample unless asked to.
 MAX_SCALE = 1.0
 
