@@ -33,10 +33,15 @@ def reference_size(
     return count, cont + (count - cont).detach()
 
 
-def reference_coords(count: int, size: torch.Tensor) -> torch.Tensor:
-    """Normalised coordinates of the two query points per cell: ``p_k -+ 1/(2 n)`` (eq. 2)."""
+def reference_coords(count: int, size: torch.Tensor, position_gradient: str = "displacement") -> torch.Tensor:
+    """Normalised coordinates of the two query points per cell: ``p_k -+ 1/(2 n)`` (eq. 2).
+
+    ``position_gradient="displacement"`` places the centres ``p_k`` on the integer grid of ``count``
+    cells (no gradient), so only the displacement ``1/(2 n)`` follows ``size``; ``"position"`` lets
+    both follow it.
+    """
     k = torch.arange(count, dtype=size.dtype)
-    centre = -1 + (2 * k + 1) / size
+    centre = -1 + (2 * k + 1) / (size if position_gradient == "position" else float(count))
     half = 1 / (2 * size)
     return torch.stack([centre - half, centre + half], dim=1).reshape(-1)
 
@@ -47,6 +52,7 @@ def reference_dynopool(
     aggregate: str = "max",
     continuous: bool = False,
     floor_gradient: str = "pass",
+    position_gradient: str = "displacement",
 ) -> torch.Tensor:
     """DynOPool forward from the equations; differentiable in ``x`` and ``alpha``.
 
@@ -57,13 +63,14 @@ def reference_dynopool(
         continuous: Place the query points with the continuous size instead of the
             straight-through one (same cell count); for finite differences in alpha.
         floor_gradient: ``"pass"`` or ``"stop"``: the size's gradient below the 2-cell floor.
+        position_gradient: ``"displacement"`` or ``"position"``, as in :func:`reference_coords`.
     """
     n, _, h, w = x.shape
     alpha = alpha.to(x.dtype)
     count_h, size_h = reference_size(h, alpha[0], continuous, floor_gradient)
     count_w, size_w = reference_size(w, alpha[1], continuous, floor_gradient)
-    ys = reference_coords(count_h, size_h)
-    xs = reference_coords(count_w, size_w)
+    ys = reference_coords(count_h, size_h, position_gradient)
+    xs = reference_coords(count_w, size_w, position_gradient)
     grid = torch.stack(torch.broadcast_tensors(xs[None, :], ys[:, None]), dim=-1)  # (2h', 2w', (x, y))
     grid = grid.unsqueeze(0).expand(n, -1, -1, -1)
     queries = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
@@ -79,6 +86,7 @@ def reference_dynopool_nd(
     aggregate: str = "max",
     continuous: bool = False,
     floor_gradient: str = "pass",
+    position_gradient: str = "displacement",
 ) -> torch.Tensor:
     """:func:`reference_dynopool` for 1, 2 or 3 spatial axes: two query points per axis and cell.
 
@@ -92,15 +100,16 @@ def reference_dynopool_nd(
         aggregate: ``"max"`` or ``"mean"`` over each cell's query values.
         continuous: As in :func:`reference_dynopool`.
         floor_gradient: As in :func:`reference_dynopool`.
+        position_gradient: As in :func:`reference_dynopool`.
     """
     ndim = x.dim() - 2
     if ndim == 2:
-        return reference_dynopool(x, alpha, aggregate, continuous, floor_gradient)
+        return reference_dynopool(x, alpha, aggregate, continuous, floor_gradient, position_gradient)
     n = x.shape[0]
     alpha = alpha.to(x.dtype)
     axes = [reference_size(side, alpha[i], continuous, floor_gradient) for i, side in enumerate(x.shape[2:])]
     counts = [count for count, _ in axes]
-    coords = [reference_coords(count, size) for count, size in axes]  # in (T, H, W) order
+    coords = [reference_coords(count, size, position_gradient) for count, size in axes]  # in (T, H, W) order
     if ndim == 1:
         coords = [torch.zeros(1, dtype=x.dtype), *coords]  # one row: its centre is normalised 0
         x = x.unsqueeze(2)

@@ -202,6 +202,7 @@ def test_an_unreachable_budget_is_refused_before_any_step():
         {"search_end": 1.5},
         {"max_alpha_step": float("nan")},
         {"floor_gradient": "never"},
+        {"position_gradient": "centre"},
         {"epochs": 0},
     ],
 )

@@ -12,23 +12,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynoswap import DynOPool2d
-from dynoswap.layers import output_size, straight_through_size
+from dynoswap.layers import POSITION_GRADIENTS, output_size, straight_through_size
 from tests.reference_dynopool import reference_dynopool
 
 F64 = torch.float64
 
 
-def layer_and_reference(x: torch.Tensor, scale, aggregate: str = "max", floor_gradient: str = "pass"):
+def layer_and_reference(
+    x: torch.Tensor, scale, aggregate: str = "max", floor_gradient: str = "pass", position_gradient: str = "displacement"
+):
     """Outputs and gradients (wrt x and alpha) of the layer and of the reference, one upstream grad."""
     layer = DynOPool2d(scale, aggregate=aggregate).to(device=x.device, dtype=x.dtype)
     layer.set_scale(scale)  # alpha exactly 1 / r in x's dtype, not a widened float32
     layer.set_floor_gradient(floor_gradient)
+    layer.set_position_gradient(position_gradient)
     x = x.detach().requires_grad_()
     out = layer(x)
     grad = torch.randn_like(out)
     gx, ga = torch.autograd.grad(out, (x, layer.alpha), grad)
     alpha = layer.alpha.detach().clone().requires_grad_()
-    ref = reference_dynopool(x, alpha, aggregate, floor_gradient=floor_gradient)
+    ref = reference_dynopool(x, alpha, aggregate, floor_gradient=floor_gradient, position_gradient=position_gradient)
     rx, ra = torch.autograd.grad(ref, (x, alpha), grad)
     return (out, gx, ga), (ref, rx, ra)
 
@@ -53,8 +56,10 @@ GENERIC = [
 
 @pytest.mark.parametrize(("shape", "scale"), GENERIC)
 @pytest.mark.parametrize("aggregate", ["max", "mean"])
-def test_matches_reference_generic(seeded, shape, scale, aggregate):
-    (out, gx, ga), (ref, rx, ra) = layer_and_reference(torch.randn(shape, dtype=F64), scale, aggregate)
+@pytest.mark.parametrize("position_gradient", POSITION_GRADIENTS)
+def test_matches_reference_generic(seeded, shape, scale, aggregate, position_gradient):
+    x = torch.randn(shape, dtype=F64)
+    (out, gx, ga), (ref, rx, ra) = layer_and_reference(x, scale, aggregate, position_gradient=position_gradient)
     assert out.shape == ref.shape
     assert_rel_close(out, ref)
     assert_rel_close(gx, rx)
@@ -96,8 +101,10 @@ EXACT = [((2, 3, 16, 16), 0.5), ((1, 2, 32, 8), 0.5), ((1, 2, 8, 16), 2.0), ((1,
 
 
 @pytest.mark.parametrize(("shape", "scale"), EXACT)
-def test_matches_reference_on_pixel_centres(seeded, shape, scale):
-    (out, gx, ga), (ref, rx, ra) = layer_and_reference(torch.randn(shape, dtype=F64), scale)
+@pytest.mark.parametrize("position_gradient", POSITION_GRADIENTS)
+def test_matches_reference_on_pixel_centres(seeded, shape, scale, position_gradient):
+    x = torch.randn(shape, dtype=F64)
+    (out, gx, ga), (ref, rx, ra) = layer_and_reference(x, scale, position_gradient=position_gradient)
     assert_rel_close(out, ref)
     assert_rel_close(gx, rx)
     assert_rel_close(ga, ra)
@@ -163,22 +170,51 @@ def test_pixel_centre_slope_is_the_right_derivative(seeded, shape):
     # not differentiable; the convention (slope towards the next pixel) is the derivative
     # from the right, since every query point moves up as alpha grows. Columns: 15 / 2.5 = 6
     # cells, query points between pixels, an ordinary central difference.
+    # With the whole position carrying the gradient ("position"), every query point moves up as alpha
+    # grows; with "displacement" the lower query of each cell moves down, so no one-sided difference
+    # matches it at a pixel centre (the ramp test below pins that mode with exact values).
     x = torch.randn(shape, dtype=F64)
     layer = DynOPool2d((0.5, 0.4)).double()
     layer.set_scale((0.5, 0.4))
+    layer.set_position_gradient("position")
     weights = torch.randn_like(layer(x))
     weights[:, :, 0] = 0  # row 0 sits on the border: zero gradient there, unlike a one-sided difference
     (layer(x) * weights).sum().backward()
     alpha = layer.alpha.detach()
 
     def loss(a: torch.Tensor) -> float:
-        return (reference_dynopool(x, a, continuous=True) * weights).sum().item()
+        return (reference_dynopool(x, a, continuous=True, position_gradient="position") * weights).sum().item()
 
     eps = 1e-7
     right = (loss(alpha + torch.tensor([eps, 0.0], dtype=F64)) - loss(alpha)) / eps
     step = torch.tensor([0.0, eps], dtype=F64)
     central = (loss(alpha + step) - loss(alpha - step)) / (2 * eps)
     torch.testing.assert_close(layer.alpha.grad, torch.tensor([right, central], dtype=F64), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("position_gradient", "aggregate", "expected"),
+    [
+        # Each cell's upper query (the max on a rising ramp) is p_k + delta, delta = alpha / 4 pixels
+        # (eq. 2 at n_in / alpha = n_out): d(sum)/d(alpha) = cells * slope / 4 per axis.
+        ("displacement", "max", (30 * 3 / 4, 30 * 5 / 4)),
+        # The mean of p_k -+ delta on a ramp is the ramp at p_k: nothing for the displacement to change.
+        ("displacement", "mean", (0.0, 0.0)),
+        # The whole position alpha (4k + 3) / 4 - 1/2 moves: sum_k (4k + 3) / 4 * other-axis cells * slope.
+        ("position", "max", (55 / 4 * 6 * 3, 78 / 4 * 5 * 5)),
+    ],
+)
+def test_alpha_gradient_on_a_ramp_is_the_papers_displacement(position_gradient, aggregate, expected):
+    # f = 3 i + 5 j; 12 / 2.4 = 5 and 15 / 2.5 = 6 cells, every query point strictly between pixels.
+    i, j = torch.meshgrid(torch.arange(12, dtype=F64), torch.arange(15, dtype=F64), indexing="ij")
+    x = (3 * i + 5 * j)[None, None]
+    layer = DynOPool2d(aggregate=aggregate).double()
+    layer.alpha.data = torch.tensor([2.4, 2.5], dtype=F64)
+    layer.set_position_gradient(position_gradient)
+    layer(x).sum().backward()
+    torch.testing.assert_close(layer.alpha.grad, torch.tensor(expected, dtype=F64), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="position_gradient"):
+        layer.set_position_gradient("centre")
 
 
 def test_size_rule_and_straight_through_gradient():

@@ -327,7 +327,7 @@ def test_an_edited_command_output_fails_the_check(tmp_path):
     assert block.output is not None
     printed = run_shell(block, tmp_path)  # the real run (shared with its own test above)
     check_lines(block.output.code, printed, "as written")
-    for old, new in (("-2.9%", "-0.7%"), ("sizes 10x17", "sizes 10x16"), ("0.3717", "0.0285")):
+    for old, new in (("+0.7%", "-0.7%"), ("sizes 12x17", "sizes 12x16"), ("0.4010", "0.0285")):
         assert old in block.output.code, f"the README's budget example moved: update this test ({old})"
         edited = parse_blocks(README.read_text().replace(block.output.code, block.output.code.replace(old, new)))
         again = next(b for b in edited if b.output is not None and "--target-gmacs" in b.code)

@@ -48,8 +48,9 @@ def test_barcodes_learn_wider_than_tall_maps():
     gm, _ = convert(model, (32, 32))
     bundle = load_data("barcodes")
     loader = DataLoader(bundle.train, batch_size=64, shuffle=True)
-    # lambda relative to the initial cost: the GMACs term is 0.3 of the loss at the start.
-    lam = 0.3 / float(dynoswap.gmacs_loss(gm).detach())
+    # lambda relative to the initial cost: the GMACs term is 0.03 of the loss at the start (at 0.3 it
+    # outweighs the task's displacement gradient and both axes shrink alike; the paper's is about 1e-4).
+    lam = 0.03 / float(dynoswap.gmacs_loss(gm).detach())
     records = fit(gm, loader, epochs=3, max_steps=25, lam=lam, lr=0.05, alpha_lr=0.1, progress=False)
     pools = records[-1]["pools"]
     assert records[-1]["train_acc"] > 0.9

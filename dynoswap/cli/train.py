@@ -357,6 +357,14 @@ def train_cmd(
         "--floor-gradient",
         help="pass: gradients reach sizes below the 2-cell floor (paper section 5); stop: the literal max(., 1.5).",
     ),
+    position_gradient: str = typer.Option(
+        "displacement",
+        "--position-gradient",
+        help=(
+            "displacement: a size's gradient moves each query point around its fixed cell centre (paper eq. 5); "
+            "position: it moves the whole position, centres included (dynoswap 0.2)."
+        ),
+    ),
     pretrained: bool = typer.Option(
         False, "--pretrained", help="Start from torchvision's or timm's pretrained weights (their own cache)."
     ),
@@ -418,6 +426,8 @@ def train_cmd(
     check_file(latency_table, "--latency-table")
     if floor_gradient not in ("pass", "stop"):
         raise UsageError(f"--floor-gradient must be pass or stop, got {floor_gradient!r}")
+    if position_gradient not in ("displacement", "position"):
+        raise UsageError(f"--position-gradient must be displacement or position, got {position_gradient!r}")
     check_data_spec(data)
     size = parse_input_size(input_size) if input_size else None
     preset_obj = _load_preset(preset, None, trust_code)
@@ -518,6 +528,7 @@ def train_cmd(
             search_end=search_end,
             budget_anneal=budget_anneal,
             floor_gradient=floor_gradient,
+            position_gradient=position_gradient,
             retrain=retrain,
         )
         if ctx.is_main:

@@ -1,6 +1,6 @@
 """Building blocks: one layer per file."""
 
-from .dynopool import DynOPool1d, DynOPool2d, DynOPool3d, DynOPoolNd, query_positions
+from .dynopool import POSITION_GRADIENTS, DynOPool1d, DynOPool2d, DynOPool3d, DynOPoolNd, query_positions
 from .sizing import FLOOR_GRADIENTS, MIN_SIZE, cells, continuous_size, output_size, straight_through_size
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "DynOPoolNd",
     "FLOOR_GRADIENTS",
     "MIN_SIZE",
+    "POSITION_GRADIENTS",
     "continuous_size",
     "cells",
     "output_size",

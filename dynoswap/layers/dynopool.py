@@ -65,7 +65,17 @@ def _check_counts(counts: tuple[int, ...], in_size: tuple[int, ...], owner: str 
         )
 
 
-def query_positions(n_in: int, n_out: torch.Tensor, count: int | None = None) -> torch.Tensor:
+#: How the alpha gradient reaches the query points (:func:`query_positions`): ``"displacement"``
+#: (paper eq. 5: through each query point's displacement ``delta`` from its cell centre; the
+#: centres stay on the integer grid) or ``"position"`` (through the whole position, centre
+#: included: a zoom anchored at the input's first pixel, whose translation part carries no
+#: information about the size and dominates on large maps; dynoswap 0.2's rule).
+POSITION_GRADIENTS = ("displacement", "position")
+
+
+def query_positions(
+    n_in: int, n_out: torch.Tensor, count: int | None = None, gradient: str = "displacement"
+) -> torch.Tensor:
     """Pixel coordinates of the two query points per output cell along one axis (eq. 2).
 
     Cell ``k`` of ``n_out`` has centre ``p_k = -1 + (2k+1)/n_out`` in normalised
@@ -76,6 +86,8 @@ def query_positions(n_in: int, n_out: torch.Tensor, count: int | None = None) ->
         n_in: Input length of the axis.
         n_out: Straight-through output length (integer value, continuous gradient).
         count: ``n_out``'s value as an int when the caller already has it (saves a device sync).
+        gradient: One of :data:`POSITION_GRADIENTS`: what of the position carries ``n_out``'s gradient.
+            The values are the same bit for bit either way.
 
     Returns:
         Tensor of shape (2 * n_out,), ordered cell by cell.
@@ -83,7 +95,14 @@ def query_positions(n_in: int, n_out: torch.Tensor, count: int | None = None) ->
     if count is None:
         count = int(n_out.detach())
     odd = torch.arange(1, 4 * count, 2, dtype=n_out.dtype, device=n_out.device)  # 4k+1, 4k+3
-    return (n_in * odd) / (4 * n_out) - 0.5
+    positions = (n_in * odd) / (4 * n_out) - 0.5
+    if gradient == "position" or not n_out.requires_grad:
+        return positions
+    # The value above, the gradient of +-delta alone (delta = n_in / (4 n_out) pixels): the two
+    # query points of a cell spread or close around its fixed centre.
+    delta = n_in / (4 * n_out)
+    side = torch.tensor((-1.0, 1.0), dtype=n_out.dtype, device=n_out.device).repeat(count)
+    return positions.detach() + side * (delta - delta.detach())
 
 
 class DynOPoolNd(nn.Module):
@@ -117,6 +136,9 @@ class DynOPoolNd(nn.Module):
     #: Gradient of the size below the 2-cell floor (:data:`dynoswap.layers.sizing.FLOOR_GRADIENTS`):
     #: a training-time choice, not saved with the model.
     floor_gradient = "pass"
+    #: What of the query positions carries the size's gradient (:data:`POSITION_GRADIENTS`): a
+    #: training-time choice, not saved with the model.
+    position_gradient = "displacement"
 
     def __init__(self, init_scale: float | Sequence[float] = 0.5, aggregate: str = "max") -> None:
         super().__init__()
@@ -180,6 +202,13 @@ class DynOPoolNd(nn.Module):
         if mode not in FLOOR_GRADIENTS:
             raise ValueError(f"floor_gradient must be one of {FLOOR_GRADIENTS}, got {mode!r}")
         self.floor_gradient = mode
+
+    def set_position_gradient(self, mode: str) -> None:
+        """Let the size's gradient move each query point around its cell centre (``"displacement"``,
+        paper eq. 5) or move the whole position (``"position"``)."""
+        if mode not in POSITION_GRADIENTS:
+            raise ValueError(f"position_gradient must be one of {POSITION_GRADIENTS}, got {mode!r}")
+        self.position_gradient = mode
 
     # -- scales -------------------------------------------------------------
     @property
@@ -249,7 +278,9 @@ class DynOPoolNd(nn.Module):
                 torch._check(count >= 2)
         else:
             counts = self._checked_counts(size, in_size_st if given else None, spatial)
-        positions = [query_positions(n, size[i], counts[i]).to(x.device) for i, n in enumerate(spatial)]
+        positions = [
+            query_positions(n, size[i], counts[i], self.position_gradient).to(x.device) for i, n in enumerate(spatial)
+        ]
         out = (traceable_pool_queries if tracing else pool_queries)(x, positions, self.aggregate)
         kept = _KEPT_FORMATS.get(ndim)
         if kept is not None and x.is_contiguous(memory_format=kept) and not x.is_contiguous():

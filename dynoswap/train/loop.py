@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from ..cost.count import infer_in_chans
 from ..errors import OptionError, TrainingError
-from ..layers import FLOOR_GRADIENTS, DynOPoolNd
+from ..layers import FLOOR_GRADIENTS, POSITION_GRADIENTS, DynOPoolNd
 from . import checkpointing
 from .budget import check_reachable, check_target, land, project
 from .distributed import DistContext, all_reduce_sums, barrier, current_context, pick_device, sync_alphas, wrap_ddp
@@ -324,6 +324,7 @@ def fit(
     warmup: float = WARMUP,
     search_end: float = SEARCH_END,
     floor_gradient: str = "pass",
+    position_gradient: str = "displacement",
     cost_unit: str = "GMACs",
     retrain: bool = False,
     loss_fn: LossFn | None = None,
@@ -389,6 +390,9 @@ def fit(
             this fraction of the run on.
         floor_gradient: ``"pass"``: the size's gradient passes below the 2-cell floor (paper
             section 5), ``"stop"``: the literal ``max(n / alpha, 1.5)``.
+        position_gradient: ``"displacement"``: the size's gradient moves each query point around its
+            cell centre (paper eq. 5, the centres stay on the grid); ``"position"``: it moves the whole
+            position, centres included (a zoom anchored at the first pixel; dynoswap 0.2).
         cost_unit: What ``cost_fn`` measures, for messages and the epoch line (``"GMACs"``; ``"ms"``
             with :func:`dynoswap.cost.latency.latency_cost`).
         retrain: When the sizes land, put back the weights the run started from (and BatchNorm
@@ -417,6 +421,8 @@ def fit(
     )  # fmt: skip
     if floor_gradient not in FLOOR_GRADIENTS:
         raise OptionError(f"floor_gradient must be one of {FLOOR_GRADIENTS}, got {floor_gradient!r}")
+    if position_gradient not in POSITION_GRADIENTS:
+        raise OptionError(f"position_gradient must be one of {POSITION_GRADIENTS}, got {position_gradient!r}")
     target = check_target(target_gmacs) if target_gmacs is not None else None
     if resume and out is None:
         raise OptionError("resume needs the run folder (out=...) that holds the checkpoint")
@@ -430,6 +436,7 @@ def fit(
         raise TrainingError("the model has no DynOPool layer: convert it first (dynoswap.convert)")
     for _, pool in dynopools(raw):
         pool.set_floor_gradient(floor_gradient)
+        pool.set_position_gradient(position_gradient)
 
     def real_cost() -> float:
         with torch.no_grad():
