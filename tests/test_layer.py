@@ -19,7 +19,11 @@ F64 = torch.float64
 
 
 def layer_and_reference(
-    x: torch.Tensor, scale, aggregate: str = "max", floor_gradient: str = "pass", position_gradient: str = "displacement"
+    x: torch.Tensor,
+    scale,
+    aggregate: str = "max",
+    floor_gradient: str = "pass",
+    position_gradient: str = "displacement",
 ):
     """Outputs and gradients (wrt x and alpha) of the layer and of the reference, one upstream grad."""
     layer = DynOPool2d(scale, aggregate=aggregate).to(device=x.device, dtype=x.dtype)

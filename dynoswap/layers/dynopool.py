@@ -204,8 +204,11 @@ class DynOPoolNd(nn.Module):
         self.floor_gradient = mode
 
     def set_position_gradient(self, mode: str) -> None:
-        """Let the size's gradient move each query point around its cell centre (``"displacement"``,
-        paper eq. 5) or move the whole position (``"position"``)."""
+        """Choose what of the query positions carries the size's gradient (:data:`POSITION_GRADIENTS`).
+
+        ``"displacement"`` moves each query point around its fixed cell centre (paper eq. 5);
+        ``"position"`` moves the whole position, centre included.
+        """
         if mode not in POSITION_GRADIENTS:
             raise ValueError(f"position_gradient must be one of {POSITION_GRADIENTS}, got {mode!r}")
         self.position_gradient = mode
