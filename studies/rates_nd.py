@@ -25,8 +25,7 @@ import torch
 from dynoswap import convert, count_gmacs, stage_sizes
 from dynoswap.models import resolve
 from dynoswap.train import fit, load_data, make_loaders
-
-ALPHA_LR = 0.005  # the protocol the figures in docs/experiment/rates_nd.md were measured with
+from dynoswap.train.protocol import ALPHA_LR
 
 
 @dataclass(frozen=True)
@@ -80,8 +79,6 @@ def run(setup: Setup, design: str, seed: int, batch_size: int = 64) -> dict[str,
         lr=0.05,
         alpha_lr=ALPHA_LR if design == "learned" else 0.0,
         target_gmacs=target,
-        budget_anneal=0.0,  # as measured (the default now anneals; not rerun)
-        position_gradient="position",  # as measured (the default is now "displacement"; not rerun)
         progress=False,
     )
     return {
