@@ -7,7 +7,7 @@ by one common factor, as ``fit`` does before training) and ``learned`` learns ev
 axis (the default protocol: warm-up, search, then fixed sizes). Both end at the same real cost
 (``count_gmacs``, within 3%). Writes ``rates_nd.json`` and ``rates_nd.md`` to ``--out``.
 
-Run with ``make study-nd`` (12 runs, about 30 CPU-minutes on a 2-core machine).
+Run with ``make study-nd`` (12 runs, about 15 minutes on a quiet 2-core machine).
 """
 
 from __future__ import annotations
