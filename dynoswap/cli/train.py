@@ -362,7 +362,7 @@ def train_cmd(
         "--position-gradient",
         help=(
             "displacement: a size's gradient moves each query point around its fixed cell centre (paper eq. 5); "
-            "position: it moves the whole position, centres included (dynoswap 0.2)."
+            "position: it moves the whole position, centres included (the earlier rule)."
         ),
     ),
     pretrained: bool = typer.Option(

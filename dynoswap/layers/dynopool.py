@@ -69,7 +69,7 @@ def _check_counts(counts: tuple[int, ...], in_size: tuple[int, ...], owner: str 
 #: (paper eq. 5: through each query point's displacement ``delta`` from its cell centre; the
 #: centres stay on the integer grid) or ``"position"`` (through the whole position, centre
 #: included: a zoom anchored at the input's first pixel, whose translation part carries no
-#: information about the size and dominates on large maps; dynoswap 0.2's rule).
+#: information about the size and dominates on large maps; the earlier rule).
 POSITION_GRADIENTS = ("displacement", "position")
 
 

@@ -392,7 +392,7 @@ def fit(
             section 5), ``"stop"``: the literal ``max(n / alpha, 1.5)``.
         position_gradient: ``"displacement"``: the size's gradient moves each query point around its
             cell centre (paper eq. 5, the centres stay on the grid); ``"position"``: it moves the whole
-            position, centres included (a zoom anchored at the first pixel; dynoswap 0.2).
+            position, centres included (a zoom anchored at the first pixel; the earlier rule).
         cost_unit: What ``cost_fn`` measures, for messages and the epoch line (``"GMACs"``; ``"ms"``
             with :func:`dynoswap.cost.latency.latency_cost`).
         retrain: When the sizes land, put back the weights the run started from (and BatchNorm

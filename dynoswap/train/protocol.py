@@ -16,6 +16,6 @@ BUDGET_ANNEAL = 0.3
 #: Most an alpha may move in one step, in log space (2%).
 MAX_STEP = 0.02
 #: Typical relative change of an alpha per step (the normalised step of ``AlphaStepper``), chosen on
-#: ``make experiment`` (with the position gradient of 0.2): 0.005 let the search go the wrong way on
+#: ``make experiment`` (with the earlier position gradient): 0.005 let the search go the wrong way on
 #: barcodes-noisy, 0.02 cost digits-stretch.
 ALPHA_LR = 0.015
