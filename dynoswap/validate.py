@@ -33,6 +33,17 @@ MAX_SCALE = 8.0
 #: Largest target size relative to the input side (the same bound, for sizes given as integers).
 MAX_UPSAMPLE = 8
 
+# -- the DynOPool's training-time gradient rules (the first of each is the default) ---------------
+#: The size's gradient where ``n / alpha`` is below the 1.5 floor: ``"pass"`` lets it through (paper
+#: section 5: gradients reach "any dimension smaller than 2"), ``"stop"`` is the literal ``max(., 1.5)``.
+FLOOR_GRADIENTS = ("pass", "stop")
+#: What of the query positions carries the size's gradient: ``"displacement"`` (paper eq. 5: each
+#: query point's displacement ``delta`` from its cell centre; the centres stay on the integer grid) or
+#: ``"position"`` (the whole position, centre included: a zoom anchored at the input's first pixel,
+#: whose translation part carries no information about the size and dominates on large maps; the
+#: earlier rule).
+POSITION_GRADIENTS = ("displacement", "position")
+
 
 def _is_int(value: Any) -> bool:
     # bool is an int subclass but never a size; numpy integers are Integral too.

@@ -17,6 +17,7 @@ import typer
 
 from ..train.data import DATA_HANDLERS, PATH_KINDS
 from ..train.protocol import ALPHA_LR, BUDGET_ANNEAL, MAX_STEP, SEARCH_END, WARMUP
+from ..validate import FLOOR_GRADIENTS, POSITION_GRADIENTS
 from .common import (
     INPUT_SIZE_METAVAR,
     DebugOption,
@@ -353,12 +354,12 @@ def train_cmd(
         ),
     ),
     floor_gradient: str = typer.Option(
-        "pass",
+        FLOOR_GRADIENTS[0],
         "--floor-gradient",
         help="pass: gradients reach sizes below the 2-cell floor (paper section 5); stop: the literal max(., 1.5).",
     ),
     position_gradient: str = typer.Option(
-        "displacement",
+        POSITION_GRADIENTS[0],
         "--position-gradient",
         help=(
             "displacement: a size's gradient moves each query point around its fixed cell centre (paper eq. 5); "
@@ -424,10 +425,12 @@ def train_cmd(
     check_training_flags(target_gmacs, min_scale, max_scale, max_alpha_step, warmup, search_end, budget_anneal)
     target, cost_unit = check_cost_flags(cost, latency_table, target_gmacs, target_latency)
     check_file(latency_table, "--latency-table")
-    if floor_gradient not in ("pass", "stop"):
-        raise UsageError(f"--floor-gradient must be pass or stop, got {floor_gradient!r}")
-    if position_gradient not in ("displacement", "position"):
-        raise UsageError(f"--position-gradient must be displacement or position, got {position_gradient!r}")
+    for flag, value, rules in (
+        ("--floor-gradient", floor_gradient, FLOOR_GRADIENTS),
+        ("--position-gradient", position_gradient, POSITION_GRADIENTS),
+    ):
+        if value not in rules:
+            raise UsageError(f"{flag} must be {' or '.join(rules)}, got {value!r}")
     check_data_spec(data)
     size = parse_input_size(input_size) if input_size else None
     preset_obj = _load_preset(preset, None, trust_code)

@@ -1,7 +1,8 @@
 """Building blocks: one layer per file."""
 
-from .dynopool import POSITION_GRADIENTS, DynOPool1d, DynOPool2d, DynOPool3d, DynOPoolNd, query_positions
-from .sizing import FLOOR_GRADIENTS, MIN_SIZE, cells, continuous_size, output_size, straight_through_size
+from ..validate import FLOOR_GRADIENTS, POSITION_GRADIENTS
+from .dynopool import DynOPool1d, DynOPool2d, DynOPool3d, DynOPoolNd, query_positions
+from .sizing import MIN_SIZE, cells, continuous_size, output_size, straight_through_size
 
 __all__ = [
     "DynOPool1d",

@@ -15,8 +15,9 @@ import torch
 from timm.layers import register_notrace_module
 from torch import nn
 
+from ..validate import FLOOR_GRADIENTS, POSITION_GRADIENTS
 from .resample import pool_queries, traceable_pool_queries
-from .sizing import FLOOR_GRADIENTS, output_size, straight_through_size
+from .sizing import output_size, straight_through_size
 
 AGGREGATES = ("max", "mean")
 
@@ -65,16 +66,8 @@ def _check_counts(counts: tuple[int, ...], in_size: tuple[int, ...], owner: str 
         )
 
 
-#: How the alpha gradient reaches the query points (:func:`query_positions`): ``"displacement"``
-#: (paper eq. 5: through each query point's displacement ``delta`` from its cell centre; the
-#: centres stay on the integer grid) or ``"position"`` (through the whole position, centre
-#: included: a zoom anchored at the input's first pixel, whose translation part carries no
-#: information about the size and dominates on large maps; the earlier rule).
-POSITION_GRADIENTS = ("displacement", "position")
-
-
 def query_positions(
-    n_in: int, n_out: torch.Tensor, count: int | None = None, gradient: str = "displacement"
+    n_in: int, n_out: torch.Tensor, count: int | None = None, gradient: str = POSITION_GRADIENTS[0]
 ) -> torch.Tensor:
     """Pixel coordinates of the two query points per output cell along one axis (eq. 2).
 
@@ -86,7 +79,8 @@ def query_positions(
         n_in: Input length of the axis.
         n_out: Straight-through output length (integer value, continuous gradient).
         count: ``n_out``'s value as an int when the caller already has it (saves a device sync).
-        gradient: One of :data:`POSITION_GRADIENTS`: what of the position carries ``n_out``'s gradient.
+        gradient: One of :data:`dynoswap.validate.POSITION_GRADIENTS`: what of the position carries
+            ``n_out``'s gradient.
             The values are the same bit for bit either way.
 
     Returns:
@@ -133,12 +127,12 @@ class DynOPoolNd(nn.Module):
     #: Names of the spatial axes, as in the input's shape.
     axes: ClassVar[tuple[str, ...]] = ()
 
-    #: Gradient of the size below the 2-cell floor (:data:`dynoswap.layers.sizing.FLOOR_GRADIENTS`):
+    #: Gradient of the size below the 2-cell floor (:data:`dynoswap.validate.FLOOR_GRADIENTS`):
     #: a training-time choice, not saved with the model.
-    floor_gradient = "pass"
-    #: What of the query positions carries the size's gradient (:data:`POSITION_GRADIENTS`): a
-    #: training-time choice, not saved with the model.
-    position_gradient = "displacement"
+    floor_gradient = FLOOR_GRADIENTS[0]
+    #: What of the query positions carries the size's gradient (:data:`dynoswap.validate.POSITION_GRADIENTS`):
+    #: a training-time choice, not saved with the model.
+    position_gradient = POSITION_GRADIENTS[0]
 
     def __init__(self, init_scale: float | Sequence[float] = 0.5, aggregate: str = "max") -> None:
         super().__init__()

@@ -11,17 +11,15 @@ import struct
 
 import torch
 
+from ..validate import FLOOR_GRADIENTS
+
 #: Lower bound on the continuous size: ``round(max(n, 1.5))`` is never below 2.
 MIN_SIZE = 1.5
 
 
-#: How the gradient behaves where ``n / alpha`` is below :data:`MIN_SIZE`: ``"pass"`` lets it through
-#: (paper section 5: gradients reach "any dimension smaller than 2", so a squeezed axis can grow
-#: back), ``"stop"`` is the literal ``max(., 1.5)`` whose gradient is zero there.
-FLOOR_GRADIENTS = ("pass", "stop")
-
-
-def continuous_size(n_in: torch.Tensor | float, alpha: torch.Tensor, floor_gradient: str = "pass") -> torch.Tensor:
+def continuous_size(
+    n_in: torch.Tensor | float, alpha: torch.Tensor, floor_gradient: str = FLOOR_GRADIENTS[0]
+) -> torch.Tensor:
     """Return the continuous size ``max(n_in / alpha, 1.5)`` with the floor's gradient as ``floor_gradient`` says.
 
     Args:
@@ -37,7 +35,7 @@ def continuous_size(n_in: torch.Tensor | float, alpha: torch.Tensor, floor_gradi
 
 
 def straight_through_size(
-    n_in: torch.Tensor | float, alpha: torch.Tensor, floor_gradient: str = "pass"
+    n_in: torch.Tensor | float, alpha: torch.Tensor, floor_gradient: str = FLOOR_GRADIENTS[0]
 ) -> torch.Tensor:
     """Output size whose value is an integer and whose gradient is continuous.
 
@@ -49,7 +47,7 @@ def straight_through_size(
     Args:
         n_in: Input size, a number or a (possibly straight-through) tensor.
         alpha: Inverse scale ``1 / r`` (eq. 6), same shape as the result.
-        floor_gradient: One of :data:`FLOOR_GRADIENTS`.
+        floor_gradient: One of :data:`dynoswap.validate.FLOOR_GRADIENTS`.
 
     Returns:
         Tensor of sizes with integer values.
