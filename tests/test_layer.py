@@ -173,10 +173,9 @@ def test_pixel_centre_slope_is_the_right_derivative(seeded, shape):
     # Rows: even height at r = 0.5, every query row on a pixel centre, where the output is
     # not differentiable; the convention (slope towards the next pixel) is the derivative
     # from the right, since every query point moves up as alpha grows. Columns: 15 / 2.5 = 6
-    # cells, query points between pixels, an ordinary central difference.
-    # With the whole position carrying the gradient ("position"), every query point moves up as alpha
-    # grows; with "displacement" the lower query of each cell moves down, so no one-sided difference
-    # matches it at a pixel centre (the ramp test below pins that mode with exact values).
+    # cells, query points between pixels, an ordinary central difference. That holds for the
+    # "position" rule; under "displacement" the lower query of each cell moves down, so no
+    # one-sided difference matches it here (the ramp test below pins that rule with exact values).
     x = torch.randn(shape, dtype=F64)
     layer = DynOPool2d((0.5, 0.4)).double()
     layer.set_scale((0.5, 0.4))

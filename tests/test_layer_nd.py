@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from dynoswap import DynOPool1d, DynOPool2d, DynOPool3d, DynOPoolNd
-from dynoswap.layers import query_positions
+from dynoswap.layers import POSITION_GRADIENTS, query_positions
 from tests.reference_dynopool import reference_dynopool, reference_dynopool_nd
 
 F64 = torch.float64
@@ -21,17 +21,24 @@ CLASSES = {1: DynOPool1d, 2: DynOPool2d, 3: DynOPool3d}
 MAX_POOLS = {1: nn.MaxPool1d, 3: nn.MaxPool3d}
 
 
-def layer_and_reference(x: torch.Tensor, scale, aggregate: str = "max", floor_gradient: str = "pass"):
+def layer_and_reference(
+    x: torch.Tensor,
+    scale,
+    aggregate: str = "max",
+    floor_gradient: str = "pass",
+    position_gradient: str = "displacement",
+):
     """Outputs and gradients (wrt x and alpha) of the layer and of the reference, one upstream grad."""
     layer = CLASSES[x.dim() - 2](scale, aggregate=aggregate).to(dtype=x.dtype)
     layer.set_scale(scale)  # alpha exactly 1 / r in x's dtype
     layer.set_floor_gradient(floor_gradient)
+    layer.set_position_gradient(position_gradient)
     x = x.detach().requires_grad_()
     out = layer(x)
     grad = torch.randn_like(out)
     gx, ga = torch.autograd.grad(out, (x, layer.alpha), grad)
     alpha = layer.alpha.detach().clone().requires_grad_()
-    ref = reference_dynopool_nd(x, alpha, aggregate, floor_gradient=floor_gradient)
+    ref = reference_dynopool_nd(x, alpha, aggregate, floor_gradient=floor_gradient, position_gradient=position_gradient)
     rx, ra = torch.autograd.grad(ref, (x, alpha), grad)
     return (out, gx, ga), (ref, rx, ra)
 
@@ -58,8 +65,10 @@ GENERIC = [
 
 @pytest.mark.parametrize(("shape", "scale"), GENERIC)
 @pytest.mark.parametrize("aggregate", ["max", "mean"])
-def test_matches_reference_generic(seeded, shape, scale, aggregate):
-    (out, gx, ga), (ref, rx, ra) = layer_and_reference(torch.randn(shape, dtype=F64), scale, aggregate)
+@pytest.mark.parametrize("position_gradient", POSITION_GRADIENTS)
+def test_matches_reference_generic(seeded, shape, scale, aggregate, position_gradient):
+    x = torch.randn(shape, dtype=F64)
+    (out, gx, ga), (ref, rx, ra) = layer_and_reference(x, scale, aggregate, position_gradient=position_gradient)
     assert out.shape == ref.shape
     assert_rel_close(out, ref)
     assert_rel_close(gx, rx)
@@ -152,13 +161,16 @@ scales = st.floats(min_value=0.1, max_value=2.5, allow_nan=False)
     rates=st.lists(scales, min_size=3, max_size=3),
     aggregate=st.sampled_from(["max", "mean"]),
     floor_gradient=st.sampled_from(["pass", "stop"]),
+    position_gradient=st.sampled_from(POSITION_GRADIENTS),
     seed=st.integers(0, 2**16),
 )
-def test_matches_reference_for_any_size_and_scale(ndim, sizes, rates, aggregate, floor_gradient, seed):
+def test_matches_reference_for_any_size_and_scale(
+    ndim, sizes, rates, aggregate, floor_gradient, position_gradient, seed
+):
     torch.manual_seed(seed)
     shape = (2, 2, *sizes[:ndim])
     x = torch.randn(shape, dtype=F64)
-    (out, gx, ga), (ref, rx, ra) = layer_and_reference(x, rates[:ndim], aggregate, floor_gradient)
+    (out, gx, ga), (ref, rx, ra) = layer_and_reference(x, rates[:ndim], aggregate, floor_gradient, position_gradient)
     alpha = torch.tensor([1 / r for r in rates[:ndim]], dtype=F64)
     expected = tuple(math.floor(max(n / a, 1.5) + 0.5) for n, a in zip(shape[2:], alpha.tolist(), strict=True))
     assert out.shape == ref.shape == (*shape[:2], *expected)
