@@ -14,40 +14,11 @@ from torch import nn
 
 from dynoswap import DynOPool1d, DynOPool2d, DynOPool3d, DynOPoolNd
 from dynoswap.layers import POSITION_GRADIENTS, query_positions
+from tests.layer_vs_reference import CLASSES, assert_rel_close, layer_and_reference
 from tests.reference_dynopool import reference_dynopool, reference_dynopool_nd
 
 F64 = torch.float64
-CLASSES = {1: DynOPool1d, 2: DynOPool2d, 3: DynOPool3d}
 MAX_POOLS = {1: nn.MaxPool1d, 3: nn.MaxPool3d}
-
-
-def layer_and_reference(
-    x: torch.Tensor,
-    scale,
-    aggregate: str = "max",
-    floor_gradient: str = "pass",
-    position_gradient: str = "displacement",
-):
-    """Outputs and gradients (wrt x and alpha) of the layer and of the reference, one upstream grad."""
-    layer = CLASSES[x.dim() - 2](scale, aggregate=aggregate).to(dtype=x.dtype)
-    layer.set_scale(scale)  # alpha exactly 1 / r in x's dtype
-    layer.set_floor_gradient(floor_gradient)
-    layer.set_position_gradient(position_gradient)
-    x = x.detach().requires_grad_()
-    out = layer(x)
-    grad = torch.randn_like(out)
-    gx, ga = torch.autograd.grad(out, (x, layer.alpha), grad)
-    alpha = layer.alpha.detach().clone().requires_grad_()
-    ref = reference_dynopool_nd(x, alpha, aggregate, floor_gradient=floor_gradient, position_gradient=position_gradient)
-    rx, ra = torch.autograd.grad(ref, (x, alpha), grad)
-    return (out, gx, ga), (ref, rx, ra)
-
-
-def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-6) -> None:
-    """Relative error in the max norm, so sums of many terms are judged at their own scale."""
-    scale = expected.abs().max().clamp_min(1e-12)
-    err = (actual - expected).abs().max() / scale
-    assert err <= rel, f"relative error {err.item():.3g} > {rel}"
 
 
 GENERIC = [
